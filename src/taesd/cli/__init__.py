@@ -1,0 +1,45 @@
+"""The ``taesd`` command line: one module per command, each with ``add_parser`` and ``run``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import TaesdError
+
+# Each name is a module taesd.cli.<name> with add_parser(subparsers) and run(args) -> int.
+COMMANDS = ["encode", "decode", "roundtrip", "info", "convert"]
+
+EXAMPLES = """examples:
+  taesd roundtrip photo.jpg --variant taef2             # encode + decode, print PSNR/SSIM
+  taesd encode photos/ --variant taesdxl -o latents/    # a folder of images -> latent files
+  taesd decode latents/ -o decoded/                     # latent files -> PNG images
+  taesd info                                            # the variants table
+  taesd info taef2_decoder.pth                          # what a weight file holds
+  taesd convert taef2 --to safetensors -o weights/      # between weight formats
+Weights come from --weights, else the folder in $TAESD_WEIGHTS, else the Hugging Face hub."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    parser = argparse.ArgumentParser(
+        prog="taesd", description="TAESD, the Tiny AutoEncoder for Stable Diffusion (and FLUX, SD3, Sana, ...).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"taesd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except TaesdError as e:
+        print(f"taesd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"taesd {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,50 @@
+"""What several commands share: model options, opening the model, output paths, progress."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..variants import VARIANTS
+
+
+def command_parser(sub, name: str, help: str, example: str, description: str = "") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description or help,
+                       epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p
+
+
+def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--variant", "-v", required=variant_required, choices=list(VARIANTS), metavar="NAME",
+                   help=f"TAESD variant: {', '.join(VARIANTS)}")
+    g.add_argument("--weights", "-w", action="append", metavar="PATH",
+                   help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, then the hub)")
+    g.add_argument("--revision", help="hub revision to pin when downloading")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute precision")
+
+
+def open_model(args, parts):
+    from ..loader import load
+    weights = args.weights
+    if weights is not None and len(weights) == 1:
+        weights = weights[0]
+    return load(args.variant, weights=weights, device=args.device, dtype=args.dtype, parts=parts,
+                revision=args.revision)
+
+
+def output_path(out: "str | None", src: Path, suffix: str, single: bool) -> Path:
+    """``-o`` as a file when one input is given and it has a suffix, else as a folder."""
+    name = src.name.split(".")[0] + suffix
+    if out is None:
+        return src.parent / name
+    o = Path(out)
+    if single and o.suffix and not o.is_dir():
+        return o
+    return o / name
+
+
+def progress(items, desc: str):
+    return tqdm(items, desc=desc, unit="file", disable=len(items) < 2, dynamic_ncols=True)

@@ -1,0 +1,84 @@
+"""taesd convert: weights between the pth, safetensors, diffusers and comfyui formats."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import TaesdError
+from ..variants import VARIANTS, get_variant
+from ..weights import FORMATS, PARTS, find_weights, identify, read_source, save_weights
+from .common import command_parser
+
+
+def add_parser(sub):
+    p = command_parser(sub, "convert", "convert weights between formats",
+                       "taesd convert taef2_encoder.pth taef2_decoder.pth --to comfyui -o taef2.safetensors",
+                       "Convert TAESD weights between formats: pth (original), safetensors (one file "
+                       "per part), diffusers (AutoencoderTiny folder; base variants only) and comfyui "
+                       "(one combined file). Sources are files/folders, or a variant name to convert "
+                       "the weights found in $TAESD_WEIGHTS. Tensors are copied bit-exactly unless "
+                       "--dtype is given.")
+    p.add_argument("sources", nargs="+", help="weight files/folders, or a variant name")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (pth, safetensors, diffusers) or .safetensors file (comfyui)")
+    p.add_argument("--variant", "-v", choices=list(VARIANTS), metavar="NAME",
+                   help="variant, when the tensors fit several (taesd/taesdxl, taesd3/taef1)")
+    p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], help="cast the tensors (default: keep)")
+    p.set_defaults(run=run)
+
+
+def _pick_variant(candidates: list[str], hint_names: list[str], asked: str | None, what: str) -> str:
+    if asked:
+        if asked not in candidates:
+            raise TaesdError(f"{what}; not {asked}")
+        return asked
+    if len(candidates) == 1:
+        return candidates[0]
+    for name in hint_names:  # a file named taesdxl_encoder.pth settles taesd vs taesdxl
+        for c in sorted(candidates, key=len, reverse=True):
+            if Path(name).name.lower().startswith(c):
+                return c
+    raise TaesdError(f"{what}; pass --variant {' or --variant '.join(candidates)}")
+
+
+def run(args) -> int:
+    parts, extras, names = {}, {}, []
+    for s in args.sources:
+        if s in VARIANTS and not Path(s).exists():
+            args.variant = args.variant or s
+            for part in PARTS:
+                try:
+                    path = find_weights(s, part)
+                except TaesdError:
+                    continue
+                src = read_source(path)
+                if part in src.parts:
+                    parts[part] = src.parts[part]
+                    names.append(str(path))
+            if not parts:
+                raise TaesdError(f"no {s} weights found; set $TAESD_WEIGHTS or pass the files")
+            continue
+        src = read_source(s)
+        for part, sd in src.parts.items():
+            if part in parts:
+                raise TaesdError(f"two sources hold a {part}; pass one encoder and one decoder")
+            parts[part] = sd
+        extras.update(src.extras)
+        names.append(str(s))
+    candidates = None
+    for part, sd in parts.items():
+        c = identify(sd, part)
+        candidates = c if candidates is None else [x for x in candidates if x in c]
+    if not candidates:
+        raise TaesdError("the encoder and decoder given belong to different variants")
+    from ..weights import describe
+    what = " and ".join(describe(sd, p) for p, sd in parts.items())
+    variant = get_variant(_pick_variant(candidates, names, args.variant, f"the sources hold {what}"))
+    if args.dtype:
+        dt = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        parts = {p: {k: t.to(dt) for k, t in sd.items()} for p, sd in parts.items()}
+    for path in save_weights(parts, variant, args.to, args.output, extras or None):
+        print(f"wrote {path}")
+    return 0

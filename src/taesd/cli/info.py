@@ -1,0 +1,49 @@
+"""taesd info: the variants table, or what a weight file holds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..variants import list_variants
+from .common import command_parser
+
+
+def add_parser(sub):
+    p = command_parser(sub, "info", "list the variants, or show what a weight file holds",
+                       "taesd info ../shared/weights/taef2_decoder.pth",
+                       "Without arguments: the table of TAESD variants. With files: the format, parts, "
+                       "matching variants, dtype, parameter count and sha256 of each.")
+    p.add_argument("files", nargs="*", help="weight files or diffusers folders")
+    p.set_defaults(run=run)
+
+
+def variants_table() -> str:
+    rows = [("name", "family", "latent ch", "image ch", "downscale", "arch", "hub")]
+    for v in list_variants():
+        rows.append((v.name, v.family, str(v.latent_channels), str(v.image_channels), f"{v.downscale}x",
+                     v.arch, v.hub_repo or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def describe_file(path: Path) -> str:
+    from ..weights import describe, read_source
+    src = read_source(path)
+    lines = [f"{path}", f"  format: {src.format}", f"  sha256: {src.sha256}"]
+    for part, sd in src.parts.items():
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
+        n = sum(t.numel() for t in sd.values())
+        lines.append(f"  {part}: {describe(sd, part)}, {n:,} parameters, {'/'.join(dtypes)}")
+    for k, val in src.extras.items():
+        lines.append(f"  {k}: {val:g}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    if not args.files:
+        print(variants_table())
+        return 0
+    for f in args.files:
+        print(describe_file(Path(f)))
+    return 0

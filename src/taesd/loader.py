@@ -1,0 +1,82 @@
+"""``taesd.load``: a variant's published weights, found and checked, in a ready model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import TaesdError
+from .model import TAESD
+from .variants import Variant, get_variant
+from .weights import PARTS, WeightSource, find_weights, load_part, read_source
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _normalize_parts(parts) -> tuple[str, ...]:
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise TaesdError(f"parts must be 'encoder', 'decoder' or both, not {parts!r}")
+    return parts
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16}
+    if str(dtype).lower() not in names:
+        raise TaesdError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+    return names[str(dtype).lower()]
+
+
+def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=None,
+         revision: str | None = None) -> TAESD:
+    """Load a TAESD variant with its published weights.
+
+    weights: None (look in $TAESD_WEIGHTS, then the Hugging Face hub), a file or folder, a list of
+      files, or {"encoder": path, "decoder": path}. Any supported format; what a file holds is
+      read from its tensor shapes.
+    parts: "encoder", "decoder" or both (default: both, or what a single given file holds).
+    revision: hub revision to pin (the published files were replaced in place between versions).
+    """
+    v = get_variant(variant)
+    sources: dict[Path, WeightSource] = {}
+    per_part: dict[str, Path] = {}
+    if isinstance(weights, (list, tuple)):
+        for w in weights:
+            src = read_source(w)
+            sources[src.path] = src
+            for p in src.parts:
+                per_part.setdefault(p, src.path)
+        if parts is None:
+            parts = tuple(p for p in PARTS if p in per_part)
+    elif isinstance(weights, (str, os.PathLike)) and Path(weights).is_file() and parts is None:
+        src = read_source(weights)
+        sources[src.path] = src
+        parts = tuple(p for p in PARTS if p in src.parts)
+    parts = _normalize_parts(PARTS if parts is None else parts)
+
+    model = TAESD(v, parts)
+    for part in parts:
+        path = per_part.get(part)
+        if path is None:
+            if isinstance(weights, (list, tuple)):
+                raise TaesdError(f"none of the given files holds the {v.name} {part}")
+            path = find_weights(v, part, weights, revision)
+        src = sources.get(path) or read_source(path)
+        sources[path] = src
+        sd, src = load_part(v, part, path, src)
+        getattr(model, part).load_state_dict(sd)
+        model.weights_info[part] = {"path": str(path), "format": src.format, "sha256": src.sha256}
+        if src.extras:
+            model.weights_info["vae_scale_shift"] = src.extras
+    model.to(device=device if device is not None else default_device(), dtype=_resolve_dtype(dtype))
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,344 @@
+"""Weights I/O: read every published TAESD weight format, tell what a file holds from its tensor
+shapes, find the weights for a variant, and write any format.
+
+Formats (all hold state dicts keyed like the flat ``nn.Sequential`` in ``model.py``):
+  pth          original ``<name>_encoder.pth`` / ``<name>_decoder.pth``; fp16 plain state dicts
+  safetensors  the same keys in a ``.safetensors`` file, one part per file
+  diffusers    a folder with ``config.json`` + ``diffusion_pytorch_model.safetensors``
+               (``encoder.layers.N``, ``decoder.layers.N-1``: diffusers' decoder has no Clamp layer)
+  comfyui      one file holding ``taesd_encoder.N`` / ``taesd_decoder.N`` (+ ``vae_scale``/``vae_shift``)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import TaesdError
+from .files import atomic_path
+from .model import build_part
+from .variants import VARIANTS, Variant, get_variant
+
+PARTS = ("encoder", "decoder")
+FORMATS = ("pth", "safetensors", "diffusers", "comfyui")
+WEIGHTS_ENV = "TAESD_WEIGHTS"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PUBLISHED_AT = "https://github.com/madebyollin/taesd"
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class WeightSource:
+    """What one weight file holds, after reading it."""
+    path: Path
+    format: str
+    parts: dict[str, StateDict]                 # part -> state dict in original (pth) keys
+    extras: dict[str, float] = field(default_factory=dict)   # comfyui vae_scale / vae_shift
+    sha256: str = ""
+
+    def matches(self, part: str) -> list[str]:
+        return identify(self.parts[part], part)
+
+
+# ---------------------------------------------------------------- reading files -> state dicts
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_torch(path: Path) -> StateDict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TaesdError(f"refusing to load {path}: it is a pickle that needs code to run ({first[:120]}); "
+                         f"TAESD weights are plain state dicts, get the published file from {PUBLISHED_AT}") from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise TaesdError(f"cannot read {path} as a PyTorch weight file ({_short(e)}); "
+                         f"the file is damaged or not a .pth state dict, download it again") from None
+    # Training checkpoints sometimes wrap the state dict.
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        what = type(obj).__name__ if not isinstance(obj, dict) else "a dict that is not all tensors"
+        raise TaesdError(f"{path} is not a state dict (it holds {what}); pass a TAESD weight file")
+    return dict(obj)
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:
+        raise TaesdError(f"cannot read {path} as safetensors ({_short(e)}); "
+                         f"the file is damaged or truncated, download or convert it again") from None
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:160]
+
+
+def read_file(path: "str | os.PathLike") -> StateDict:
+    """The raw tensors of a weight file or diffusers folder (keys as stored)."""
+    path = Path(path)
+    if not path.exists():
+        raise TaesdError(f"weight file {path} does not exist")
+    if path.is_dir():
+        inner = path / DIFFUSERS_WEIGHTS
+        if not inner.is_file():
+            raise TaesdError(f"{path} is a folder without {DIFFUSERS_WEIGHTS}; "
+                             f"pass a weight file or a diffusers AutoencoderTiny folder")
+        return _read_safetensors(inner)[0]
+    if path.stat().st_size == 0:
+        raise TaesdError(f"weight file {path} is empty; download it again")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        return _read_torch(path)
+    return _read_safetensors(path)[0]
+
+
+def split_parts(raw: StateDict) -> tuple[str, dict[str, StateDict], dict[str, float]]:
+    """Sort raw tensors into encoder/decoder state dicts in original keys; returns the format too."""
+    keys = list(raw)
+    extras = {k: float(raw[k]) for k in ("vae_scale", "vae_shift") if k in raw}
+    if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys):
+        parts: dict[str, StateDict] = {}
+        for k, v in raw.items():
+            m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
+            if not m:
+                continue
+            part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+            idx += 1 if part == "decoder" else 0
+            parts.setdefault(part, {})[f"{idx}.{rest}"] = v
+        return "diffusers", parts, extras
+    for prefix, fmt in (("taesd_", "comfyui"), ("", "combined")):
+        if any(k.startswith((f"{prefix}encoder.", f"{prefix}decoder.")) for k in keys):
+            parts = {}
+            for k, v in raw.items():
+                for part in PARTS:
+                    if k.startswith(f"{prefix}{part}."):
+                        parts.setdefault(part, {})[k[len(prefix) + len(part) + 1:]] = v
+            return fmt, parts, extras
+    return "single", {"?": raw}, extras
+
+
+@lru_cache(maxsize=None)
+def _signature(variant: str, part: str) -> tuple:
+    with torch.device("meta"):
+        module = build_part(variant, part)
+    return tuple(sorted((k, tuple(v.shape)) for k, v in module.state_dict().items()))
+
+
+def _sig_of(sd: StateDict) -> tuple:
+    return tuple(sorted((k, tuple(v.shape)) for k, v in sd.items()))
+
+
+def identify(sd: StateDict, part: str | None = None) -> list[str]:
+    """Names of the variants whose ``part`` (or either part) has exactly these keys and shapes."""
+    sig = _sig_of(sd)
+    parts = PARTS if part in (None, "?") else (part,)
+    return [f"{name}:{p}" if part in (None, "?") else name
+            for name in VARIANTS for p in parts if _signature(name, p) == sig]
+
+
+def describe(sd: StateDict, part: str) -> str:
+    """'a 16-channel decoder (taesd3/taef1)' from the tensors alone."""
+    names = identify(sd, part)
+    if not names:
+        return f"{len(sd)} tensors that are no TAESD {part}"
+    channels = get_variant(names[0]).latent_channels
+    return f"a {channels}-channel {part} ({'/'.join(names)})"
+
+
+def read_source(path: "str | os.PathLike") -> WeightSource:
+    """Read a weight file or folder and work out which parts it holds (from shapes, not names)."""
+    path = Path(path)
+    raw = read_file(path)
+    fmt, parts, extras = split_parts(raw)
+    if fmt == "single":
+        sd = parts.pop("?")
+        found = identify(sd)
+        if not found:
+            raise TaesdError(f"{path} holds {len(sd)} tensors that match no TAESD encoder or decoder "
+                             f"(first key {next(iter(sd))!r}); pass a TAESD weight file")
+        parts = {found[0].split(":")[1]: sd}
+        fmt = "safetensors" if path.suffix == ".safetensors" else "pth"
+    for part, sd in parts.items():
+        if not identify(sd, part):
+            raise TaesdError(f"{path} holds {len(sd)} {part} tensors that match no TAESD variant; "
+                             f"the file is damaged or of another model")
+    if fmt == "combined":
+        fmt = "safetensors"
+    real = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
+    return WeightSource(path, fmt, parts, extras, sha256_of(real))
+
+
+# ---------------------------------------------------------------- finding weights for a variant
+
+def _candidates(folder: Path, v: Variant, part: str) -> list[Path]:
+    n = v.name
+    return [folder / f"{n}_{part}.pth", folder / f"{n}_{part}.safetensors",
+            folder / n, folder / f"{n}.safetensors", folder / f"{n}_{part}.bin"]
+
+
+def _from_folder(folder: Path, v: Variant, part: str) -> Path | None:
+    if (folder / DIFFUSERS_WEIGHTS).is_file() and _folder_is_variant(folder, v):
+        return folder
+    for cand in _candidates(folder, v, part):
+        if cand.is_file() or (cand.is_dir() and (cand / DIFFUSERS_WEIGHTS).is_file()):
+            return cand
+    return None
+
+
+def _folder_is_variant(folder: Path, v: Variant) -> bool:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return True  # decided later from the tensors
+    return int(cfg.get("latent_channels", v.latent_channels)) == v.latent_channels
+
+
+def _from_hub(v: Variant, revision: str | None) -> Path | None:
+    if not v.hub_repo:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+        paths = [hf_hub_download(v.hub_repo, f, revision=revision) for f in v.hub_files]
+    except Exception:
+        return None
+    return Path(paths[-1]).parent
+
+
+def find_weights(variant: "str | Variant", part: str, weights=None, revision: str | None = None) -> Path:
+    """Where the weights of one part come from, in order: explicit path -> $TAESD_WEIGHTS -> hub."""
+    v = get_variant(variant)
+    if weights is not None:
+        if isinstance(weights, dict):
+            weights = weights.get(part)
+            if weights is None:
+                raise TaesdError(f"no {part} weights given for {v.name}")
+        p = Path(weights)
+        if not p.exists():
+            raise TaesdError(f"weights path {p} does not exist")
+        if p.is_dir():
+            found = _from_folder(p, v, part)
+            if found is None:
+                raise TaesdError(f"no {v.name} {part} weights in {p}: expected {v.name}_{part}.pth "
+                                 f"(or .safetensors, or a diffusers folder {v.name}/)")
+            return found
+        return p
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        found = _from_folder(Path(env), v, part)
+        if found is not None:
+            return found
+    found = _from_hub(v, revision)
+    if found is not None:
+        return found
+    where = f"${WEIGHTS_ENV} ({env})" if env else f"a folder and set {WEIGHTS_ENV} to it"
+    hub = f", or allow the download from {v.hub_repo}" if v.hub_repo else ""
+    raise TaesdError(f"no weights found for the {v.name} {part}: put {v.encoder_file if part == 'encoder' else v.decoder_file} "
+                     f"(from {PUBLISHED_AT}) in {where}, or pass weights=PATH{hub}")
+
+
+def load_part(variant: "str | Variant", part: str, path: Path, source: WeightSource | None = None
+              ) -> tuple[StateDict, WeightSource]:
+    """The state dict of ``part`` from ``path``, checked against the variant's shapes."""
+    v = get_variant(variant)
+    source = source or read_source(path)
+    if part not in source.parts:
+        held = " and ".join(f"{describe(sd, p)}" for p, sd in source.parts.items())
+        raise TaesdError(f"{path} holds {held}, not the {v.name} {part} it was asked for; "
+                         f"pass the {part} file")
+    sd = source.parts[part]
+    if v.name not in identify(sd, part):
+        raise TaesdError(f"{path} holds {describe(sd, part)}; {v.name} needs a "
+                         f"{v.latent_channels}-channel {part} ({v.arch} architecture)")
+    return sd, source
+
+
+# ---------------------------------------------------------------- writing any format
+
+def diffusers_config(v: Variant) -> dict:
+    if v.arch != "base":
+        raise TaesdError(f"diffusers' AutoencoderTiny cannot hold {v.name} ({v.arch} architecture); "
+                         f"use the pth, safetensors or comfyui format")
+    return {"_class_name": "AutoencoderTiny", "_diffusers_version": "0.30.0", "act_fn": "relu",
+            "decoder_block_out_channels": [64, 64, 64, 64], "encoder_block_out_channels": [64, 64, 64, 64],
+            "force_upcast": False, "in_channels": 3, "out_channels": 3,
+            "latent_channels": v.latent_channels, "latent_magnitude": 3, "latent_shift": 0.5,
+            "num_decoder_blocks": [3, 3, 3, 1], "num_encoder_blocks": [1, 3, 3, 3],
+            "scaling_factor": 1.0, "shift_factor": 0.0, "upsample_fn": "nearest",
+            "upsampling_scaling_factor": 2}
+
+
+def _save_safetensors(tensors: StateDict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def save_weights(parts: dict[str, StateDict], variant: "str | Variant", fmt: str, out: "str | os.PathLike",
+                 extras: dict[str, float] | None = None) -> list[Path]:
+    """Write ``parts`` (original keys) in ``fmt``; ``out`` is a folder (pth, safetensors, diffusers)
+    or a file (comfyui). Returns the paths written."""
+    v = get_variant(variant)
+    out = Path(out)
+    meta = {"variant": v.name, "format": "taesd"}
+    if fmt in ("pth", "safetensors"):
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for part, sd in parts.items():
+            path = out / f"{v.name}_{part}.{fmt}"
+            if fmt == "pth":
+                with atomic_path(path) as tmp:
+                    torch.save(dict(sd), tmp)
+            else:
+                _save_safetensors(sd, path, {**meta, "part": part})
+            written.append(path)
+        return written
+    if fmt == "diffusers":
+        config = diffusers_config(v)
+        if set(parts) != set(PARTS):
+            raise TaesdError("the diffusers format needs both encoder and decoder weights")
+        tensors = {f"encoder.layers.{k}": t for k, t in parts["encoder"].items()}
+        for k, t in parts["decoder"].items():
+            idx, rest = k.split(".", 1)
+            tensors[f"decoder.layers.{int(idx) - 1}.{rest}"] = t
+        out.mkdir(parents=True, exist_ok=True)
+        _save_safetensors(tensors, out / DIFFUSERS_WEIGHTS, {"format": "pt"})
+        with atomic_path(out / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+        return [out / "config.json", out / DIFFUSERS_WEIGHTS]
+    if fmt == "comfyui":
+        if out.suffix != ".safetensors":
+            out = out / f"{v.name}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"taesd_{part}.{k}": t for part, sd in parts.items() for k, t in sd.items()}
+        extras = extras if extras else {"vae_scale": v.vae_scale, "vae_shift": v.vae_shift}
+        for k, val in extras.items():
+            tensors[k] = torch.tensor(val, dtype=torch.float32)
+        _save_safetensors(tensors, out, meta)
+        return [out]
+    raise TaesdError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def state_dicts(model) -> dict[str, StateDict]:
+    """A loaded TAESD's parts as state dicts in original keys (for ``save_weights``)."""
+    return {p: {k: t.detach().cpu() for k, t in getattr(model, p).state_dict().items()} for p in model.parts}
