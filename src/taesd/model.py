@@ -182,15 +182,20 @@ class TAESD(nn.Module):
                              f"{_guess_variant_hint(got)}")
         return latents.to(device=self.device, dtype=self.dtype)
 
+    def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
+        """Run one part on a prepared batch. The single place that executes the network: faster
+        executors and other backends replace this; tiling calls it per tile."""
+        return self._require(part)(x)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        encoder = self._require("encoder")
+        self._require("encoder")
         with torch.inference_mode():
-            return encoder(self.prepare_images(images))
+            return self.run_part("encoder", self.prepare_images(images))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        decoder = self._require("decoder")
+        self._require("decoder")
         with torch.inference_mode():
-            return decoder(self.prepare_latents(latents)).clamp(0, 1)
+            return self.run_part("decoder", self.prepare_latents(latents)).clamp(0, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Round trip: encode then decode (differentiable, for training)."""
