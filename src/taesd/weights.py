@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -59,11 +60,14 @@ def sha256_of(path: Path) -> str:
 
 def _read_torch(path: Path) -> StateDict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # legacy-format notices would break the one-line error
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TaesdError(f"refusing to load {path}: it is a pickle that needs code to run ({first[:120]}); "
-                         f"TAESD weights are plain state dicts, get the published file from {PUBLISHED_AT}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it would call {found.group(1)}" if found else "it needs code to run"
+        raise TaesdError(f"refusing to load {path}: unsafe pickle ({what}); TAESD weights are plain "
+                         f"state dicts, get the published file from {PUBLISHED_AT}") from None
     except Exception as e:  # truncated zip, not a torch file, ...
         raise TaesdError(f"cannot read {path} as a PyTorch weight file ({_short(e)}); "
                          f"the file is damaged or not a .pth state dict, download it again") from None
@@ -262,14 +266,15 @@ def load_part(variant: "str | Variant", part: str, path: Path, source: WeightSou
     """The state dict of ``part`` from ``path``, checked against the variant's shapes."""
     v = get_variant(variant)
     source = source or read_source(path)
+    for held, sd in source.parts.items():
+        if v.name not in identify(sd, held):
+            raise TaesdError(f"{path} holds {describe(sd, held)}; {v.name} needs a "
+                             f"{v.latent_channels}-channel {held} ({v.arch} architecture)")
     if part not in source.parts:
         held = " and ".join(f"{describe(sd, p)}" for p, sd in source.parts.items())
         raise TaesdError(f"{path} holds {held}, not the {v.name} {part} it was asked for; "
-                         f"pass the {part} file")
+                         f"pass the {part} file too")
     sd = source.parts[part]
-    if v.name not in identify(sd, part):
-        raise TaesdError(f"{path} holds {describe(sd, part)}; {v.name} needs a "
-                         f"{v.latent_channels}-channel {part} ({v.arch} architecture)")
     return sd, source
 
 

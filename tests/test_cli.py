@@ -1,0 +1,117 @@
+"""The command line as a user meets it: the published quality on a real photo, many files at once,
+and every kind of bad input failing with one line and no output file."""
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import taesd
+from taesd.cli import main
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def astronaut(tmp_path_factory):
+    import skimage.data as data
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def _psnr(out: str) -> float:
+    return float(out.split("PSNR ")[1].split(" dB")[0])
+
+
+def test_roundtrip_astronaut_taef2_and_8bit_latents(astronaut, weights, tmp_path, capsys):
+    w = ["--weights", str(weights)]
+    assert main(["roundtrip", str(astronaut), "--variant", "taef2", *w, "-o", str(tmp_path / "rt.png")]) == 0
+    exact = _psnr(capsys.readouterr().out)
+    assert main(["roundtrip", str(astronaut), "--variant", "taef2", *w, "--latents", "png",
+                 "-o", str(tmp_path / "rt8.png")]) == 0
+    eight_bit = _psnr(capsys.readouterr().out)
+    assert exact >= 29 and exact - eight_bit < 0.2
+    assert Image.open(tmp_path / "rt.png").size == (512, 512)
+
+
+def test_encode_decode_folder_through_png_latents_restores_odd_sizes(weights, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(37, 50), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(src / f"img{i}.png")
+    assert main(["encode", str(src), "--variant", "taef2", "--weights", str(weights), "--format", "png",
+                 "-o", str(tmp_path / "lat")]) == 0
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["img0.taef2.png", "img1.taef2.png"]
+    assert main(["decode", str(tmp_path / "lat"), "--weights", str(weights), "-o", str(tmp_path / "dec")]) == 0
+    assert Image.open(tmp_path / "dec" / "img0.decoded.png").size == (50, 37)
+    assert Image.open(tmp_path / "dec" / "img1.decoded.png").size == (64, 64)
+
+
+def test_installed_entry_point_help_has_examples():
+    for cmd in ([], ["encode"], ["decode"], ["roundtrip"], ["info"], ["convert"]):
+        r = subprocess.run([sys.executable, "-m", "taesd", *cmd, "--help"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
+        assert r.returncode == 0 and "example" in r.stdout, cmd
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _bad_inputs(tmp: Path, weights: Path):
+    """(name, argv) pairs that must each fail with one line."""
+    good = weights / "taef2_decoder.pth"
+    (tmp / "truncated.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save([1, 2, 3], tmp / "list.pth")
+    with open(tmp / "evil.pth", "wb") as f:
+        pickle.dump({"0.weight": _RunsCode()}, f)
+    torch.save({"hello": _RunsCode()}, tmp / "evil2.pth")
+    (tmp / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (tmp / "empty.png").write_bytes(b"")
+    (tmp / "emptydir").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp / "ok.png")
+    taesd.save_latents(tmp / "sd3.safetensors", torch.zeros(1, 16, 2, 2), "taesd3")
+    out = str(tmp / "out" / "x.png")
+    dec = ["decode", "-o", out]
+    return [
+        ("truncated weights", ["roundtrip", str(tmp / "ok.png"), "-v", "taef2", "-w", str(tmp / "truncated.pth"),
+                               "-w", str(weights / "taef2_encoder.pth"), "-o", out], "damaged"),
+        ("not a state dict", ["roundtrip", str(tmp / "ok.png"), "-v", "taef2", "-w", str(tmp / "list.pth"), "-o", out],
+         "not a state dict"),
+        ("pickle running code", ["info", str(tmp / "evil.pth")], "refusing to load"),
+        ("pickle running code (torch.save)", ["info", str(tmp / "evil2.pth")], "refusing to load"),
+        ("wrong variant", ["roundtrip", str(tmp / "ok.png"), "-v", "taesd3", "-w", str(weights), "-o", out],
+         "no taesd3 encoder weights in"),
+        ("wrong variant file", ["roundtrip", str(tmp / "ok.png"), "-v", "taesd3", "-w", str(good), "-o", out],
+         "holds a 32-channel decoder (taef2); taesd3 needs a 16-channel decoder"),
+        ("wrong latent channels", [*dec, str(tmp / "sd3.safetensors"), "-v", "taef2", "-w", str(weights)],
+         "taef2 needs 32"),
+        ("corrupt image", ["roundtrip", str(tmp / "corrupt.png"), "-v", "taef2", "-w", str(weights), "-o", out],
+         "cannot read image"),
+        ("empty image", ["encode", str(tmp / "empty.png"), "-v", "taef2", "-w", str(weights), "-o", out],
+         "is empty"),
+        ("empty folder", ["encode", str(tmp / "emptydir"), "-v", "taef2", "-w", str(weights), "-o", out],
+         "holds no image files"),
+        ("missing path", ["encode", str(tmp / "nope.png"), "-v", "taef2", "-w", str(weights), "-o", out],
+         "does not exist"),
+        ("missing weights", ["encode", str(tmp / "ok.png"), "-v", "taef2", "-w", str(tmp / "nope.pth"), "-o", out],
+         "does not exist"),
+    ]
+
+
+def test_bad_input_fails_with_one_line_and_no_output(tmp_path, weights):
+    for name, argv, expect in _bad_inputs(tmp_path, weights):
+        r = subprocess.run([sys.executable, "-m", "taesd", *argv], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert r.returncode == 2, (name, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], (name, r.stderr)
+        assert "Traceback" not in r.stderr and "pwned" not in r.stdout
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), name

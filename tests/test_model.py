@@ -1,0 +1,67 @@
+"""The network: published parameter counts, shapes for every variant, real taef2 quality."""
+import pytest
+import torch
+
+import taesd
+from taesd.metrics import psnr
+from conftest import photo
+
+
+@pytest.mark.parametrize("name", ["taesd", "taesdxl"])
+def test_published_parameter_counts(name):
+    model = taesd.create(name)
+    assert taesd.count_parameters(model.encoder) == 1_222_532
+    assert taesd.count_parameters(model.decoder) == 1_222_531
+
+
+@pytest.mark.parametrize("name", list(taesd.VARIANTS))
+def test_every_variant_encodes_and_decodes_with_the_right_shapes(name):
+    v = taesd.get_variant(name)
+    model = taesd.create(name)
+    d = v.downscale
+    images = torch.rand(2, v.image_channels, 2 * d, 3 * d)
+    latents = model.encode(images)
+    assert latents.shape == (2, v.latent_channels, 2, 3)
+    out = model.decode(latents)
+    assert out.shape == (2, v.image_channels, 2 * d, 3 * d)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_downscale_factors_match_the_architecture():
+    assert taesd.get_variant("taesana").downscale == 32
+    assert taesd.get_variant("taeqi2_1").downscale == 16
+    assert taesd.get_variant("taeqi2_1").image_channels == 4
+
+
+def test_rgb_into_the_rgba_variant_means_alpha_one():
+    model = taesd.create("taeqi2_1")
+    rgb = torch.rand(1, 3, 32, 32)
+    rgba = torch.cat([rgb, torch.ones(1, 1, 32, 32)], 1)
+    assert torch.equal(model.encode(rgb), model.encode(rgba))
+
+
+def test_taef2_published_weights_round_trip_real_photos(taef2):
+    for name, floor in [("astronaut", 30.5), ("chelsea", 32.0), ("coffee", 29.0)]:
+        image = photo(name)[None]
+        out = taef2.decode(taef2.encode(image))
+        assert psnr(out, image).item() > floor, name
+
+
+def test_taesana_encoder_real_weights_gives_32x_latents(weights):
+    model = taesd.load("taesana", weights / "taesana_encoder.pth", device="cpu")
+    assert model.parts == ("encoder",)
+    z = model.encode(photo("astronaut", 256)[None])
+    assert z.shape == (1, 32, 8, 8)
+    assert z.abs().max() < 10 and z.std() > 0.1   # real latents, not noise from an empty model
+    with pytest.raises(taesd.TaesdError, match="no decoder loaded"):
+        model.decode(z)
+
+
+def test_wrong_channel_counts_are_one_line_errors():
+    model = taesd.create("taef2")
+    with pytest.raises(taesd.TaesdError, match="decodes 32-channel latents, got 16 channels .*taesd3/taef1"):
+        model.decode(torch.zeros(1, 16, 4, 4))
+    with pytest.raises(taesd.TaesdError, match="encodes 3-channel images, got 1"):
+        model.encode(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(taesd.TaesdError, match="not a multiple of 8"):
+        model.encode(torch.zeros(1, 3, 20, 16))
