@@ -137,7 +137,10 @@ def test_hub_path_from_a_prepopulated_cache_offline(tmp_path):
         assert r.returncode == 0, r.stderr
         out[rev] = r.stdout.split()
     assert new in out[""][1] and old in out[old][1]
-    assert out[""][0] != out[old][0]          # info tells the two published versions apart
+    assert out[""][0] != out[old][0]          # the sha256 tells the two published versions apart
+    r = subprocess.run([sys.executable, "-m", "taesd", "info", "--variant", "taef1", "--revision", old],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and out[old][0] in r.stdout and "16-channel decoder (taesd3/taef1)" in r.stdout
     # nothing in the cache for another variant: a clear error, no network
     r = subprocess.run([sys.executable, "-c", "import taesd; taesd.load('taesdxl')"], env=env,
                        capture_output=True, text=True, timeout=120)

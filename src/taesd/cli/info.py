@@ -13,6 +13,9 @@ def add_parser(sub):
                        "Without arguments: the table of TAESD variants. With files: the format, parts, "
                        "matching variants, dtype, parameter count and sha256 of each.")
     p.add_argument("files", nargs="*", help="weight files or diffusers folders")
+    p.add_argument("--variant", "-v", metavar="NAME",
+                   help="show which weight files this variant resolves to ($TAESD_WEIGHTS, then the hub)")
+    p.add_argument("--revision", help="hub revision to resolve with --variant")
     p.set_defaults(run=run)
 
 
@@ -40,7 +43,25 @@ def describe_file(path: Path) -> str:
     return "\n".join(lines)
 
 
+def resolved(variant: str, revision: str | None) -> str:
+    """Which file each part of ``variant`` resolves to, with its sha256."""
+    from ..errors import TaesdError
+    from ..weights import PARTS, find_weights
+    lines = [f"{variant}:"]
+    for part in PARTS:
+        try:
+            path = find_weights(variant, part, revision=revision)
+        except TaesdError as e:
+            lines.append(f"  {part}: not found ({e})")
+            continue
+        lines.append(f"  {part} <- " + describe_file(path).replace("\n", "\n  "))
+    return "\n".join(lines)
+
+
 def run(args) -> int:
+    if args.variant:
+        print(resolved(args.variant, args.revision))
+        return 0
     if not args.files:
         print(variants_table())
         return 0
