@@ -171,3 +171,32 @@ def inputs(variant: str, batch: int = 1) -> dict:
     if variant == "taef2":
         return {**common, **flux2_inputs(batch), "guidance_scale": 3.5}
     return {**common, "prompt": ["a photo of a cat"] * batch, "guidance_scale": 1.0}
+
+
+_CACHE: dict = {}
+
+
+def shared(variant: str):
+    """One tiny pipeline per family for the whole test session (callers must not replace its parts)."""
+    if variant not in _CACHE:
+        import tempfile
+        pipe = BUILDERS[variant](Path(tempfile.mkdtemp(prefix=f"taesd-{variant}-")))
+        pipe.set_progress_bar_config(disable=True)
+        _CACHE[variant] = pipe
+    return _CACHE[variant]
+
+
+def fresh(variant: str, tmp: Path):
+    pipe = BUILDERS[variant](tmp)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def preview_model(variant: str, weights_dir: Path | None = None):
+    """The TAESD decoder previews use: fresh weights, except the real taef2."""
+    import taesd
+    if variant == "taef2":  # loaded once: tests only read it
+        if "taef2-model" not in _CACHE:
+            _CACHE["taef2-model"] = taesd.load("taef2", weights_dir, device="cpu")
+        return _CACHE["taef2-model"]
+    return taesd.create(variant, seed=0)

@@ -35,6 +35,7 @@ log = logging.getLogger("taesd.preview")
 class PreviewFrame:
     step: int                 # 0-based denoising step that just finished
     timestep: float
+    latents: torch.Tensor     # what TAESD decoded: N x C x h x w in its convention
     images: torch.Tensor      # N x 3 x H x W in [0, 1], at TAESD's full resolution
     image: Image.Image        # what is shown/saved: the first image or the batch grid, <= max_size
     kind: str                 # "sample" or "x0"
@@ -196,7 +197,7 @@ class PreviewCallback:
         images = model.decode(z).float().cpu()
         self.decode_seconds.append(time.perf_counter() - t0)
         image = _fit(_grid_image(images), self.max_size)
-        frame = PreviewFrame(step, float(timestep), images, image, kind, 0.0)
+        frame = PreviewFrame(step, float(timestep), z, images, image, kind, 0.0)
         if self.out_dir is not None:
             path = self.out_dir / f"frame_{len(self.frames):03d}_step_{step:03d}.png"
             with atomic_path(path) as tmp:
@@ -220,7 +221,8 @@ class PreviewCallback:
             path = self.out_dir / f"preview.{self.animation}"
             with atomic_path(path) as tmp:
                 images[0].save(tmp, format=self.animation.upper(), save_all=True,
-                               append_images=images[1:], duration=200, loop=0)
+                               append_images=images[1:], duration=200, loop=0,
+                               **({"lossless": True} if self.animation == "webp" else {}))
             written.append(path)
         if self.contact_sheet:
             path = self.out_dir / "contact_sheet.png"
