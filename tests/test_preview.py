@@ -108,7 +108,9 @@ def test_bad_options_are_one_line_errors(kwargs, message):
 
 
 def test_contact_sheet_lays_frames_out_row_by_row():
-    frames = [Image.new("RGB", (10, 8), (40 * k, 0, 0)) for k in range(5)]
+    frames = [Image.new("RGB", (40, 30), (40 * k, 0, 0)) for k in range(5)]
     sheet = contact_sheet(frames, [f"step {k}" for k in range(5)])
-    assert sheet.size == (30, 16)                         # 3 columns, 2 rows
-    assert sheet.getpixel((29, 7)) == (80, 0, 0)          # third frame, below its label
+    assert sheet.size == (120, 60)                        # 3 columns, 2 rows
+    assert sheet.getpixel((119, 29)) == (80, 0, 0)        # third frame, below its label
+    assert sheet.getpixel((41, 1)) == (0, 0, 0)           # second frame's label background
+    assert frames[1].getpixel((1, 1)) == (40, 0, 0)       # the frames themselves are untouched

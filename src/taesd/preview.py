@@ -296,11 +296,11 @@ def contact_sheet(images: list[Image.Image], labels: list[str] | None = None) ->
     rows = math.ceil(len(images) / cols)
     w, h = max(i.width for i in images), max(i.height for i in images)
     sheet = Image.new("RGB", (cols * w, rows * h), "black")
-    draw = ImageDraw.Draw(sheet)
     for k, img in enumerate(images):
-        x, y = (k % cols) * w, (k // cols) * h
-        sheet.paste(img.convert("RGB"), (x, y))
+        tile = img.convert("RGB")  # a copy: the label is drawn on it, clipped to the tile
         if labels:
-            draw.rectangle((x, y, x + 6 * len(labels[k]) + 4, y + 12), fill="black")
-            draw.text((x + 2, y + 1), labels[k], fill="white")
+            draw = ImageDraw.Draw(tile)
+            draw.rectangle((0, 0, 6 * len(labels[k]) + 4, 12), fill="black")
+            draw.text((2, 1), labels[k], fill="white")
+        sheet.paste(tile, ((k % cols) * w, (k // cols) * h))
     return sheet
