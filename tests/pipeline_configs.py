@@ -15,6 +15,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64        # image pixels per side
 TEXT_DIM = 32    # hidden size of the tiny text encoders
 

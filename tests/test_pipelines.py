@@ -137,3 +137,23 @@ def test_a_taesd_of_the_wrong_family_is_refused():
     pipe = pc.shared("taef1")
     with pytest.raises(TaesdError, match="16-channel"):
         use_taesd_vae(pipe, pc.preview_model("taesd"))
+
+
+def test_the_example_script_generates_with_previews(tmp_path, capsys):
+    import importlib.util
+
+    from taesd.weights import save_weights, state_dicts
+    pc.shared("taesd").save_pretrained(tmp_path / "pipe")
+    save_weights(state_dicts(pc.preview_model("taesd")), "taesd", "pth", tmp_path / "weights")
+    path = pc.ROOT / "examples" / "generate_with_previews.py"
+    spec = importlib.util.spec_from_file_location("generate_with_previews", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "out"
+    assert example.main([str(tmp_path / "pipe"), "a cat", "-o", str(out), "--steps", "2", "--size", "64",
+                         "--weights", str(tmp_path / "weights"), "--device", "cpu"]) == 0
+    assert {"frame_000_step_000.png", "frame_001_step_001.png", "preview.webp", "contact_sheet.png",
+            "image.png"} <= {p.name for p in out.iterdir()}
+    with Image.open(out / "image.png") as image:
+        assert image.size == (pc.SIZE, pc.SIZE)
+    assert "2 previews" in capsys.readouterr().out

@@ -41,6 +41,12 @@ from .variants import get_variant
 SANA_SCALE = 0.41407
 
 
+PACKING_TEXT = {"spatial": "none (N x C x h x w)",
+                "flux": "2x2 patches in a sequence, N x (h/2 * w/2) x 4C",
+                "flux2": "2x2 patchified to 4C, sequence N x (h/2 * w/2) x 4C, placed by position ids",
+                "sequence": "flat sequence N x (h * w) x C; N x C x 1 x h x w at the VAE"}
+
+
 @dataclass(frozen=True)
 class LatentContract:
     variant: str                       # the TAESD variant that speaks this family's latents
@@ -58,14 +64,15 @@ class LatentContract:
     def latent_channels(self) -> int:
         return get_variant(self.variant).latent_channels
 
-    def describe(self) -> str:
+    def normalization_text(self) -> str:
         if self.normalization == "scale_shift":
-            norm = f"(raw - {self.shift:g}) * {self.scale:g}"
-        elif self.normalization == "batchnorm":
-            norm = "unpatchify(BatchNorm(patchify(raw))), no BatchNorm inverse"
-        else:
-            norm = "(raw - latents_mean) / latents_std per channel"
-        return f"{self.family}: taesd = {norm}; packing {self.packing}"
+            return f"(raw - {self.shift:g}) * {self.scale:g}"
+        if self.normalization == "batchnorm":
+            return "BatchNorm-normalised 128ch at h/16, unpatchified to 32ch at h/8 (no BN inverse)"
+        return "(raw - latents_mean) / latents_std, per channel"
+
+    def describe(self) -> str:
+        return f"{self.family}: taesd = {self.normalization_text()}; packing: {PACKING_TEXT[self.packing]}"
 
 
 def _scalar(variant: str, family: str, packing: str, pipelines: tuple[str, ...],
@@ -290,11 +297,6 @@ def contract_table() -> str:
     rows = ["| family | variant | channels | raw -> TAESD | packing in the pipeline |",
             "| --- | --- | --- | --- | --- |"]
     for c in CONTRACTS.values():
-        if c.normalization == "scale_shift":
-            norm = f"(raw - {c.shift:g}) * {c.scale:g}"
-        elif c.normalization == "batchnorm":
-            norm = "BatchNorm-normalised 128ch at h/16, unpatchified to 32ch at h/8 (no BN inverse)"
-        else:
-            norm = "(raw - latents_mean) / latents_std, per channel"
-        rows.append(f"| {c.family} | {c.variant} | {c.latent_channels} | {norm} | {c.packing} |")
+        rows.append(f"| {c.family} | {c.variant} | {c.latent_channels} | {c.normalization_text()} "
+                    f"| {PACKING_TEXT[c.packing]} |")
     return "\n".join(rows)
