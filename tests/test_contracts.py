@@ -71,6 +71,8 @@ def test_flux2_unpack_equals_the_pipelines_own_with_position_ids():
     assert theirs.shape == (2, 32, 6, 10)
     assert torch.equal(pipeline_to_taesd(packed, "taef2", ids=ids), theirs)
     assert torch.equal(pipeline_to_taesd(packed, "taef2", height=48, width=80), theirs)
+    assert torch.equal(pipeline_to_taesd(packed, "taef2", ids=ids[0]), theirs)   # one set for the batch
+    assert torch.equal(pipeline_to_taesd(packed[1:], "taef2", ids=ids), theirs[1:])
     # Tokens in another order are put back by their position ids, like the pipeline does.
     order = torch.randperm(packed.shape[1])
     shuffled, shuffled_ids = packed[:, order], ids[:, order]

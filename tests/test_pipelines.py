@@ -157,3 +157,14 @@ def test_the_example_script_generates_with_previews(tmp_path, capsys):
     with Image.open(out / "image.png") as image:
         assert image.size == (pc.SIZE, pc.SIZE)
     assert "2 previews" in capsys.readouterr().out
+
+
+def test_a_pipeline_without_its_vae_uses_the_registry_constants():
+    pipe = pc.shared("taef1")
+    big_vae = pipe.vae
+    try:
+        pipe.vae = None
+        assert contract_for(pipe) == contract_for("taef1")
+    finally:
+        pipe.vae = big_vae
+    assert contract_for(pipe).source == "AutoencoderKL"

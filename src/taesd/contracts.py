@@ -83,8 +83,8 @@ def _scalar(variant: str, family: str, packing: str, pipelines: tuple[str, ...],
 
 
 CONTRACTS: dict[str, LatentContract] = {c.variant: c for c in [
-    _scalar("taesd", "SD 1.x / 2.x", "spatial", ("StableDiffusion", "LatentConsistency", "AltDiffusion")),
-    _scalar("taesdxl", "SDXL", "spatial", ("StableDiffusionXL", "Kandinsky3")),
+    _scalar("taesd", "SD 1.x / 2.x", "spatial", ("StableDiffusion", "LatentConsistency")),
+    _scalar("taesdxl", "SDXL", "spatial", ("StableDiffusionXL",)),
     _scalar("taesd3", "SD3 / SD3.5", "spatial", ("StableDiffusion3",)),
     _scalar("taef1", "FLUX.1 (also Chroma, HiDream, Z-Image)", "flux", ("Flux", "Chroma", "HiDream", "ZImage")),
     LatentContract("taef2", "FLUX.2", "batchnorm", "flux2", ("Flux2",)),
@@ -134,6 +134,8 @@ def contract_for(source, variant: str | None = None) -> LatentContract:
     name = variant or variant_for(source)
     base = CONTRACTS[get_variant(name).name]
     vae = getattr(source, "vae", source)
+    if vae is None:  # a pipeline loaded without its VAE (vae=None): the registry's constants
+        return base
     return _from_vae(base, vae)
 
 
@@ -260,7 +262,8 @@ def pipeline_to_taesd(latents: torch.Tensor, contract, height: int | None = None
     if c.packing == "flux2":
         rows, cols = _grid(tokens, height, width, 16, ids)
         if ids is not None:  # tokens may come in any order: scatter them by their position ids
-            pos = (ids if ids.ndim == 3 else ids[None].expand(n, -1, -1))[:, :tokens].to(latents.device)
+            pos = ids if ids.ndim == 3 else ids[None]
+            pos = (pos if pos.shape[0] == n else pos[:1].expand(n, -1, -1))[:, :tokens].to(latents.device)
             flat = (pos[..., 1].long() * cols + pos[..., 2].long())
             grid = latents.new_zeros(n, rows * cols, ch)
             grid.scatter_(1, flat[..., None].expand(-1, -1, ch), latents)

@@ -107,7 +107,7 @@ def use_taesd_vae(pipe, model: TAESD | None = None, variant: str | None = None):
     if model is None:
         from .loader import load
         vae = getattr(pipe, "vae", None)
-        model = load(expected, device=getattr(vae, "device", None))
+        model = load(expected, device=getattr(vae, "device", None), dtype=getattr(vae, "dtype", None))
     elif model.variant.latent_channels != expected.latent_channels:
         raise TaesdError(f"{model.variant.name} decodes {model.variant.latent_channels}-channel latents; "
                          f"this {type(pipe).__name__} makes {expected.latent_channels}-channel ones "

@@ -163,7 +163,7 @@ class PreviewCallback:
                 if self.raise_errors:
                     raise
                 self.disabled, self.error = True, e
-                log.warning("taesd preview failed at step %d, previews are off for this run: %s",
+                log.warning("taesd preview failed at step %d, previews are off from now on: %s",
                             step, e, exc_info=True)
         return {}
 
@@ -171,10 +171,10 @@ class PreviewCallback:
         self.frames, self.seconds, self.decode_seconds = [], [], []
         self._finished, self._x0 = False, None
 
-    def _model(self):
+    def _model(self, device):
         if self.taesd is None:
             from .loader import load
-            self.taesd = load(self.contract.variant, parts="decoder")
+            self.taesd = load(self.contract.variant, parts="decoder", device=device)
         return self.taesd
 
     def _preview(self, step: int, timestep, latents: torch.Tensor) -> None:
@@ -188,11 +188,8 @@ class PreviewCallback:
                 log.warning("the scheduler exposes no predicted clean image; previewing the sample")
         if self.batch == "first":
             latents = latents[:1]
-        ids = self._ids
-        if ids is not None and ids.ndim == 3:
-            ids = ids[: latents.shape[0]] if ids.shape[0] >= latents.shape[0] else ids[:1]
-        z = pipeline_to_taesd(latents.detach().float(), self.contract, self.height, self.width, ids)
-        model = self._model()
+        z = pipeline_to_taesd(latents.detach().float(), self.contract, self.height, self.width, self._ids)
+        model = self._model(z.device)
         t0 = time.perf_counter()
         images = model.decode(z).float().cpu()
         self.decode_seconds.append(time.perf_counter() - t0)
