@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZE = 64        # image pixels per side
+SIZE = 32        # image pixels per side (FLUX packing needs a multiple of 16)
 TEXT_DIM = 32    # hidden size of the tiny text encoders
 
 
@@ -200,4 +200,10 @@ def preview_model(variant: str, weights_dir: Path | None = None):
         if "taef2-model" not in _CACHE:
             _CACHE["taef2-model"] = taesd.load("taef2", weights_dir, device="cpu")
         return _CACHE["taef2-model"]
-    return taesd.create(variant, seed=0)
+    model = taesd.create(variant, seed=0)
+    # Fresh weights decode everything to near-black; brighten the last layer so that frames of
+    # different latents differ visibly (and animations keep every frame).
+    last = model.decoder[-1]
+    last.weight.data *= 40
+    last.bias.data.fill_(0.5)
+    return model
