@@ -97,8 +97,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed decodes of the final latent (median)")
     p.add_argument("--families", nargs="+", default=["taesd", "taef2"], choices=list(pc.BUILDERS))
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "PREVIEW.md"))
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [bench(v, args.size, args.steps, args.repeats) for v in args.families]
     text = table(rows)
     print(text)

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import AutoencoderKLFlux2, Flux2Pipeline, FluxPipeline, QwenImage21Pipeline  # noqa: E402
 
+from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 from taesd import TaesdError  # noqa: E402
 from taesd.contracts import (CONTRACTS, contract_for, contract_table, patchify, pipeline_to_taesd,  # noqa: E402
                              raw_to_taesd, taesd_to_pipeline, taesd_to_raw, unpatchify, variant_for)

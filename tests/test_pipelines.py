@@ -11,6 +11,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pipeline_configs as pc  # noqa: E402
+from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 from diffusers import Flux2Pipeline, FluxPipeline  # noqa: E402
 
 from taesd import TaesdError  # noqa: E402
