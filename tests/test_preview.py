@@ -115,3 +115,16 @@ def test_contact_sheet_lays_frames_out_row_by_row():
     assert sheet.getpixel((119, 29)) == (80, 0, 0)        # third frame, below its label
     assert sheet.getpixel((41, 1)) == (0, 0, 0)           # second frame's label background
     assert frames[1].getpixel((1, 1)) == (40, 0, 0)       # the frames themselves are untouched
+
+
+def test_a_callback_built_without_the_pipeline_attaches_at_the_first_step():
+    pipe = pc.shared("taef1")
+    frames = []
+    with PreviewCallback(taesd=pc.preview_model("taef1"), on_preview=frames.append,
+                         height=pc.SIZE, width=pc.SIZE) as preview:
+        assert preview.contract is None
+        pipe(**pc.inputs("taef1"), callback_on_step_end=preview)
+        assert preview.contract.variant == "taef1" and preview.contract.source == "AutoencoderKL"
+    assert [f.step for f in frames] == [0, 1] and preview.error is None
+    assert frames[0].latents.shape == (1, 16, pc.SIZE // 8, pc.SIZE // 8)
+    assert "step" not in vars(pipe.scheduler)             # the exit detached it

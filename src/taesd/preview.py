@@ -209,9 +209,12 @@ class PreviewCallback:
 
     def finish(self) -> list[Path]:
         """Write the animation and contact sheet (done at the last step; safe to call again)."""
-        if self._finished or self.out_dir is None or not self.frames:
+        if self._finished or not self.frames:
             return []
         self._finished = True
+        log.info(self.report())
+        if self.out_dir is None:
+            return []
         written = []
         images = [f.image.convert("RGB") for f in self.frames]
         if self.animation is not None:
@@ -226,8 +229,6 @@ class PreviewCallback:
             with atomic_path(path) as tmp:
                 contact_sheet(images, [f"step {f.step}" for f in self.frames]).save(tmp, format="PNG")
             written.append(path)
-        if self.seconds:
-            log.info(self.report())
         return written
 
     def cost(self) -> dict:
