@@ -138,6 +138,9 @@ def test_a_taesd_of_the_wrong_family_is_refused():
     pipe = pc.shared("taef1")
     with pytest.raises(TaesdError, match="16-channel"):
         use_taesd_vae(pipe, pc.preview_model("taesd"))
+    with pytest.raises(TaesdError, match="not taesd3"):    # same channels, another latent space
+        use_taesd_vae(pipe, pc.preview_model("taesd3"))
+    assert type(pipe.vae).__name__ == "AutoencoderKL"
 
 
 def test_the_example_script_generates_with_previews(tmp_path, capsys):

@@ -108,9 +108,10 @@ def use_taesd_vae(pipe, model: TAESD | None = None, variant: str | None = None):
         from .loader import load
         vae = getattr(pipe, "vae", None)
         model = load(expected, device=getattr(vae, "device", None), dtype=getattr(vae, "dtype", None))
-    elif model.variant.latent_channels != expected.latent_channels:
-        raise TaesdError(f"{model.variant.name} decodes {model.variant.latent_channels}-channel latents; "
-                         f"this {type(pipe).__name__} makes {expected.latent_channels}-channel ones "
-                         f"({expected.name})")
+    elif model.variant.name != expected.name:
+        # Same channel count is not enough: taesd3 and taef1 are both 16 channels, different spaces.
+        raise TaesdError(f"this {type(pipe).__name__} makes {expected.name} latents "
+                         f"({expected.latent_channels}-channel), not {model.variant.name} ones; load {expected.name} "
+                         f"(or pass variant= if the pipeline's family was guessed wrong)")
     pipe.vae = tiny_vae(model)
     return pipe

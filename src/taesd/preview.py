@@ -93,6 +93,7 @@ class PreviewCallback:
         self._x0: torch.Tensor | None = None
         self._ids: torch.Tensor | None = None
         self._warned_x0 = False
+        self._warned_variant = False
         self._last_step = -1
         self._finished = False
         if pipe is not None:
@@ -175,6 +176,10 @@ class PreviewCallback:
         if self.taesd is None:
             from .loader import load
             self.taesd = load(self.contract.variant, parts="decoder", device=device)
+        elif self.taesd.variant.name != self.contract.variant and not self._warned_variant:
+            self._warned_variant = True  # e.g. taesd3 on FLUX.1: same channels, wrong colours
+            log.warning("previewing %s latents with %s; load %s for faithful previews",
+                        self.contract.family, self.taesd.variant.name, self.contract.variant)
         return self.taesd
 
     def _preview(self, step: int, timestep, latents: torch.Tensor) -> None:
