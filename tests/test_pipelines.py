@@ -1,0 +1,174 @@
+"""Real diffusers pipelines (tiny, fresh weights, no downloads) with live previews and TAESD as
+their VAE. The pipelines' own decode paths and unpack functions are the oracles."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pipeline_configs as pc  # noqa: E402
+from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
+from diffusers import Flux2Pipeline, FluxPipeline  # noqa: E402
+
+from taesd import TaesdError  # noqa: E402
+from taesd.contracts import contract_for, pipeline_to_raw, pipeline_to_taesd  # noqa: E402
+from taesd.diffusers_vae import use_taesd_vae  # noqa: E402
+from taesd.preview import PreviewCallback  # noqa: E402
+
+FAMILIES = list(pc.BUILDERS)  # taesd (SD 1.x), taesdxl, taesd3, taef1, taef2
+
+
+def run(pipe, variant, callback=None, **overrides):
+    """Generate; returns (images, the pipeline latents after every step)."""
+    seen = []
+
+    def record(p, step, timestep, kwargs):
+        seen.append(kwargs["latents"].detach().clone())
+        return callback(p, step, timestep, kwargs) if callback is not None else {}
+
+    out = pipe(**{**pc.inputs(variant), **overrides}, callback_on_step_end=record)
+    return out.images, seen
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_previews_of_a_real_pipeline_follow_its_own_decode_path(variant, tmp_path, weights):
+    pipe = pc.shared(variant)
+    model = pc.preview_model(variant, weights)
+    given_to_vae = []  # what the pipeline itself hands its big VAE's decoder
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, *a, **k: (given_to_vae.append(z.detach().clone()), decode(z, *a, **k))[1]
+    frames = []
+    try:
+        with PreviewCallback(pipe, model, out_dir=tmp_path, on_preview=frames.append) as preview:
+            images, seen = run(pipe, variant, preview)
+    finally:
+        del pipe.vae.decode
+    assert images.shape == (1, 3, pc.SIZE, pc.SIZE)
+
+    assert [f.step for f in frames] == [0, 1]
+    for f in frames:
+        assert f.image.size == (pc.SIZE, pc.SIZE)
+        assert f.images.shape == (1, 3, pc.SIZE, pc.SIZE)
+        assert torch.isfinite(f.images).all()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["contact_sheet.png", "frame_000_step_000.png", "frame_001_step_001.png", "preview.webp"]
+    with Image.open(tmp_path / "preview.webp") as anim:
+        assert anim.n_frames == 2 and anim.size == (pc.SIZE, pc.SIZE)
+
+    # The contract reproduces the pipeline's own latents -> VAE path (scale, shift, FLUX.2 BatchNorm).
+    contract = contract_for(pipe)
+    assert torch.allclose(pipeline_to_raw(seen[-1], contract, pc.SIZE, pc.SIZE), given_to_vae[0], atol=1e-5)
+    # The previews are TAESD's decode of what the pipeline carries, converted by the contract.
+    z = pipeline_to_taesd(seen[-1], contract, pc.SIZE, pc.SIZE)
+    assert torch.allclose(frames[-1].images, model.decode(z), atol=1e-5)
+    assert preview.cost()["previews"] == 2 and preview.cost()["median_s"] > 0
+
+
+def test_flux1_preview_unpacking_equals_the_pipelines_unpack(tmp_path):
+    pipe = pc.shared("taef1")
+    with PreviewCallback(pipe, pc.preview_model("taef1"), on_preview=lambda f: None) as preview:
+        _, seen = run(pipe, "taef1", preview)
+    theirs = FluxPipeline._unpack_latents(seen[-1], pc.SIZE, pc.SIZE, pipe.vae_scale_factor)
+    assert preview._ids is not None  # the transformer's img_ids were seen
+    assert torch.equal(pipeline_to_taesd(seen[-1], contract_for(pipe), ids=preview._ids), theirs)
+
+
+def test_flux2_preview_unpacking_equals_the_pipelines_unpack(weights):
+    pipe = pc.shared("taef2")
+    with PreviewCallback(pipe, pc.preview_model("taef2", weights), on_preview=lambda f: None) as preview:
+        _, seen = run(pipe, "taef2", preview)
+    side = pc.SIZE // 16
+    ids = Flux2Pipeline._prepare_latent_ids(torch.empty(1, 128, side, side))
+    theirs = Flux2Pipeline._unpatchify_latents(Flux2Pipeline._unpack_latents_with_ids(seen[-1], ids))
+    assert preview._ids is not None and preview._ids.shape[-1] == 4
+    assert torch.equal(pipeline_to_taesd(seen[-1], contract_for(pipe), ids=preview._ids), theirs)
+
+
+@pytest.mark.parametrize("variant", ["taesd", "taef2"])  # Euler; FlowMatch (packed, x_t - sigma v)
+def test_x0_previews_show_the_schedulers_prediction(variant, weights):
+    pipe = pc.shared(variant)
+    model = pc.preview_model(variant, weights)
+    frames = []
+    with PreviewCallback(pipe, model, show="x0", on_preview=frames.append) as preview:
+        _, seen = run(pipe, variant, preview, num_inference_steps=3)
+    assert [f.kind for f in frames] == ["x0", "x0", "x0"]
+    contract = contract_for(pipe)
+    sample_0 = pipeline_to_taesd(seen[0], contract, pc.SIZE, pc.SIZE)
+    final = pipeline_to_taesd(seen[-1], contract, pc.SIZE, pc.SIZE)
+    # The last step lands on the prediction (final sigma 0); earlier, x0 is not the noisy sample.
+    assert torch.allclose(frames[-1].latents, final, atol=1e-4)
+    assert not torch.allclose(frames[0].latents, sample_0, atol=1e-2)
+    assert torch.allclose(frames[-1].images, model.decode(final), atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_a_pipeline_with_taesd_as_its_vae_makes_the_image(variant, weights):
+    pipe = pc.shared(variant)
+    model = pc.preview_model(variant, weights)
+    big_vae = pipe.vae
+    try:
+        use_taesd_vae(pipe, model)
+        images, seen = run(pipe, variant)
+    finally:
+        pipe.vae = big_vae
+    assert images.shape == (1, 3, pc.SIZE, pc.SIZE)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    # The pipeline's image is TAESD's decode of its final latents: the config makes its
+    # scaling, shift and (FLUX.2) BatchNorm inverse the identity.
+    expected = model.decode(pipeline_to_taesd(seen[-1], contract_for(variant), pc.SIZE, pc.SIZE))
+    assert torch.allclose(images, expected, atol=1e-4)
+
+
+def test_taesd_vae_gives_a_pil_image_end_to_end():
+    pipe = pc.shared("taesd")
+    big_vae = pipe.vae
+    try:
+        use_taesd_vae(pipe, pc.preview_model("taesd"))
+        image = pipe(**{**pc.inputs("taesd"), "output_type": "pil"}).images[0]
+    finally:
+        pipe.vae = big_vae
+    assert isinstance(image, Image.Image) and image.size == (pc.SIZE, pc.SIZE)
+
+
+def test_a_taesd_of_the_wrong_family_is_refused():
+    pipe = pc.shared("taef1")
+    with pytest.raises(TaesdError, match="16-channel"):
+        use_taesd_vae(pipe, pc.preview_model("taesd"))
+    with pytest.raises(TaesdError, match="not taesd3"):    # same channels, another latent space
+        use_taesd_vae(pipe, pc.preview_model("taesd3"))
+    assert type(pipe.vae).__name__ == "AutoencoderKL"
+
+
+def test_the_example_script_generates_with_previews(tmp_path, capsys):
+    import importlib.util
+
+    from taesd.weights import save_weights, state_dicts
+    pc.shared("taesd").save_pretrained(tmp_path / "pipe")
+    save_weights(state_dicts(pc.preview_model("taesd")), "taesd", "pth", tmp_path / "weights")
+    path = pc.ROOT / "examples" / "generate_with_previews.py"
+    spec = importlib.util.spec_from_file_location("generate_with_previews", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "out"
+    assert example.main([str(tmp_path / "pipe"), "a cat", "-o", str(out), "--steps", "2", "--size", str(pc.SIZE),
+                         "--weights", str(tmp_path / "weights"), "--device", "cpu"]) == 0
+    assert {"frame_000_step_000.png", "frame_001_step_001.png", "preview.webp", "contact_sheet.png",
+            "image.png"} <= {p.name for p in out.iterdir()}
+    with Image.open(out / "image.png") as image:
+        assert image.size == (pc.SIZE, pc.SIZE)
+    assert "2 previews" in capsys.readouterr().out
+
+
+def test_a_pipeline_without_its_vae_uses_the_registry_constants():
+    pipe = pc.shared("taef1")
+    big_vae = pipe.vae
+    try:
+        pipe.vae = None
+        assert contract_for(pipe) == contract_for("taef1")
+    finally:
+        pipe.vae = big_vae
+    assert contract_for(pipe).source == "AutoencoderKL"
