@@ -121,7 +121,7 @@ def metadata(variant, part: str, fp16: bool) -> dict[str, str]:
     }
 
 
-def _check_opset(opset: int) -> int:
+def check_opset(opset: int) -> int:
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise TaesdError(f"opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     return int(opset)
@@ -133,7 +133,7 @@ def to_onnx(model, part: str, fp16: bool = False, opset: int = DEFAULT_OPSET):
     fp16: weights, activations, input and output are all float16 (no casts at the boundary).
     """
     import onnx
-    opset = _check_opset(opset)
+    opset = check_opset(opset)
     module = model._require(part)
     dtype = torch.float16 if fp16 else torch.float32
     module = _exportable(module).to(device="cpu", dtype=dtype).eval()

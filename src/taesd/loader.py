@@ -46,10 +46,10 @@ def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=
       read from its tensor shapes.
     parts: "encoder", "decoder" or both (default: both, or what a single given file holds).
     revision: hub revision to pin (the published files were replaced in place between versions).
-    backend: "torch", or "onnxruntime" (weights may then also be exported .onnx files).
+    backend: "torch", or "onnxruntime" (chosen by itself when weights are exported .onnx files).
     """
-    if backend == "onnxruntime":
-        from .onnx_backend import load_onnxruntime
+    from .onnx_backend import load_onnxruntime, onnx_files
+    if backend == "onnxruntime" or onnx_files(weights):
         return load_onnxruntime(variant, weights, device, dtype, parts, revision)
     if backend != "torch":
         raise TaesdError(f"unknown backend {backend!r}; use 'torch' or 'onnxruntime'")

@@ -78,7 +78,7 @@ class OnnxTAESD(TAESD):
         return self._require(part)(x)
 
 
-def _onnx_files(weights) -> list[Path] | None:
+def onnx_files(weights) -> list[Path] | None:
     """The .onnx files among ``weights`` (a path, a list or a dict of paths); None if there are none."""
     if weights is None:
         return None
@@ -118,7 +118,7 @@ def load_onnxruntime(variant, weights=None, device=None, dtype=None, parts=None,
     weights exported in memory (fp16 export when dtype is fp16, else fp32)."""
     from .export import DEFAULT_OPSET, to_onnx
     from .loader import _resolve_dtype, load
-    onnx_paths = _onnx_files(weights)
+    onnx_paths = onnx_files(weights)
     if onnx_paths:
         return from_onnx_files(variant, onnx_paths, device, parts)
     fp16 = {torch.float32: False, torch.float16: True}.get(_resolve_dtype(dtype))
