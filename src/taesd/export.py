@@ -67,16 +67,18 @@ class SpaceToDepth(nn.Module):
         return _SpaceToDepth.apply(x)
 
 
-def _exportable(module: nn.Sequential) -> nn.Sequential:
-    """A copy of one part, rewritten where the plain trace would add ops (see the module doc)."""
-    module = copy.deepcopy(module)
+def _exportable(module: nn.Sequential, dtype: torch.dtype) -> nn.Sequential:
+    """One part on the CPU in ``dtype``, rewritten where the plain trace would add ops (see the
+    module doc). A copy whenever anything changes, so the caller's model is never touched."""
+    if dtype != torch.float32 or next(module.parameters()).device.type != "cpu":
+        module = copy.deepcopy(module).to(device="cpu", dtype=dtype)
     if isinstance(module[0], nn.PixelUnshuffle):
-        conv = module[1]
+        conv = copy.deepcopy(module[1])
         o, c4, kh, kw = conv.weight.shape
         # pixel-unshuffle channel c * 4 + k  ==  SpaceToDepth channel k * C + c
         w = conv.weight.detach().reshape(o, c4 // 4, 4, kh, kw).transpose(1, 2).reshape(o, c4, kh, kw)
         conv.weight = nn.Parameter(w.contiguous())
-        module[0] = SpaceToDepth()
+        module = nn.Sequential(SpaceToDepth(), conv, *module[2:])
     return module
 
 
@@ -134,9 +136,8 @@ def to_onnx(model, part: str, fp16: bool = False, opset: int = DEFAULT_OPSET):
     """
     import onnx
     opset = check_opset(opset)
-    module = model._require(part)
     dtype = torch.float16 if fp16 else torch.float32
-    module = _exportable(module).to(device="cpu", dtype=dtype).eval()
+    module = _exportable(model._require(part), dtype)
     inp, out = _io_names(part)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():

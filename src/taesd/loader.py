@@ -49,10 +49,10 @@ def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=
     backend: "torch", or "onnxruntime" (chosen by itself when weights are exported .onnx files).
     """
     from .onnx_backend import load_onnxruntime, onnx_files
+    if backend not in ("torch", "onnxruntime"):
+        raise TaesdError(f"unknown backend {backend!r}; use 'torch' or 'onnxruntime'")
     if backend == "onnxruntime" or onnx_files(weights):
         return load_onnxruntime(variant, weights, device, dtype, parts, revision)
-    if backend != "torch":
-        raise TaesdError(f"unknown backend {backend!r}; use 'torch' or 'onnxruntime'")
     v = get_variant(variant)
     sources: dict[Path, WeightSource] = {}
     per_part: dict[str, Path] = {}
