@@ -42,8 +42,8 @@ def open_models(args) -> dict[str, taesd.TAESD]:
     if args.fresh:  # variants without local weights: fresh weights time the same
         torch_model = taesd.create(args.variant, seed=0)
         from taesd.export import to_onnx
-        from taesd.onnx_backend import OnnxPart, OnnxTAESD, _providers
-        sessions = {p: OnnxPart(to_onnx(torch_model, p), _providers("cpu")) for p in torch_model.parts}
+        from taesd.onnx_backend import OnnxPart, OnnxTAESD, providers_for
+        sessions = {p: OnnxPart(to_onnx(torch_model, p), providers_for("cpu")) for p in torch_model.parts}
         return {"torch": torch_model, "onnxruntime": OnnxTAESD(args.variant, sessions)}
     return {b: taesd.load(args.variant, device="cpu", backend=b) for b in ("torch", "onnxruntime")}
 

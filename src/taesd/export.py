@@ -11,7 +11,6 @@ unused constants). Two lowerings are our own, so that no op set grows more than 
 """
 from __future__ import annotations
 
-import copy
 import io
 import os
 import warnings
@@ -23,6 +22,7 @@ import torch.nn as nn
 
 from .errors import TaesdError
 from .files import atomic_path
+from .model import build_part
 from .variants import get_variant
 
 DEFAULT_OPSET = 17
@@ -67,19 +67,21 @@ class SpaceToDepth(nn.Module):
         return _SpaceToDepth.apply(x)
 
 
-def _exportable(module: nn.Sequential, dtype: torch.dtype) -> nn.Sequential:
-    """One part on the CPU in ``dtype``, rewritten where the plain trace would add ops (see the
-    module doc). A copy whenever anything changes, so the caller's model is never touched."""
-    if dtype != torch.float32 or next(module.parameters()).device.type != "cpu":
-        module = copy.deepcopy(module).to(device="cpu", dtype=dtype)
+def _exportable(model, part: str, dtype: torch.dtype) -> nn.Sequential:
+    """A plain copy of one part on the CPU in ``dtype``, rebuilt from the registry so that no
+    executor's rewrite (fused kernels, compile) reaches the trace, and rewritten where the plain
+    trace would add ops (see the module doc). The caller's model is never touched."""
+    module = build_part(model.variant, part)
+    module.load_state_dict(model._require(part).state_dict())
+    module.to(device="cpu", dtype=dtype)
     if isinstance(module[0], nn.PixelUnshuffle):
-        conv = copy.deepcopy(module[1])
+        conv = module[1]
         o, c4, kh, kw = conv.weight.shape
         # pixel-unshuffle channel c * 4 + k  ==  SpaceToDepth channel k * C + c
         w = conv.weight.detach().reshape(o, c4 // 4, 4, kh, kw).transpose(1, 2).reshape(o, c4, kh, kw)
         conv.weight = nn.Parameter(w.contiguous())
-        module = nn.Sequential(SpaceToDepth(), conv, *module[2:])
-    return module
+        module[0] = SpaceToDepth()
+    return module.eval()
 
 
 def _io_names(part: str) -> tuple[str, str]:
@@ -93,10 +95,8 @@ def _example_input(variant, part: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(1, v.latent_channels, 2, 2, dtype=dtype)
 
 
-def _dynamic_axes(part: str) -> dict:
-    image = {0: "batch", 2: "height", 3: "width"}
-    latent = {0: "batch", 2: "latent_height", 3: "latent_width"}
-    return {IMAGE_NAME: image, LATENT_NAME: latent}
+DYNAMIC_AXES = {IMAGE_NAME: {0: "batch", 2: "height", 3: "width"},
+                LATENT_NAME: {0: "batch", 2: "latent_height", 3: "latent_width"}}
 
 
 def metadata(variant, part: str, fp16: bool) -> dict[str, str]:
@@ -137,13 +137,13 @@ def to_onnx(model, part: str, fp16: bool = False, opset: int = DEFAULT_OPSET):
     import onnx
     opset = check_opset(opset)
     dtype = torch.float16 if fp16 else torch.float32
-    module = _exportable(model._require(part), dtype)
+    module = _exportable(model, part, dtype)
     inp, out = _io_names(part)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
         torch.onnx.export(module, (_example_input(model.variant, part, dtype),), buf, dynamo=False,
-                          input_names=[inp], output_names=[out], dynamic_axes=_dynamic_axes(part),
+                          input_names=[inp], output_names=[out], dynamic_axes=DYNAMIC_AXES,
                           opset_version=opset, do_constant_folding=True)
     proto = simplify(onnx.load_from_string(buf.getvalue()))
     proto.producer_name = "taesd"
@@ -217,8 +217,8 @@ def read_metadata(proto) -> dict[str, str]:
 
 
 def _shape(value_info) -> str:
-    t = value_info.type.tensor_type
     import onnx
+    t = value_info.type.tensor_type
     dims = [d.dim_param or str(d.dim_value) for d in t.shape.dim]
     return f"{onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)} [{', '.join(dims)}]"
 

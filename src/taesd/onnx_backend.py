@@ -20,9 +20,9 @@ from .variants import get_variant
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
-def _providers(device) -> list[str]:
+def providers_for(device) -> list[str]:
     import onnxruntime as ort
-    available = ort.get_available_providers()
+    available = ort.get_availableproviders_for()
     kind = "cpu" if device is None else torch.device(device).type
     if kind == "cpu":
         return ["CPUExecutionProvider"]
@@ -59,6 +59,8 @@ class OnnxTAESD(TAESD):
 
     def __init__(self, variant, sessions: dict[str, OnnxPart]):
         super().__init__(variant, parts=())
+        if not sessions:
+            raise TaesdError("an onnxruntime model needs an encoder or a decoder session")
         for part, session in sessions.items():
             setattr(self, part, session)
         dtypes = {s.dtype for s in sessions.values()}
@@ -95,7 +97,7 @@ def from_onnx_files(variant, paths, device=None, parts=None) -> OnnxTAESD:
     """An ``OnnxTAESD`` from exported files; each file's metadata says which part it is."""
     from .export import load_onnx_file, read_metadata
     v = get_variant(variant)
-    providers = _providers(device)
+    providers = providers_for(device)
     found: dict[str, Path] = {}
     for path in paths:
         meta = read_metadata(load_onnx_file(path))
@@ -124,7 +126,7 @@ def load_onnxruntime(variant, weights=None, device=None, dtype=None, parts=None,
     fp16 = {torch.float32: False, torch.float16: True}.get(_resolve_dtype(dtype))
     if fp16 is None:
         raise TaesdError("onnxruntime runs fp32 or fp16 exports; use --dtype fp32 or fp16")
-    providers = _providers(device)
+    providers = providers_for(device)
     torch_model = load(variant, weights, device="cpu", dtype="fp32", parts=parts, revision=revision)
     sessions = {p: OnnxPart(to_onnx(torch_model, p, fp16=fp16, opset=opset or DEFAULT_OPSET), providers)
                 for p in torch_model.parts}
