@@ -22,7 +22,7 @@ _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 def providers_for(device) -> list[str]:
     import onnxruntime as ort
-    available = ort.get_availableproviders_for()
+    available = ort.get_available_providers()
     kind = "cpu" if device is None else torch.device(device).type
     if kind == "cpu":
         return ["CPUExecutionProvider"]
