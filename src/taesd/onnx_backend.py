@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .errors import TaesdError
 from .model import TAESD
@@ -32,11 +31,10 @@ def providers_for(device) -> list[str]:
                      f"{', '.join(available)}; use --device cpu or install onnxruntime-gpu")
 
 
-class OnnxPart(nn.Module):
-    """One exported part in an ORT InferenceSession (no torch parameters)."""
+class OnnxPart:
+    """One exported part in an ORT InferenceSession: torch tensor in, torch tensor out (CPU)."""
 
     def __init__(self, proto_or_path, providers: list[str]):
-        super().__init__()
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about CPU fallbacks of fp16 nodes are expected
@@ -48,25 +46,34 @@ class OnnxPart(nn.Module):
         self.dtype = _ORT_DTYPES[inp.type]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         feed = x.detach().to(device="cpu", dtype=self.dtype).contiguous().numpy()
         (y,) = self.session.run([self.output_name], {self.input_name: feed})
         return torch.from_numpy(np.asarray(y))
 
 
 class OnnxTAESD(TAESD):
-    """Same API as ``TAESD``; ``encode``/``decode`` run the exported graphs in ONNX Runtime."""
+    """Same API as ``TAESD``; ``run_part`` runs the exported graphs in ONNX Runtime.
 
-    def __init__(self, variant, sessions: dict[str, OnnxPart]):
-        super().__init__(variant, parts=())
+    ``encoder``/``decoder`` still hold the PyTorch layers, so tools that read the network's
+    structure (tiling's receptive-field analysis) see the exact layer list: with the weights the
+    export was made from, or on the meta device (structure only) when loaded from .onnx files.
+    """
+
+    def __init__(self, variant, sessions: dict[str, OnnxPart], state_dicts: dict | None = None):
         if not sessions:
             raise TaesdError("an onnxruntime model needs an encoder or a decoder session")
-        for part, session in sessions.items():
-            setattr(self, part, session)
         dtypes = {s.dtype for s in sessions.values()}
         if len(dtypes) > 1:
             raise TaesdError("the encoder and decoder exports differ in precision; export both with or without --fp16")
+        with torch.device("meta"):  # structure without allocating or initialising weights
+            super().__init__(variant, parts=tuple(sessions))
         self._dtype = dtypes.pop()
+        for part, sd in (state_dicts or {}).items():
+            module = getattr(self, part)
+            module.load_state_dict({k: t.to(self._dtype) for k, t in sd.items()}, assign=True)
+        self.sessions = dict(sessions)
+        self.eval().requires_grad_(False)
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +84,8 @@ class OnnxTAESD(TAESD):
         return self._dtype
 
     def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
-        return self._require(part)(x)
+        self._require(part)
+        return self.sessions[part](x)
 
 
 def onnx_files(weights) -> list[Path] | None:
@@ -130,6 +138,7 @@ def load_onnxruntime(variant, weights=None, device=None, dtype=None, parts=None,
     torch_model = load(variant, weights, device="cpu", dtype="fp32", parts=parts, revision=revision)
     sessions = {p: OnnxPart(to_onnx(torch_model, p, fp16=fp16, opset=opset or DEFAULT_OPSET), providers)
                 for p in torch_model.parts}
-    model = OnnxTAESD(torch_model.variant, sessions)
+    plain = {p: getattr(torch_model, p).state_dict() for p in torch_model.parts}
+    model = OnnxTAESD(torch_model.variant, sessions, plain)
     model.weights_info = dict(torch_model.weights_info)
     return model
