@@ -39,13 +39,14 @@ def time_interleaved(fns: dict, x, repeats: int) -> dict[str, tuple[float, float
 
 
 def open_models(args) -> dict[str, taesd.TAESD]:
-    if args.fresh:  # variants without local weights: fresh weights time the same
-        torch_model = taesd.create(args.variant, seed=0)
-        from taesd.export import to_onnx
-        from taesd.onnx_backend import OnnxPart, OnnxTAESD, providers_for
-        sessions = {p: OnnxPart(to_onnx(torch_model, p), providers_for("cpu")) for p in torch_model.parts}
-        return {"torch": torch_model, "onnxruntime": OnnxTAESD(args.variant, sessions)}
-    return {b: taesd.load(args.variant, device="cpu", backend=b) for b in ("torch", "onnxruntime")}
+    """Our PyTorch path (``taesd.load``'s model) and ORT sessions on our export of the same weights."""
+    from taesd.export import to_onnx
+    from taesd.onnx_backend import OnnxPart, OnnxTAESD, providers_for
+    # --fresh: for variants without local weights (fresh weights time the same)
+    torch_model = taesd.create(args.variant, seed=0) if args.fresh else taesd.load(args.variant, device="cpu")
+    sessions = {p: OnnxPart(to_onnx(torch_model, p), providers_for("cpu"), threads=args.threads)
+                for p in torch_model.parts}
+    return {"torch": torch_model, "onnxruntime": OnnxTAESD(args.variant, sessions)}
 
 
 def main() -> None:
@@ -54,7 +55,11 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="fresh weights instead of the published ones")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for both backends (default: each library's own default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     models = open_models(args)
     v = models["torch"].variant
@@ -74,7 +79,7 @@ def main() -> None:
     setup = (f"{v.name} ({'fresh' if args.fresh else 'published'} weights), one {args.size}x{args.size} image, "
              f"fp32, CPU ({platform.processor() or platform.machine()}), median of {args.repeats} after 1 warm-up, backends alternating; "
              f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
-             f"{onnxruntime.__version__} (default threads); {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+             f"{onnxruntime.__version__} ({args.threads or 'default'} threads); {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(setup)
     print(table)
     OUT.write_text("# ONNX Runtime vs PyTorch (same run)\n\n"

@@ -27,6 +27,16 @@ LATENT_SIZES = [(2, 2, 2), (1, 3, 4)]  # batch, h, w for fresh weights: small ke
 CPU = ["CPUExecutionProvider"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """These are many small runs: on a shared 2-core machine under load, OpenMP threads waiting
+    for each other make them several times slower than one thread (measured: 146 s -> 32 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def fresh_exports():
     """Every variant with fresh weights, exported once: name -> (torch model, onnx protos)."""

@@ -34,10 +34,12 @@ def providers_for(device) -> list[str]:
 class OnnxPart:
     """One exported part in an ORT InferenceSession: torch tensor in, torch tensor out (CPU)."""
 
-    def __init__(self, proto_or_path, providers: list[str]):
+    def __init__(self, proto_or_path, providers: list[str], threads: int | None = None):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about CPU fallbacks of fp16 nodes are expected
+        if threads:
+            options.intra_op_num_threads = threads
         source = (str(proto_or_path) if isinstance(proto_or_path, (str, os.PathLike))
                   else proto_or_path.SerializeToString())
         self.session = ort.InferenceSession(source, options, providers=providers)
