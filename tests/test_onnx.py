@@ -100,6 +100,9 @@ def test_fresh_weights_parity_at_two_sizes_and_batch_two(fresh_exports, name):
 def test_taef2_published_weights_parity_on_a_photo(taef2, weights):
     ort_model = taesd.load("taef2", weights, backend="onnxruntime")
     assert isinstance(ort_model, OnnxTAESD) and ort_model.parts == ("encoder", "decoder")
+    # exported in memory from the torch weights, which stay on the layers (for tiling's analysis)
+    for key, tensor in taef2.decoder.state_dict().items():
+        assert torch.equal(ort_model.decoder.state_dict()[key], tensor)
     for size in SIZES:
         image = photo("astronaut")[:, :size[0], :size[1]][None]
         latents = taef2.encode(image)
@@ -207,6 +210,8 @@ def test_load_from_exported_files_and_errors(fresh_exports, tmp_path):
     paths = [save_onnx(protos["decoder"], tmp_path / "taef1_decoder.onnx")]
     loaded = taesd.load("taef1", paths[0])
     assert isinstance(loaded, OnnxTAESD) and loaded.parts == ("decoder",)
+    # the layer structure stays readable (for tiling's analysis), without weights (meta device)
+    assert len(loaded.decoder) == len(model.decoder) and loaded.decoder[1].weight.is_meta
     latents = torch.randn(1, 16, 8, 8)
     assert _max_diff(loaded.decode(latents), model.decode(latents)) <= 1e-4
     with pytest.raises(TaesdError, match="holds a taef1 decoder, not a taesd3 part"):
