@@ -19,14 +19,18 @@ from .variants import get_variant
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
-def providers_for(device) -> list[str]:
+def providers_for(device) -> list:
+    """ORT execution providers for a torch-style device name (None: the CPU)."""
     import onnxruntime as ort
     available = ort.get_available_providers()
-    kind = "cpu" if device is None else torch.device(device).type
-    if kind == "cpu":
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except RuntimeError:
+        raise TaesdError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
+    if dev.type == "cpu":
         return ["CPUExecutionProvider"]
-    if kind == "cuda" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if dev.type == "cuda" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
     raise TaesdError(f"onnxruntime cannot run on {device}: this onnxruntime offers "
                      f"{', '.join(available)}; use --device cpu or install onnxruntime-gpu")
 
@@ -34,7 +38,7 @@ def providers_for(device) -> list[str]:
 class OnnxPart:
     """One exported part in an ORT InferenceSession: torch tensor in, torch tensor out (CPU)."""
 
-    def __init__(self, proto_or_path, providers: list[str], threads: int | None = None):
+    def __init__(self, proto_or_path, providers: list, threads: int | None = None):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about CPU fallbacks of fp16 nodes are expected
