@@ -38,7 +38,7 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=None,
-         revision: str | None = None) -> TAESD:
+         revision: str | None = None, backend: str = "torch") -> TAESD:
     """Load a TAESD variant with its published weights.
 
     weights: None (look in $TAESD_WEIGHTS, then the Hugging Face hub), a file or folder, a list of
@@ -46,7 +46,13 @@ def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=
       read from its tensor shapes.
     parts: "encoder", "decoder" or both (default: both, or what a single given file holds).
     revision: hub revision to pin (the published files were replaced in place between versions).
+    backend: "torch", or "onnxruntime" (chosen by itself when weights are exported .onnx files).
     """
+    from .onnx_backend import load_onnxruntime, onnx_files
+    if backend not in ("torch", "onnxruntime"):
+        raise TaesdError(f"unknown backend {backend!r}; use 'torch' or 'onnxruntime'")
+    if backend == "onnxruntime" or onnx_files(weights):
+        return load_onnxruntime(variant, weights, device, dtype, parts, revision)
     v = get_variant(variant)
     sources: dict[Path, WeightSource] = {}
     per_part: dict[str, Path] = {}

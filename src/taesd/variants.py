@@ -47,7 +47,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "madebyollin/taef1", _DIFFUSERS_FILES, "FLUX.1 (also HiDream, Z-Image)"),
     Variant("taef2", "FLUX.2", 32, 3, 8, "base+pool", 1.0, 0.0,
             None, (), "FLUX.2 (BatchNorm-normalised, unpatchified latents)"),
-    Variant("taesana", "Sana (DC-AE f32c32)", 32, 3, 32, "f32", 1.0, 0.0,
+    Variant("taesana", "Sana (DC-AE f32c32)", 32, 3, 32, "f32", 0.41407, 0.0,
             None, (), "Sana's DC-AE f32c32"),
     Variant("taeqi2_1", "Qwen Image 2.1", 64, 4, 16, "f16", 1.0, 0.0,
             None, (), "Qwen Image 2.1 (RGBA images)"),

@@ -24,6 +24,8 @@ def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True)
     g.add_argument("--revision", help="hub revision to pin when downloading")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute precision")
+    g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="inference engine (onnxruntime: --weights may be exported .onnx files)")
 
 
 def open_model(args, parts):
@@ -32,7 +34,7 @@ def open_model(args, parts):
     if weights is not None and len(weights) == 1:
         weights = weights[0]
     return load(args.variant, weights=weights, device=args.device, dtype=args.dtype, parts=parts,
-                revision=args.revision)
+                revision=args.revision, backend=args.backend)
 
 
 def output_path(out: "str | None", src: Path, suffix: str, single: bool) -> Path:

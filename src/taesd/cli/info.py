@@ -11,8 +11,9 @@ def add_parser(sub):
     p = command_parser(sub, "info", "list the variants, or show what a weight file holds",
                        "taesd info ../shared/weights/taef2_decoder.pth",
                        "Without arguments: the table of TAESD variants. With files: the format, parts, "
-                       "matching variants, dtype, parameter count and sha256 of each.")
-    p.add_argument("files", nargs="*", help="weight files or diffusers folders")
+                       "matching variants, dtype, parameter count and sha256 of each; for .onnx exports: "
+                       "inputs, outputs, metadata and the operator set with counts.")
+    p.add_argument("files", nargs="*", help="weight files, diffusers folders or exported .onnx files")
     p.add_argument("--variant", "-v", metavar="NAME",
                    help="show which weight files this variant resolves to ($TAESD_WEIGHTS, then the hub)")
     p.add_argument("--revision", help="hub revision to resolve with --variant")
@@ -65,6 +66,10 @@ def run(args) -> int:
     if not args.files:
         print(variants_table())
         return 0
-    for f in args.files:
-        print(describe_file(Path(f)))
+    for f in map(Path, args.files):
+        if f.suffix == ".onnx":
+            from ..export import describe_onnx
+            print(describe_onnx(f))
+        else:
+            print(describe_file(f))
     return 0

@@ -1,0 +1,50 @@
+"""taesd export onnx: a variant's encoder/decoder as ONNX files for other runtimes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..variants import VARIANTS
+from .common import command_parser, progress
+
+
+def add_parser(sub):
+    p = command_parser(sub, "export", "export a variant to another format (ONNX)",
+                       "taesd export onnx --variant taef2 -o onnx/")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    from ..export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    o = command_parser(formats, "onnx", "export to ONNX (dynamic batch, height and width)",
+                       "taesd export onnx --variant taef2 --part decoder --fp16 -o onnx/",
+                       "Write <variant>_encoder.onnx / <variant>_decoder.onnx (.fp16.onnx with --fp16). "
+                       "Inputs/outputs are named 'image' (N x 3|4 x H x W, values in [0, 1]) and 'latent' "
+                       "(TAESD's latent convention); the decoder's output is not clamped. Metadata "
+                       "(taesd.variant, taesd.part, taesd.vae_scale, ...) is stored in the file: "
+                       "`taesd info FILE.onnx` shows it with the operator set. See docs/onnx.md.")
+    o.add_argument("--variant", "-v", required=True, choices=list(VARIANTS), metavar="NAME",
+                   help=f"TAESD variant: {', '.join(VARIANTS)}")
+    o.add_argument("--weights", "-w", action="append", metavar="PATH",
+                   help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, then the hub)")
+    o.add_argument("--revision", help="hub revision to pin when downloading")
+    o.add_argument("--part", choices=["encoder", "decoder", "both"], default="both", help="what to export (default: both)")
+    o.add_argument("--fp16", action="store_true", help="float16 weights, activations, input and output")
+    o.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX operator set version, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+    o.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    o.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..export import allowed_ops, check_opset, onnx_filename, op_counts, save_onnx, to_onnx
+    from ..loader import load
+    check_opset(args.opset)  # before the slow part
+    parts = ("encoder", "decoder") if args.part == "both" else (args.part,)
+    weights = args.weights[0] if args.weights and len(args.weights) == 1 else args.weights
+    model = load(args.variant, weights, device="cpu", dtype="fp32", parts=parts, revision=args.revision)
+    for part in progress(list(parts), "export"):
+        proto = to_onnx(model, part, fp16=args.fp16, opset=args.opset)
+        dst = save_onnx(proto, Path(args.output) / onnx_filename(model.variant, part, args.fp16))
+        counts = op_counts(proto)
+        extra = sorted(set(counts) - allowed_ops(model.variant, part))
+        print(f"{dst}  ({dst.stat().st_size / 1e6:.1f} MB, opset {args.opset})")
+        print(f"  ops: {', '.join(f'{op} x{n}' for op, n in sorted(counts.items()))}"
+              + (f"  (unexpected: {', '.join(extra)})" if extra else ""))
+    return 0

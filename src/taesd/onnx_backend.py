@@ -1,0 +1,150 @@
+"""ONNX Runtime as an inference backend: a ``TAESD`` whose parts run in ORT sessions.
+
+Only ``run_part`` changes, so everything built on ``encode``/``decode`` (input checks, latent
+files, batching, tiling) works the same as on the PyTorch path. Tensors cross the boundary on the
+CPU; the model's ``dtype`` is the export's (float16 for an fp16 export, else float32).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TaesdError
+from .model import TAESD
+from .variants import get_variant
+
+_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+
+
+def providers_for(device) -> list:
+    """ORT execution providers for a torch-style device name (None: the CPU)."""
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except RuntimeError:
+        raise TaesdError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
+    if dev.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if dev.type == "cuda" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+    raise TaesdError(f"onnxruntime cannot run on {device}: this onnxruntime offers "
+                     f"{', '.join(available)}; use --device cpu or install onnxruntime-gpu")
+
+
+class OnnxPart:
+    """One exported part in an ORT InferenceSession: torch tensor in, torch tensor out (CPU)."""
+
+    def __init__(self, proto_or_path, providers: list, threads: int | None = None):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about CPU fallbacks of fp16 nodes are expected
+        if threads:
+            options.intra_op_num_threads = threads
+        source = (str(proto_or_path) if isinstance(proto_or_path, (str, os.PathLike))
+                  else proto_or_path.SerializeToString())
+        self.session = ort.InferenceSession(source, options, providers=providers)
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
+        self.dtype = _ORT_DTYPES[inp.type]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        feed = x.detach().to(device="cpu", dtype=self.dtype).contiguous().numpy()
+        (y,) = self.session.run([self.output_name], {self.input_name: feed})
+        return torch.from_numpy(np.asarray(y))
+
+
+class OnnxTAESD(TAESD):
+    """Same API as ``TAESD``; ``run_part`` runs the exported graphs in ONNX Runtime.
+
+    ``encoder``/``decoder`` still hold the PyTorch layers, so tools that read the network's
+    structure (tiling's receptive-field analysis) see the exact layer list: with the weights the
+    export was made from, or on the meta device (structure only) when loaded from .onnx files.
+    """
+
+    def __init__(self, variant, sessions: dict[str, OnnxPart], state_dicts: dict | None = None):
+        if not sessions:
+            raise TaesdError("an onnxruntime model needs an encoder or a decoder session")
+        dtypes = {s.dtype for s in sessions.values()}
+        if len(dtypes) > 1:
+            raise TaesdError("the encoder and decoder exports differ in precision; export both with or without --fp16")
+        with torch.device("meta"):  # structure without allocating or initialising weights
+            super().__init__(variant, parts=tuple(sessions))
+        self._dtype = dtypes.pop()
+        for part, sd in (state_dicts or {}).items():
+            module = getattr(self, part)
+            module.load_state_dict({k: t.to(self._dtype) for k, t in sd.items()}, assign=True)
+        self.sessions = dict(sessions)
+        self.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # inputs and outputs live on the CPU; ORT may compute elsewhere
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
+        self._require(part)
+        return self.sessions[part](x)
+
+
+def onnx_files(weights) -> list[Path] | None:
+    """The .onnx files among ``weights`` (a path, a list or a dict of paths); None if there are none."""
+    if weights is None:
+        return None
+    items = list(weights.values()) if isinstance(weights, dict) else (
+        list(weights) if isinstance(weights, (list, tuple)) else [weights])
+    paths = [Path(p) for p in items]
+    onnx_paths = [p for p in paths if p.suffix == ".onnx"]
+    if onnx_paths and len(onnx_paths) != len(paths):
+        raise TaesdError("mix of .onnx and other weight files; pass either the exported .onnx files or torch weights")
+    return onnx_paths or None
+
+
+def from_onnx_files(variant, paths, device=None, parts=None) -> OnnxTAESD:
+    """An ``OnnxTAESD`` from exported files; each file's metadata says which part it is."""
+    from .export import load_onnx_file, read_metadata
+    v = get_variant(variant)
+    providers = providers_for(device)
+    found: dict[str, Path] = {}
+    for path in paths:
+        meta = read_metadata(load_onnx_file(path))
+        if meta.get("taesd.variant") != v.name or meta.get("taesd.part") not in ("encoder", "decoder"):
+            what = f"a {meta['taesd.variant']} {meta.get('taesd.part')}" if "taesd.variant" in meta else "no taesd export"
+            raise TaesdError(f"{path} holds {what}, not a {v.name} part; export it with `taesd export onnx --variant {v.name}`")
+        found[meta["taesd.part"]] = path
+    wanted = tuple(found) if parts is None else ((parts,) if isinstance(parts, str) else tuple(parts))
+    missing = [p for p in wanted if p not in found]
+    if missing:
+        raise TaesdError(f"no {v.name} {' or '.join(missing)} among the given .onnx files")
+    model = OnnxTAESD(v, {p: OnnxPart(found[p], providers) for p in wanted})
+    model.weights_info = {p: {"path": str(found[p]), "format": "onnx"} for p in wanted}
+    return model
+
+
+def load_onnxruntime(variant, weights=None, device=None, dtype=None, parts=None,
+                     revision: str | None = None, opset: int | None = None) -> OnnxTAESD:
+    """``taesd.load(..., backend="onnxruntime")``: exported .onnx files as they are, or the torch
+    weights exported in memory (fp16 export when dtype is fp16, else fp32)."""
+    from .export import DEFAULT_OPSET, to_onnx
+    from .loader import _resolve_dtype, load
+    onnx_paths = onnx_files(weights)
+    if onnx_paths:
+        return from_onnx_files(variant, onnx_paths, device, parts)
+    fp16 = {torch.float32: False, torch.float16: True}.get(_resolve_dtype(dtype))
+    if fp16 is None:
+        raise TaesdError("onnxruntime runs fp32 or fp16 exports; use --dtype fp32 or fp16")
+    providers = providers_for(device)
+    torch_model = load(variant, weights, device="cpu", dtype="fp32", parts=parts, revision=revision)
+    sessions = {p: OnnxPart(to_onnx(torch_model, p, fp16=fp16, opset=opset or DEFAULT_OPSET), providers)
+                for p in torch_model.parts}
+    plain = {p: getattr(torch_model, p).state_dict() for p in torch_model.parts}
+    model = OnnxTAESD(torch_model.variant, sessions, plain)
+    model.weights_info = dict(torch_model.weights_info)
+    return model
