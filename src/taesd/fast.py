@@ -92,7 +92,7 @@ class FastConv2d(nn.Conv2d):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not fused_available(x):
+        if not fused_available(x, self):
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(
             x.contiguous(memory_format=torch.channels_last), self.packed_weight(x), self.bias,
@@ -111,11 +111,13 @@ def conv_add_relu(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> tor
         x, other, conv.packed_weight(x), conv.bias, *_conv_args(conv), "add", None, "relu", [], None)
 
 
-def fused_available(x: torch.Tensor) -> bool:
-    """The fused kernels apply: CPU, no autograd, fp32 (or bf16/fp16 where this CPU has them)."""
+def fused_available(x: torch.Tensor, module: nn.Module | None = None) -> bool:
+    """The fused kernels apply: CPU, no autograd through ``x`` or ``module``'s parameters, fp32
+    (or bf16/fp16 where this CPU has them)."""
     if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or (
+            module is not None and any(p.requires_grad for p in module.parameters()))):
         return False
     ok = _fused_ok.get(x.dtype)
     if ok is None:
@@ -143,7 +145,7 @@ class FastBlock(Block):
     """A ``Block`` whose forward runs fused oneDNN kernels; same submodules, same state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not fused_available(x):
+        if not fused_available(x, self):
             return super().forward(x)
         x = x.contiguous(memory_format=torch.channels_last)
         if self.pool is not None:

@@ -211,16 +211,21 @@ class Row:
 
 
 def run_config(op: str, size: int, batch: int, names: list[str], calls: int, warmup: int,
-               progress=None) -> list[Row]:
-    """Fresh workers for every competitor (and the conv peak), then ``calls`` rounds in turns."""
+               progress=None, fewer_calls: dict[str, int] | None = None) -> list[Row]:
+    """Fresh workers for every competitor (and the conv peak), then ``calls`` rounds in turns;
+    ``fewer_calls`` caps some competitors (the slow full VAE)."""
+    fewer_calls = fewer_calls or {}
     workers = [Worker(n) for n in names + [PEAK]]
     try:
         base = {}
         for w in workers:
             base[w.name] = w.ask(cmd="setup", op=op, size=size, batch=batch, warmup=warmup)["base_rss"]
         rows = {w.name: Row(op, size, batch, w.name) for w in workers}
-        for _ in range(calls):
+        for turn in range(calls):
             for w in workers:
+                if turn >= fewer_calls.get(w.name, calls):
+                    continue
+                time.sleep(0.05)  # let the previous worker's spinning threads go idle
                 rows[w.name].times.append(w.ask(cmd="call")["t"])
                 if progress:
                     progress()
@@ -272,6 +277,57 @@ def table(rows: list[Row]) -> str:
                 f"| {r.images_per_s:.2f} | {vs('diffusers')} | {vs('onnxruntime')} | {r.gflops:.0f} "
                 f"| {100 * r.gflops / r.peak_gflops:.0f}% | {r.peak_mib:.0f} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- accuracy and the report
+
+def accuracy_lines(weights_dir, photos=("astronaut", "coffee", "chelsea"), size=256) -> list[str]:
+    """The modes against the plain fp32 network on taef2's published weights and real photos:
+    max abs difference (fp32 modes), PSNR (reduced precision, previews against the downscaled
+    full decode)."""
+    import numpy as np
+    import skimage.data
+    import torch.nn.functional as F
+    from .loader import load
+    from .metrics import psnr
+    from .preview_decode import preview_decode
+    plain = load("taef2", weights_dir, device="cpu", fast=False)
+    fast = load("taef2", weights_dir, device="cpu")
+    bf16 = load("taef2", weights_dir, device="cpu", dtype=torch.bfloat16)
+    images = []
+    for name in photos:
+        arr = getattr(skimage.data, name)()[:size, :size, :3]
+        images.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255)
+    x = torch.stack(images)
+    z = plain.encode(x)
+    ref = plain.decode(z)
+    lines = [f"taef2 published weights, photos {', '.join(photos)} ({size}x{size} crops), "
+             "against the plain fp32 eager network:", "",
+             "| mode | encode | decode |", "| --- | --- | --- |"]
+    lines.append(f"| fast fp32 (default) | max abs diff {(fast.encode(x) - z).abs().max().item():.1e} "
+                 f"| max abs diff {(fast.decode(z) - ref).abs().max().item():.1e} |")
+    lines.append(f"| bf16 | PSNR of the decode from bf16 latents {psnr(plain.decode(bf16.encode(x).float()), ref).mean():.1f} dB "
+                 f"| PSNR {psnr(bf16.decode(z).float(), ref).mean():.1f} dB |")
+    for factor in (2, 4):
+        pre = preview_decode(fast, z, factor)
+        lines.append(f"| preview 1/{factor} size | - | PSNR {psnr(pre, F.avg_pool2d(ref, factor)).mean():.1f} dB "
+                     f"against the full decode downscaled {factor}x |")
+    return lines
+
+
+def write_report(path, rows: list[Row], facts: list[str], accuracy: list[str], notes: list[str]) -> None:
+    from .files import atomic_path
+    text = "\n".join(
+        ["# TAESD speed benchmark", "", "Written by `taesd bench` (benchmarks/bench_speed.py). "
+         "Every competitor runs in its own process as its users run it by default; per configuration "
+         "the processes are called in turns (A B C A B C ...) after warm-up, so ratios are same-run "
+         "ratios. GFLOP/s counts the network's convolutions (2 x multiply-adds); the conv peak is a "
+         "channels_last 3x3 64->64 convolution on 1x64x256x256 timed in the same turns (best call).",
+         "", "## Machine", ""] + [f"- {f}" for f in facts] +
+        ["", "## Speed (fp32 unless named; the network is the base TAESD, fresh weights)", "", table(rows), ""] +
+        ["## Accuracy", ""] + accuracy + ["", "## Notes", ""] + [f"- {n}" for n in notes] + [""])
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 if __name__ == "__main__":
