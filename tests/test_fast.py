@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import taesd
-from taesd.fast import FastBlock, FastConv2d, make_plain, tune_allocator
+from taesd.fast import (FastBlock, FastConv2d, FastSequential, fused_available, make_plain, tune_allocator,
+                        upsample_conv)
 from taesd.metrics import psnr
 from taesd.model import Block
 from taesd.preview_decode import preview_decode
@@ -46,6 +47,25 @@ def test_fast_fp32_matches_plain_network(pair, images):
     z = plain.encode(images)
     assert (fast.encode(images) - z).abs().max().item() < 1e-4
     assert (fast.decode(z) - plain.decode(z)).abs().max().item() < 1e-4
+
+
+def test_fused_kernels_run_inside_inference_mode(pair):
+    """decode/encode run under inference_mode; the fused path must be taken there (fp32 always has it)."""
+    _, fast = pair
+    with torch.inference_mode():
+        assert fused_available(torch.zeros(1, 8, 4, 4), fast.decoder[3])
+    assert type(fast.decoder) is FastSequential and type(fast.decoder[2:9]) is FastSequential
+
+
+def test_upsample_conv_equals_upsample_then_conv(pair):
+    """The 2x2 phase form of nearest-upsample + 3x3 conv (4 instead of 9 multiply-adds)."""
+    plain, fast = pair
+    x = torch.randn(2, 64, 9, 13)
+    with torch.inference_mode():
+        want = plain.decoder[7](F.interpolate(x, scale_factor=2, mode="nearest"))
+        got = upsample_conv(fast.decoder[7], x)
+    assert got.shape == want.shape == (2, 64, 18, 26)
+    assert (got - want).abs().max().item() < 1e-4
 
 
 def test_layer_slices_match_and_leave_their_input_alone(pair):
@@ -99,7 +119,7 @@ def test_make_plain_restores_the_published_modules(weights):
 def test_bf16_mode_psnr_against_fp32(weights, pair, images):
     plain, _ = pair
     bf16 = taesd.load("taef2", weights, device="cpu", dtype=torch.bfloat16)
-    images = images[:1]     # bf16 runs emulated (slow) on CPUs without AVX-512/AVX-NE-CONVERT
+    images = images[:1, :, :64, :64]  # bf16 runs emulated (slow) on CPUs without AVX-512/AVX-NE-CONVERT
     z = plain.encode(images)
     assert psnr(bf16.decode(z).float(), plain.decode(z)).min().item() >= 40
     assert psnr(plain.decode(bf16.encode(images).float()), plain.decode(z)).min().item() >= 40

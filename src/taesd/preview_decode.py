@@ -30,9 +30,7 @@ def preview_decode(model, latents: torch.Tensor, factor: int = 2) -> torch.Tenso
         raise TaesdError(f"the {model.variant.name} decoder has {len(upsamples)} upsamples; "
                          f"the smallest preview is factor {2 ** len(upsamples)}")
     skipped = set(upsamples[len(upsamples) - skips:])
+    # The same Sequential class (the fast executor's fuses upsample+conv pairs), minus the skipped.
+    shortened = type(decoder)(*(layer for i, layer in enumerate(decoder) if i not in skipped))
     with torch.inference_mode():
-        x = model.prepare_latents(latents)
-        for i, layer in enumerate(decoder):
-            if i not in skipped:
-                x = layer(x)
-        return x.clamp(0, 1)
+        return shortened(model.prepare_latents(latents)).clamp(0, 1)
