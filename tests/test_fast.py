@@ -179,3 +179,20 @@ def test_bench_command_writes_a_report(tmp_path):
     text = out.read_text()
     assert "| decode | 64² | 1 | taesd |" in text
     assert "conv-peak" in text and "## Machine" in text
+
+
+def test_onnx_export_of_a_fast_model_has_standard_ops_only(pair):
+    """Exporters trace the plain graph (the ONNX backend exports models that taesd.load made fast)."""
+    import onnx
+    import onnxruntime as ort
+    plain, fast = pair
+    z = torch.randn(1, 32, 8, 8)
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(fast.decoder, (z,), buf, dynamo=False, input_names=["z"], output_names=["y"])
+    ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
+    assert "Conv" in ops and not any("mkldnn" in op.lower() for op in ops)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"z": z.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(y) - plain.decoder(z)).abs().max().item() < 1e-4

@@ -141,6 +141,8 @@ def fused_available(x: torch.Tensor, module: nn.Module | None = None) -> bool:
     (or bf16/fp16 where this CPU has them)."""
     if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False   # exporters and compilers get the plain graph (standard ops only)
     if torch.is_grad_enabled() and (x.requires_grad or (
             module is not None and any(p.requires_grad for p in module.parameters()))):
         return False

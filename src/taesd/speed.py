@@ -321,7 +321,9 @@ def write_report(path, rows: list[Row], facts: list[str], accuracy: list[str], n
         ["# TAESD speed benchmark", "", "Written by `taesd bench` (benchmarks/bench_speed.py). "
          "Every competitor runs in its own process as its users run it by default; per configuration "
          "the processes are called in turns (A B C A B C ...) after warm-up, so ratios are same-run "
-         "ratios. GFLOP/s counts the network's convolutions (2 x multiply-adds); the conv peak is a "
+         "ratios. GFLOP/s is the published network's convolution count (2 x multiply-adds) per second for "
+         "every path (taesd's decoder executes 10% fewer multiply-adds: its upsample+conv pairs run as 2x2 "
+         "phase convolutions, so its figure is an effective rate); the conv peak is a "
          "channels_last 3x3 64->64 convolution on 1x64x256x256 timed in the same turns (best call).",
          "", "## Machine", ""] + [f"- {f}" for f in facts] +
         ["", "## Speed (fp32 unless named; the network is the base TAESD, fresh weights)", "", table(rows), ""] +
