@@ -38,7 +38,8 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=None,
-         revision: str | None = None, backend: str = "torch") -> TAESD:
+         revision: str | None = None, fast: bool = True, compile: bool = False,
+         backend: str = "torch") -> TAESD:
     """Load a TAESD variant with its published weights.
 
     weights: None (look in $TAESD_WEIGHTS, then the Hugging Face hub), a file or folder, a list of
@@ -46,6 +47,9 @@ def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=
       read from its tensor shapes.
     parts: "encoder", "decoder" or both (default: both, or what a single given file holds).
     revision: hub revision to pin (the published files were replaced in place between versions).
+    fast: run the fast executor (taesd.fast: channels_last, fused oneDNN kernels, glibc allocator
+      setting; exact in fp32). False gives the plain published modules.
+    compile: opt-in torch.compile of each part (first call per shape compiles).
     backend: "torch", or "onnxruntime" (chosen by itself when weights are exported .onnx files).
     """
     from .onnx_backend import load_onnxruntime, onnx_files
@@ -85,4 +89,11 @@ def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=
         if src.extras:
             model.weights_info["vae_scale_shift"] = src.extras
     model.to(device=device if device is not None else default_device(), dtype=_resolve_dtype(dtype))
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if compile:
+        from .fast import compile_model
+        return compile_model(model)
+    if fast:
+        from .fast import make_fast
+        return make_fast(model)
+    return model

@@ -1,0 +1,301 @@
+"""The fast executor: the same network, the same modules and weights, run close to the hardware.
+
+``make_fast(model)`` transforms a ``TAESD`` in place; ``taesd.load`` applies it by default. What it
+does, each measured (docs/performance.md):
+
+- allocator: eager PyTorch on glibc gets a fresh ``mmap`` for every activation over 32 MiB (one
+  64-channel 512x512 fp32 map is 64 MiB), page-faulted and zeroed on first touch, then unmapped
+  again: ~100k-370k page faults per decode. ``tune_allocator`` raises glibc's mmap and trim
+  thresholds (``mallopt``) so freed activations stay in the heap and are reused. It is a process
+  setting; ``TAESD_MALLOPT=0`` in the environment switches it off.
+- layout: weights in channels_last, so every convolution runs in oneDNN's native NHWC layout
+  instead of reordering NCHW data in and out of each layer.
+- packed weights: every convolution's weight is reordered once into oneDNN's blocked layout and
+  kept (``FastConv2d``); a plain convolution reorders it again on every call.
+- upsample+conv: a nearest 2x upsample and the 3x3 conv after it run as one 2x2 convolution on
+  the small input that yields the four output phases (4 instead of 9 multiply-adds per output
+  pixel and channel pair; the upsampled map is never made). Sums of weights: fp32 rounding only.
+- fusion: inside each residual ``Block`` the conv+bias+ReLU pairs and the last conv + skip add +
+  ReLU run as single oneDNN kernels (``mkldnn._convolution_pointwise``): three fewer passes over
+  memory per block. Blocks keep their class layout (``conv``/``skip``/``fuse``/``pool``), so
+  ``state_dict`` keys, Sequential indices and layer slices (tiling) are unchanged.
+
+Everything stays exact in fp32 (the same oneDNN convolutions; sums in the same order). Where the
+fused kernels do not apply (a GPU, autograd, a dtype this CPU has no fused kernel for) a block runs
+its plain forward.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+from .model import TAESD, Block
+
+ALLOCATOR_ENV = "TAESD_MALLOPT"
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD = 1 << 30      # blocks below 1 GiB come from the heap, not a fresh mmap
+TRIM_THRESHOLD = 1 << 30      # keep up to 1 GiB of freed heap instead of returning it at once
+TOP_PAD = 64 << 20            # grow the heap in 64 MiB steps
+
+_allocator_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Make glibc reuse freed activations instead of mmap/munmap-ing each one (once per process).
+    Returns whether the setting is active. Off with ``TAESD_MALLOPT=0``; a no-op off glibc."""
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if os.environ.get(ALLOCATOR_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _allocator_tuned = all(mallopt(param, value) == 1 for param, value in (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    return _allocator_tuned
+
+
+# ---------------------------------------------------------------- fused oneDNN convolutions
+
+_fused_ok: dict[torch.dtype, bool] = {}   # per dtype: does this CPU run the fused kernels?
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def _weight_key(w: torch.Tensor) -> tuple:
+    """Changes when the weight does: new storage, in-place update (version), new dtype."""
+    return w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype
+
+
+PACK_CACHE = ("_packed", "_pack_key", "_up_packed", "_up_bias", "_up_key")
+
+
+class FastConv2d(nn.Conv2d):
+    """A ``Conv2d`` run by oneDNN with its weight packed once into oneDNN's blocked layout (plain
+    convolutions reorder the weight on every call: ~35 reorders per decode). Same state_dict; the
+    pack is redone when the weight changes (load_state_dict, .to(dtype))."""
+
+    def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        key = _weight_key(self.weight)
+        if self.__dict__.get("_pack_key") != key:
+            with torch.no_grad():
+                self.__dict__["_packed"] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    self.weight.detach().contiguous().to_mkldnn(), *_conv_args(self), list(x.shape))
+            self.__dict__["_pack_key"] = key
+        return self.__dict__["_packed"]
+
+    def packed_upsample_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight of ``upsample_conv``: the four 2x2 phase kernels as 4 x out_channels."""
+        w = self.weight
+        key = _weight_key(w)
+        if self.__dict__.get("_up_key") != key:
+            with torch.no_grad():
+                phases = phase_kernels(w.detach().float()).to(w.dtype)
+                self.__dict__["_up_packed"] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    phases.contiguous().to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+                self.__dict__["_up_bias"] = None if self.bias is None else self.bias.detach().repeat(4)
+            self.__dict__["_up_key"] = key
+        return self.__dict__["_up_packed"]
+
+    def __getstate__(self):  # copies and pickles carry no packed (oneDNN-only) tensor
+        state = super().__getstate__()
+        for k in PACK_CACHE:
+            state.pop(k, None)
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fused_available(x, self):
+            return super().forward(x)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.contiguous(memory_format=torch.channels_last), self.packed_weight(x), self.bias,
+            *_conv_args(self), "none", [], None)
+
+
+def conv_relu(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(conv(x)) in one oneDNN kernel."""
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.packed_weight(x), conv.bias, *_conv_args(conv),
+                                                   "relu", [], None)
+
+
+def conv_add_relu(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """relu(conv(x) + other) in one oneDNN kernel (the residual block's end); ``other`` is only read."""
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, other, conv.packed_weight(x), conv.bias, *_conv_args(conv), "add", None, "relu", [], None)
+
+
+def fused_available(x: torch.Tensor, module: nn.Module | None = None) -> bool:
+    """The fused kernels apply: CPU, no autograd through ``x`` or ``module``'s parameters, fp32
+    (or bf16/fp16 where this CPU has them)."""
+    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False   # exporters and compilers get the plain graph (standard ops only)
+    if torch.is_grad_enabled() and (x.requires_grad or (
+            module is not None and any(p.requires_grad for p in module.parameters()))):
+        return False
+    ok = _fused_ok.get(x.dtype)
+    if ok is None:
+        ok = _fused_ok[x.dtype] = _probe_fused(x.dtype)
+    return ok
+
+
+def _probe_fused(dtype: torch.dtype) -> bool:
+    """Run both fused kernels once on a tiny input; some need CPU features (bf16: AVX-512 or
+    AVX-NE-CONVERT)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    with torch.inference_mode(False):  # the first call may come from inside inference_mode
+        conv = nn.Conv2d(8, 8, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
+        conv.__class__ = FastConv2d
+        x = torch.ones(1, 8, 4, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            conv_add_relu(conv, conv_relu(conv, x), x)
+            upsample_conv(conv, x)
+        return True
+    except RuntimeError:
+        return False
+
+
+class FastBlock(Block):
+    """A ``Block`` whose forward runs fused oneDNN kernels; same submodules, same state_dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fused_available(x, self):
+            return super().forward(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.pool is not None:
+            x = x + self.pool(x)
+        body = self.conv
+        h = conv_relu(body[2], conv_relu(body[0], x))
+        return conv_add_relu(body[4], h, self.skip(x))
+
+
+# ---------------------------------------------------------------- nearest 2x upsample + 3x3 conv
+
+# Nearest 2x upsampling repeats each input row twice, so each output row of the 3x3 conv that
+# follows sees only 2 distinct input rows: even rows x[i-1], x[i] with taps (w0, w1 + w2), odd rows
+# x[i], x[i+1] with (w0 + w1, w2). Per output pixel that is a 2x2 conv on the small input: 4
+# multiply-adds per channel pair instead of 9, and the 4x bigger upsampled map is never written.
+PHASE_TAPS = (torch.tensor([[1., 0, 0], [0, 1, 1]]), torch.tensor([[1., 1, 0], [0, 0, 1]]))
+
+
+def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """3x3 weights (O, I, 3, 3) -> the four 2x2 phase kernels (4 * O, I, 2, 2), phases (a, b)
+    in the order (0,0), (0,1), (1,0), (1,1)."""
+    return torch.cat([torch.einsum("ik,ockl,jl->ocij", PHASE_TAPS[a], weight, PHASE_TAPS[b])
+                      for a in (0, 1) for b in (0, 1)])
+
+
+def upsample_conv(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(nearest_upsample_2x(x)) as one 2x2 conv giving all four phases, then one interleave."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, _, h, w = x.shape
+    c = conv.out_channels
+    weight = conv.packed_upsample_weight(x)
+    y = torch.ops.mkldnn._convolution_pointwise(x, weight, conv.__dict__["_up_bias"], [1, 1], [1, 1],
+                                                [1, 1], 1, "none", [], None)   # (n, 4c, h+1, w+1)
+    y = y.contiguous(memory_format=torch.channels_last)
+    # Output pixel (2i + a, 2j + b), channel o is y[(a, b, o), i + a, j + b]: one strided view.
+    s_n, s_row, s_col = (h + 1) * (w + 1) * 4 * c, (w + 1) * 4 * c, 4 * c
+    phases = y.as_strided((n, h, 2, w, 2, c), (s_n, s_row, s_row + 2 * c, s_col, s_col + c, 1),
+                          y.storage_offset())
+    return phases.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+
+
+def _fuses_upsample(up: nn.Module, conv: nn.Module) -> bool:
+    return (type(up) is nn.Upsample and up.mode == "nearest" and up.size is None
+            and up.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)) and type(conv) is FastConv2d
+            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+class FastSequential(nn.Sequential):
+    """``nn.Sequential`` that runs an Upsample followed by its 3x3 conv as ``upsample_conv``.
+    Indexing and slicing behave as before (a slice is a FastSequential; a layer run alone is the
+    plain layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            if i + 1 < len(layers) and _fuses_upsample(layers[i], layers[i + 1]) \
+                    and fused_available(x, layers[i + 1]):
+                x = upsample_conv(layers[i + 1], x)
+                i += 2
+                continue
+            x = layers[i](x)
+            i += 1
+        return x
+
+
+# ---------------------------------------------------------------- transforming a model
+
+def make_fast(model: TAESD, allocator: bool = True) -> TAESD:
+    """Transform ``model`` in place for fast inference and return it (see the module docstring).
+    Exact in fp32. ``allocator=False`` leaves the process allocator alone."""
+    if allocator and model.device.type == "cpu":
+        tune_allocator()
+    for part in model.parts:
+        module = getattr(model, part)
+        module.to(memory_format=torch.channels_last)
+        if type(module) is nn.Sequential:
+            module.__class__ = FastSequential
+        for sub in module.modules():   # same attributes, new forward
+            if type(sub) is Block:
+                sub.__class__ = FastBlock
+            elif type(sub) is nn.Conv2d:
+                sub.__class__ = FastConv2d
+    model.fast = True
+    return model
+
+
+def make_plain(model: TAESD) -> TAESD:
+    """Undo ``make_fast`` (the allocator setting stays): plain modules, contiguous weights."""
+    for part in model.parts:
+        module = getattr(model, part)
+        _unfuse(module)
+        module.to(memory_format=torch.contiguous_format)
+    model.fast = False
+    return model
+
+
+def _unfuse(module: nn.Module) -> None:
+    for sub in module.modules():
+        if type(sub) is FastBlock:
+            sub.__class__ = Block
+        elif type(sub) is FastConv2d:
+            for k in PACK_CACHE:
+                sub.__dict__.pop(k, None)
+            sub.__class__ = nn.Conv2d
+        elif type(sub) is FastSequential:
+            sub.__class__ = nn.Sequential
+
+
+def is_fast(model: TAESD) -> bool:
+    return bool(getattr(model, "fast", False))
+
+
+def compile_model(model: TAESD) -> TAESD:
+    """Opt-in compiled mode: ``torch.compile`` each part in place (the modules keep their class,
+    indices and state_dict). The first call per input shape compiles (tens of seconds on a CPU)."""
+    for part in model.parts:
+        module = getattr(model, part)
+        _unfuse(module)   # inductor fuses by itself; give it the plain graph
+        module.to(memory_format=torch.channels_last)
+        module.compile(dynamic=False)
+    model.fast = True
+    return model
