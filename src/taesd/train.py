@@ -448,8 +448,8 @@ def train(cfg: TrainConfig, callback=None) -> dict:
                     opt_d.step()
                     sched_d.step()
                 opt_d.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema_update(ema, raw_student, cfg.ema)
+            if ema is not None:  # warm-up: early on the EMA follows the fresh weights closely
+                ema_update(ema, raw_student, min(cfg.ema, (1 + step) / (10 + step)))
             step += 1
             bar.update(1)
 

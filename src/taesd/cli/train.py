@@ -89,7 +89,8 @@ def add_parser(sub):
                 kind = int if isinstance(default, bool) else type(default) if default is not None else \
                     (float if name in ("scale", "shift") else str)
                 g.add_argument(flag, type=kind, default=default, choices=CHOICES.get(name),
-                               required=name == "data", help=f"{help} (default: {default})")
+                               required=name == "data",
+                               help=help if default in (None, "") else f"{help} (default: {default})")
     p.set_defaults(run=run)
 
 
