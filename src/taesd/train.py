@@ -68,6 +68,7 @@ class TrainConfig:
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.9)
     warmup: int = 0
+    lr_decay: str = "none"             # none | cosine (to 10% at the last step)
     grad_clip: float = 1.0             # 0 = off
     ema: float = 0.0                   # EMA decay of the student, e.g. 0.999 (0 = off)
     mixed_precision: str = "no"        # no | fp16 | bf16
@@ -113,7 +114,11 @@ def crop_at(cfg: TrainConfig, step: int) -> int:
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
-    return min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.lr_decay == "cosine":
+        progress = min(1.0, step / max(1, cfg.steps - 1))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warm
 
 
 def rng_states() -> dict:
@@ -268,6 +273,8 @@ def train(cfg: TrainConfig, callback=None) -> dict:
         raise TaesdError(f"parts must be both, encoder or decoder, not {cfg.parts!r}")
     if cfg.decoder_target not in ("image", "teacher"):
         raise TaesdError(f"decoder_target must be image or teacher, not {cfg.decoder_target!r}")
+    if cfg.lr_decay not in ("none", "cosine"):
+        raise TaesdError(f"lr_decay must be none or cosine, not {cfg.lr_decay!r}")
     if cfg.adv_loss not in ("hinge", "lsgan"):
         raise TaesdError(f"adv_loss must be hinge or lsgan, not {cfg.adv_loss!r}")
     if cfg.threads:
