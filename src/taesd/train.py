@@ -285,7 +285,8 @@ def train(cfg: TrainConfig, callback=None) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if acc.device.type == "cpu":  # bit-exact resume is promised on the CPU; GPUs keep their fast kernels
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     # Teacher (frozen) and student (fresh weights, the same on every process: same seed).
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, cfg.scale, cfg.shift, cfg.family, device=acc.device)
