@@ -152,7 +152,8 @@ def test_allocator_setting_stops_page_faults_and_can_be_switched_off():
         runs[env_value] = (out[0] == "True", int(out[1]))
     assert runs["1"][0] and not runs["0"][0]
     assert runs["0"][1] > 2 * 8 * 16384 * 0.9       # 8 fresh 64 MiB maps per turn, 4 KiB pages
-    assert runs["1"][1] < runs["0"][1] / 10
+    # usually 0; heap layout (ASLR) sometimes leaves one fresh map per turn
+    assert runs["1"][1] < runs["0"][1] / 3
 
 
 def test_preview_decode_sizes_and_quality(pair, images):

@@ -8,7 +8,7 @@ import sys
 from ..errors import TaesdError
 
 # Each name is a module taesd.cli.<name> with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["encode", "decode", "roundtrip", "info", "convert", "export", "bench"]
+COMMANDS = ["encode", "decode", "roundtrip", "info", "convert", "export", "bench", "train", "eval"]
 
 EXAMPLES = """examples:
   taesd roundtrip photo.jpg --variant taef2             # encode + decode, print PSNR/SSIM

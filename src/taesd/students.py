@@ -1,0 +1,131 @@
+"""Students: the networks being trained, either a registry architecture or a custom width/depth.
+
+A registry student (``arch="taef2"``) is exactly ``taesd.create("taef2")``: once trained it saves in
+every weight format and loads with ``taesd.load``. A custom student (``arch="custom"``) is the base
+8x design with ``width`` channels and ``depth`` blocks per stage (published: width 64, depth 3);
+it saves as one safetensors file with its shape in the metadata (``load_student`` reads it back).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import TaesdError
+from .files import atomic_path
+from .model import Block, Clamp, conv, create
+from .variants import VARIANTS, get_variant
+from .weights import FORMATS, save_weights
+
+CUSTOM_FILE = "student.safetensors"
+
+
+def custom_encoder(latent_channels: int, width: int, depth: int) -> nn.Sequential:
+    w = width
+    layers: list[nn.Module] = [conv(3, w), Block(w, w)]
+    for _ in range(3):  # three 2x downsamples = 8x
+        layers += [conv(w, w, stride=2, bias=False), *[Block(w, w) for _ in range(depth)]]
+    return nn.Sequential(*layers, conv(w, latent_channels))
+
+
+def custom_decoder(latent_channels: int, width: int, depth: int) -> nn.Sequential:
+    w = width
+    layers: list[nn.Module] = [Clamp(), conv(latent_channels, w), nn.ReLU(), *[Block(w, w) for _ in range(depth)]]
+    for stage in range(3):  # the last (full-resolution) stage has one block, as published
+        layers += [nn.Upsample(scale_factor=2), conv(w, w, bias=False),
+                   *[Block(w, w) for _ in range(depth if stage < 2 else 1)]]
+    return nn.Sequential(*layers, conv(w, 3))
+
+
+class Student(nn.Module):
+    """Encoder and/or decoder being trained. ``forward(images, teacher_latents)`` runs what exists:
+    the encoder on the images, the decoder on the *teacher's* latents (the published recipe)."""
+
+    def __init__(self, encoder: nn.Module | None, decoder: nn.Module | None, config: dict):
+        super().__init__()
+        self.encoder, self.decoder, self.config = encoder, decoder, config
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(p for p in ("encoder", "decoder") if getattr(self, p) is not None)
+
+    def forward(self, images: torch.Tensor | None, teacher_latents: torch.Tensor | None):
+        latents = self.encoder(images) if self.encoder is not None and images is not None else None
+        decoded = self.decoder(teacher_latents) if self.decoder is not None and teacher_latents is not None else None
+        return latents, decoded
+
+
+def build_student(arch: str, parts=("encoder", "decoder"), latent_channels: int | None = None,
+                  width: int = 64, depth: int = 3, seed: int | None = None) -> Student:
+    if seed is not None:
+        torch.manual_seed(seed)
+    parts = tuple(parts)
+    if arch in VARIANTS:
+        v = get_variant(arch)
+        if latent_channels is not None and latent_channels != v.latent_channels:
+            raise TaesdError(f"the teacher has {latent_channels}-channel latents but {v.name} has "
+                             f"{v.latent_channels}; pick a student with {latent_channels} channels "
+                             f"or --student custom")
+        m = create(v, parts)
+        return Student(m.encoder, m.decoder, {"arch": v.name, "parts": list(parts)})
+    if arch != "custom":
+        raise TaesdError(f"unknown student {arch!r}; use a variant name ({', '.join(VARIANTS)}) or 'custom'")
+    if latent_channels is None:
+        raise TaesdError("a custom student needs the latent channel count (from the teacher)")
+    if width < 1 or depth < 1:
+        raise TaesdError("--width and --depth must be at least 1")
+    enc = custom_encoder(latent_channels, width, depth) if "encoder" in parts else None
+    dec = custom_decoder(latent_channels, width, depth) if "decoder" in parts else None
+    return Student(enc, dec, {"arch": "custom", "parts": list(parts), "latent_channels": latent_channels,
+                              "width": width, "depth": depth})
+
+
+def part_state_dicts(student: Student) -> dict[str, dict[str, torch.Tensor]]:
+    return {p: {k: t.detach().cpu().contiguous() for k, t in getattr(student, p).state_dict().items()}
+            for p in student.parts}
+
+
+def save_student(student: Student, out: "str | os.PathLike", formats=None) -> list[Path]:
+    """Write the trained student: a registry one in every format it fits (pth, safetensors,
+    comfyui and, for base-architecture variants, diffusers), a custom one as ``student.safetensors``."""
+    out = Path(out)
+    parts = part_state_dicts(student)
+    arch = student.config["arch"]
+    if arch == "custom":
+        from safetensors.torch import save_file
+        tensors = {f"{p}.{k}": t for p, sd in parts.items() for k, t in sd.items()}
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / CUSTOM_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "taesd-student", "config": json.dumps(student.config)})
+        return [out / CUSTOM_FILE]
+    v = get_variant(arch)
+    written = []
+    for fmt in formats or FORMATS:
+        if fmt == "diffusers" and (v.arch != "base" or len(parts) < 2):
+            continue  # AutoencoderTiny holds base-architecture encoder+decoder pairs only
+        dest = out / "diffusers" if fmt == "diffusers" else out / f"{v.name}.safetensors" if fmt == "comfyui" else out
+        written += save_weights(parts, v, fmt, dest)
+    return written
+
+
+def load_student(path: "str | os.PathLike", device=None) -> Student:
+    """A custom student written by ``save_student`` (registry students load with ``taesd.load``)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if path.is_dir():
+        path = path / CUSTOM_FILE
+    if not path.is_file():
+        raise TaesdError(f"no trained student at {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "taesd-student":
+            raise TaesdError(f"{path} is not a custom student file; registry students load with taesd.load")
+        config = json.loads(meta["config"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    student = build_student("custom", config["parts"], config["latent_channels"], config["width"], config["depth"])
+    for p in student.parts:
+        getattr(student, p).load_state_dict({k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(p + ".")})
+    return student.to(device).eval()
