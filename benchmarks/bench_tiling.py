@@ -70,12 +70,19 @@ def one(size: int, mode: str, out: Path) -> dict:
     return {"size": size, "mode": mode, "wall_s": wall, "cpu_s": cpu, "peak_above_model": peak - base}
 
 
-def run_child(size: int, mode: str, out: Path) -> dict:
+def run_child(size: int, mode: str, out: Path, reuse: bool) -> dict:
+    """One configuration in a fresh process; with ``reuse``, a result already in the work folder
+    (from an interrupted run) is read instead of measured again."""
+    record = out.with_suffix(".json")
+    if reuse and record.is_file() and out.is_file():
+        return json.loads(record.read_text())
     cmd = [sys.executable, __file__, "--one", str(size), mode, str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if res.returncode:
         raise SystemExit(f"{mode} {size}: {res.stderr.strip().splitlines()[-1:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    record.write_text(json.dumps(result))
+    return result
 
 
 def untiled_fits(size: int) -> bool:
@@ -99,6 +106,9 @@ def main() -> None:
     ap.add_argument("--diffusers-max", type=int, default=512, help="largest latent size for diffusers")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration (median reported)")
     ap.add_argument("--output", default=str(HERE / "TILING.md"))
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "taesd_bench_tiling"),
+                    help="folder for decoded images and per-run results")
+    ap.add_argument("--reuse", action="store_true", help="reuse results already in --work (resume)")
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -107,26 +117,28 @@ def main() -> None:
 
     import torch
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            modes = ["tiled"]
-            if size <= args.untiled_max and untiled_fits(size):
-                modes.insert(0, "untiled")
-            if size <= args.diffusers_max:
-                modes.append("diffusers")
-            result, images = {}, {}
-            for mode in modes:
-                runs = [run_child(size, mode, Path(tmp) / f"{size}_{mode}.npy") for _ in range(args.repeat)]
-                result[mode] = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "cpu_s", "peak_above_model")}
-                images[mode] = np.load(Path(tmp) / f"{size}_{mode}.npy")
-                print(f"{size} {mode}: {result[mode]}", flush=True)
-            # Reference: the untiled pass; where it did not run, our tiled one (exact where both ran).
-            ref_mode = "untiled" if "untiled" in images else "tiled"
-            ref = torch.from_numpy(images[ref_mode])
-            for mode in modes:
-                err = (torch.from_numpy(images[mode]) - ref).abs().max().item()
-                rows.append((size, mode, result[mode], err, ref_mode))
-            del images, ref
+    tmp = Path(args.work)
+    tmp.mkdir(parents=True, exist_ok=True)
+    for size in args.sizes:
+        modes = ["tiled"]
+        if size <= args.untiled_max and untiled_fits(size):
+            modes.insert(0, "untiled")
+        if size <= args.diffusers_max:
+            modes.append("diffusers")
+        result, images = {}, {}
+        for mode in modes:
+            runs = [run_child(size, mode, tmp / f"{size}_{mode}.npy", args.reuse and not r)
+                    for r in range(args.repeat)]
+            result[mode] = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "cpu_s", "peak_above_model")}
+            images[mode] = np.load(tmp / f"{size}_{mode}.npy")
+            print(f"{size} {mode}: {result[mode]}", flush=True)
+        # Reference: the untiled pass; where it did not run, our tiled one (exact where both ran).
+        ref_mode = "untiled" if "untiled" in images else "tiled"
+        ref = torch.from_numpy(images[ref_mode])
+        for mode in modes:
+            err = (torch.from_numpy(images[mode]) - ref).abs().max().item()
+            rows.append((size, mode, result[mode], err, ref_mode))
+        del images, ref
     lines = ["| latents | image | mode | peak RSS above model (GiB) | wall (s) | CPU (s) | max abs err vs reference |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for size, mode, r, err, ref_mode in rows:
