@@ -25,15 +25,17 @@ def test_tiled_equals_untiled_fresh_weights(variant):
     h, w = SIZES[v.downscale]
     latents = torch.randn(2, v.latent_channels, h, w)
     images = torch.rand(2, v.image_channels, h * v.downscale, w * v.downscale)
-    tile = (3, 4)   # much smaller than the image and than the receptive field
-    assert max_diff(model.decode(latents, tile_size=tile), model.decode(latents)) <= TOL
+    # Tiles much smaller than the image and than the receptive field (decoder: 19 latent pixels;
+    # encoder: 24). Encoder tiles stay at 2 x 2: each re-reads its whole margin at full resolution.
+    assert max_diff(model.decode(latents, tile_size=(3, 4)), model.decode(latents)) <= TOL
+    tile = (-(-h // 2), -(-w // 2))
     assert max_diff(model.encode(images, tile_size=tile), model.encode(images)) <= TOL
 
 
 def test_large_odd_latents_small_tiles():
     model = taesd.create("taesd", seed=0, parts="decoder")
     latents = torch.randn(1, 4, 97, 131)
-    assert max_diff(model.decode(latents, tile_size=24), model.decode(latents)) <= TOL
+    assert max_diff(model.decode(latents, tile_size=32), model.decode(latents)) <= TOL
 
 
 def test_taef2_real_weights_staged_plan(taef2):
@@ -43,7 +45,7 @@ def test_taef2_real_weights_staged_plan(taef2):
         assert [tiled for *_, tiled in stages].count(False) == 1 and len(stages) == 3
     image = photo("astronaut", 264)[None][..., :264, :200]
     latents = taef2.encode(image)
-    assert max_diff(taef2.encode(image, tile_size=6), latents) <= TOL
+    assert max_diff(taef2.encode(image, tile_size=(17, 13)), latents) <= TOL
     assert max_diff(taef2.decode(latents, tile_size=(5, 7)), taef2.decode(latents)) <= TOL
 
 
