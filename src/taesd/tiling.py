@@ -402,7 +402,7 @@ def _uses_modules(model) -> bool:
     return "run_part" not in vars(model) and type(model).run_part is TAESD.run_part
 
 
-def _tiles(an: PartAnalysis, lat_h: int, lat_w: int, p: Plan, batch: int, desc: str):
+def _tiles(lat_h: int, lat_w: int, p: Plan, batch: int, desc: str):
     grid = [(rh, rw, b0) for rh in splits(lat_h, p.tile[0]) for rw in splits(lat_w, p.tile[1])
             for b0 in range(0, batch, p.batch_chunk)]
     return tqdm(grid, desc=desc, unit="tile", leave=False, disable=len(grid) < 4 or None, dynamic_ncols=True)
@@ -425,7 +425,7 @@ def _run_stages(an: PartAnalysis, x: torch.Tensor, p: Plan) -> torch.Tensor:
             continue
         out = _empty_output(an, stop, x, lat_h, lat_w)
         fo = an.per_latent[stop]
-        for (h0, h1), (w0, w1), b0 in _tiles(an, lat_h, lat_w, p, x.shape[0], f"tiles {start}-{stop}"):
+        for (h0, h1), (w0, w1), b0 in _tiles(lat_h, lat_w, p, x.shape[0], f"tiles {start}-{stop}"):
             b1 = b0 + p.batch_chunk
             sh = an.needed(start, stop, h0 * fo, h1 * fo, lat_h)
             sw = an.needed(start, stop, w0 * fo, w1 * fo, lat_w)
@@ -453,7 +453,7 @@ def _run_part_tiles(model, part: str, an: PartAnalysis, x: torch.Tensor, p: Plan
     lat_h, lat_w = x.shape[-2] // f0, x.shape[-1] // f0
     out = _empty_output(an, n, x, lat_h, lat_w)
     fo = an.per_latent[n]
-    for (h0, h1), (w0, w1), b0 in _tiles(an, lat_h, lat_w, p, x.shape[0], "tiles"):
+    for (h0, h1), (w0, w1), b0 in _tiles(lat_h, lat_w, p, x.shape[0], "tiles"):
         b1 = b0 + p.batch_chunk
         (ch0, ch1), (cw0, cw1) = an.needed(0, n, h0 * fo, h1 * fo, lat_h)[0], an.needed(0, n, w0 * fo, w1 * fo, lat_w)[0]
         y = model.run_part(part, x[b0:b1, :, ch0:ch1, cw0:cw1])
