@@ -187,15 +187,20 @@ class TAESD(nn.Module):
         executors and other backends replace this; tiling calls it per tile."""
         return self._require(part)(x)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
+        """``tile_size`` (latent pixels) / ``max_memory`` (bytes or "1GiB"): seam-exact tiling; with
+        neither, tiling switches on when the untiled pass would not fit (see taesd.tiling)."""
+        from .tiling import run
         self._require("encoder")
         with torch.inference_mode():
-            return self.run_part("encoder", self.prepare_images(images))
+            return run(self, "encoder", self.prepare_images(images), tile_size, max_memory)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
+        """Latents -> images in [0, 1]; tiling options as in ``encode``."""
+        from .tiling import run
         self._require("decoder")
         with torch.inference_mode():
-            return self.run_part("decoder", self.prepare_latents(latents)).clamp(0, 1)
+            return run(self, "decoder", self.prepare_latents(latents), tile_size, max_memory)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Round trip: encode then decode (differentiable, for training)."""

@@ -28,6 +28,19 @@ def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True)
                    help="inference engine (onnxruntime: --weights may be exported .onnx files)")
 
 
+def add_tiling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tiling (seam-exact: same result as untiled, bounded memory)")
+    g.add_argument("--tile-size", type=int, metavar="N",
+                   help="tile side in latent pixels (e.g. 64); default: only when needed")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget for activations, e.g. 1GiB or 512MiB (picks the tile size)")
+
+
+def tiling_kwargs(args) -> dict:
+    """The tiling keyword arguments of ``encode``/``decode`` from the parsed options."""
+    return {"tile_size": args.tile_size, "max_memory": args.max_memory}
+
+
 def open_model(args, parts):
     from ..loader import load
     weights = args.weights

@@ -5,7 +5,8 @@ from ..errors import TaesdError
 from ..files import LATENT_SUFFIXES, expand_inputs
 from ..images import crop_to, save_image
 from ..latents import load_latents
-from .common import add_model_options, command_parser, open_model, output_path, progress
+from .common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
+                     progress, tiling_kwargs)
 
 
 def add_parser(sub):
@@ -16,6 +17,7 @@ def add_parser(sub):
     p.add_argument("inputs", nargs="+", help="latent files or folders")
     p.add_argument("-o", "--output", help="output image file (one input) or folder (default: beside each input)")
     add_model_options(p, variant_required=False)
+    add_tiling_options(p)
     p.set_defaults(run=run)
 
 
@@ -28,7 +30,7 @@ def run(args) -> int:
     args.variant = variants.pop()
     model = open_model(args, "decoder")
     for src, (latents, v, size) in progress(list(zip(files, loaded)), "decode"):
-        images = model.decode(latents)
+        images = model.decode(latents, **tiling_kwargs(args))
         for i, image in enumerate(images):
             suffix = ".decoded.png" if len(images) == 1 else f".{i}.decoded.png"
             dst = output_path(args.output, src, suffix, len(files) == 1 and len(images) == 1)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..files import IMAGE_SUFFIXES, expand_inputs
 from ..images import load_image, pad_to_multiple
 from ..latents import save_latents
-from .common import add_model_options, command_parser, open_model, output_path, progress
+from .common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
+                     progress, tiling_kwargs)
 
 
 def add_parser(sub):
@@ -18,6 +19,7 @@ def add_parser(sub):
     p.add_argument("--format", choices=["safetensors", "png"], default="safetensors",
                    help="latent file format (default: safetensors)")
     add_model_options(p)
+    add_tiling_options(p)
     p.set_defaults(run=run)
 
 
@@ -27,7 +29,7 @@ def run(args) -> int:
     v = model.variant
     for src in progress(files, "encode"):
         image, size = pad_to_multiple(load_image(src, v.image_channels), v.downscale)
-        latents = model.encode(image[None])
+        latents = model.encode(image[None], **tiling_kwargs(args))
         dst = output_path(args.output, src, f".{v.name}.{args.format}", len(files) == 1)
         save_latents(dst, latents if args.format == "safetensors" else latents[0], v, size)
         if len(files) == 1:

@@ -5,7 +5,8 @@ from ..files import IMAGE_SUFFIXES, expand_inputs
 from ..images import crop_to, load_image, pad_to_multiple, save_image
 from ..latents import dequantize, quantize
 from ..metrics import psnr, ssim
-from .common import add_model_options, command_parser, open_model, output_path, progress
+from .common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
+                     progress, tiling_kwargs)
 
 
 def add_parser(sub):
@@ -19,6 +20,7 @@ def add_parser(sub):
     p.add_argument("--latents", choices=["exact", "png"], default="exact",
                    help="keep latents exact, or quantize them to 8 bits like a latent PNG")
     add_model_options(p)
+    add_tiling_options(p)
     p.set_defaults(run=run)
 
 
@@ -31,10 +33,10 @@ def run(args) -> int:
     for src in bar:
         original = load_image(src, v.image_channels)
         padded, size = pad_to_multiple(original, v.downscale)
-        latents = model.encode(padded[None])
+        latents = model.encode(padded[None], **tiling_kwargs(args))
         if args.latents == "png":
             latents = dequantize(quantize(latents))
-        decoded = crop_to(model.decode(latents), size).float().cpu()
+        decoded = crop_to(model.decode(latents, **tiling_kwargs(args)), size).float().cpu()
         dst = output_path(args.output, src, f".{v.name}.roundtrip.png", len(files) == 1)
         save_image(decoded[0], dst)
         p, s = psnr(decoded, original[None]).item(), ssim(decoded, original[None]).item()

@@ -1,0 +1,154 @@
+"""Seam-exact tiling: tiled encode/decode equals the untiled pass, for every variant."""
+import numpy as np
+import pytest
+import torch
+
+import taesd
+from taesd.cli import main
+from taesd.errors import TaesdError
+from taesd.tiling import analyse, parse_bytes, plan, splits
+from conftest import photo
+
+TOL = 1e-5
+# Odd latent sizes, several tiles per side; f32/f16 images are 4x/2x larger per latent pixel.
+SIZES = {8: (13, 19), 16: (9, 11), 32: (5, 7)}
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("variant", list(taesd.VARIANTS))
+def test_tiled_equals_untiled_fresh_weights(variant):
+    model = taesd.create(variant, seed=0)
+    v = model.variant
+    h, w = SIZES[v.downscale]
+    latents = torch.randn(2, v.latent_channels, h, w)
+    images = torch.rand(2, v.image_channels, h * v.downscale, w * v.downscale)
+    # Tiles much smaller than the image and than the receptive field (decoder: 19 latent pixels;
+    # encoder: 24). Encoder tiles stay at 2 x 2: each re-reads its whole margin at full resolution.
+    assert max_diff(model.decode(latents, tile_size=(3, 4)), model.decode(latents)) <= TOL
+    tile = (-(-h // 2), -(-w // 2))
+    assert max_diff(model.encode(images, tile_size=tile), model.encode(images)) <= TOL
+
+
+def test_large_odd_latents_small_tiles():
+    model = taesd.create("taesd", seed=0, parts="decoder")
+    latents = torch.randn(1, 4, 97, 131)
+    assert max_diff(model.decode(latents, tile_size=32), model.decode(latents)) <= TOL
+
+
+def test_taef2_real_weights_staged_plan(taef2):
+    # GroupNorm in the pool branch is global: its stage runs whole, the rest tiled.
+    for part in ("encoder", "decoder"):
+        stages = analyse(taef2, part).stages()
+        assert [tiled for *_, tiled in stages].count(False) == 1 and len(stages) == 3
+    image = photo("astronaut", 264)[None][..., :264, :200]
+    latents = taef2.encode(image)
+    assert max_diff(taef2.encode(image, tile_size=(17, 13)), latents) <= TOL
+    assert max_diff(taef2.decode(latents, tile_size=(5, 7)), taef2.decode(latents)) <= TOL
+
+
+def test_margin_is_the_true_receptive_field():
+    """Perturbing a latent exactly one pixel beyond the computed margin leaves an output latent
+    pixel's image region unchanged; perturbing at the margin changes it."""
+    model = taesd.create("taesd", seed=0, parts="decoder")
+    lo, hi = analyse(model, "decoder").margin()
+    latents = torch.randn(1, 4, 4, 2 * (lo + hi) + 8)
+    col = lo + 3
+    base = model.decode(latents)[..., col * 8:(col + 1) * 8]
+
+    def changed(at: int) -> bool:
+        z = latents.clone()
+        z[..., at] += 5
+        return max_diff(model.decode(z)[..., col * 8:(col + 1) * 8], base) > 0
+
+    assert changed(col - lo) and changed(col + hi)
+    assert not changed(col - lo - 1) and not changed(col + hi + 1)
+
+
+class CountingBackend(taesd.TAESD):
+    """A stand-in for another backend: overrides run_part, records what it was asked to run."""
+
+    def __init__(self, variant):
+        super().__init__(variant)
+        self.calls = []
+
+    def run_part(self, part, x):
+        self.calls.append(tuple(x.shape))
+        return super().run_part(part, x)
+
+
+def test_other_backends_tile_through_run_part_and_batches_are_not_redone():
+    model = CountingBackend("taesd3")
+    model.load_state_dict(taesd.create("taesd3", seed=3).state_dict())
+    model.eval()
+    latents = torch.randn(3, 16, 11, 14)
+    reference = model.decode(latents)
+    model.calls.clear()
+    tiled = model.decode(latents, tile_size=5)
+    assert max_diff(tiled, reference) <= TOL
+    n_tiles = len(splits(11, 5)) * len(splits(14, 5))
+    assert len(model.calls) == n_tiles and all(c[0] == 3 for c in model.calls)  # whole batch per tile
+
+
+def test_budget_picks_tiles_and_batch_chunks_within_it():
+    model = taesd.create("taef1", seed=0, parts="decoder")
+    an = analyse(model, "decoder")
+    budget = 64 * 2**20
+    p = plan(an, 4, 40, 60, 4, 3, max_memory=budget)
+    assert p.tiled and p.estimate <= budget and p.tile[0] < 40
+    untiled = plan(an, 4, 40, 60, 4, 3)
+    assert untiled.estimate > budget
+    tight = plan(an, 4, 40, 60, 4, 3, max_memory=24 * 2**20)
+    assert tight.batch_chunk < 4 and tight.estimate <= 24 * 2**20
+    latents = torch.randn(2, 16, 13, 17)
+    assert max_diff(model.decode(latents, max_memory="6MiB"), model.decode(latents)) <= TOL
+
+
+def test_tiling_switches_on_by_itself_when_untiled_would_not_fit():
+    an = analyse(taesd.create("taesd", seed=0, parts="decoder"), "decoder")
+    need = plan(an, 1, 64, 64, 4, 3).estimate
+    assert not plan(an, 1, 64, 64, 4, 3, available=need + 1).tiled
+    auto = plan(an, 1, 64, 64, 4, 3, available=need // 2)
+    assert auto.tiled and auto.estimate <= need // 2
+
+
+def test_parse_bytes():
+    assert parse_bytes("1GiB") == 2**30
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("2GB") == 2 * 10**9
+    assert parse_bytes("1.5g") == 1.5e9
+    assert parse_bytes(4096) == 4096
+    for bad in ("lots", "-1GiB", "1 parsec", 0):
+        with pytest.raises(TaesdError):
+            parse_bytes(bad)
+    with pytest.raises(TaesdError, match="tile size"):
+        taesd.create("taesd", parts="decoder").decode(torch.zeros(1, 4, 8, 8), tile_size=0)
+
+
+def test_cli_tiled_decode_matches_untiled(tmp_path, weights, capsys):
+    latents = torch.randn(1, 32, 11, 9)
+    src = tmp_path / "z.taef2.safetensors"
+    taesd.save_latents(src, latents, "taef2")
+    args = ["decode", str(src), "--weights", str(weights)]
+    assert main(args + ["-o", str(tmp_path / "whole.png")]) == 0
+    assert main(args + ["-o", str(tmp_path / "tiled.png"), "--tile-size", "4"]) == 0
+    assert main(args + ["-o", str(tmp_path / "budget.png"), "--max-memory", "4MiB"]) == 0
+    whole = taesd.load_image(tmp_path / "whole.png")
+    for name in ("tiled.png", "budget.png"):
+        assert np.array_equal(taesd.load_image(tmp_path / name).numpy(), whole.numpy())
+    assert main(args + ["--max-memory", "a lot"]) == 2
+    assert "memory size" in capsys.readouterr().err
+
+
+def test_cli_roundtrip_and_encode_accept_tiling(tmp_path, weights, capsys):
+    src = tmp_path / "cat.png"
+    taesd.save_image(photo("chelsea", 96), src)
+    common = ["--variant", "taef2", "--weights", str(weights)]
+    assert main(["roundtrip", str(src), *common, "--tile-size", "6", "-o", str(tmp_path / "rt.png")]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    assert main(["encode", str(src), *common, "--max-memory", "8MiB", "-o", str(tmp_path / "a.safetensors")]) == 0
+    assert main(["encode", str(src), *common, "-o", str(tmp_path / "b.safetensors")]) == 0
+    a, b = taesd.load_latents(tmp_path / "a.safetensors")[0], taesd.load_latents(tmp_path / "b.safetensors")[0]
+    assert max_diff(a, b) <= TOL
