@@ -63,6 +63,11 @@ def main() -> int:
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--steps", type=int, default=1400, help="optimizer steps")
     ap.add_argument("--minutes", type=float, default=12.5, help="training time limit (a safety net)")
+    ap.add_argument("--width", type=int, default=48, help="student width (taef2: 64)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy CPU)")
+    ap.add_argument("--decoder-target", choices=["teacher", "image"], default="teacher",
+                    help="what the student decoder learns to produce from taef2's latents: taef2's own "
+                         "decode (distillation; what the demo measures) or the real photo (the recipe)")
     ap.add_argument("--docs", action="store_true", help="copy the plot and sample grids to docs/img/")
     args = ap.parse_args()
     out = Path(args.out)
@@ -75,11 +80,11 @@ def main() -> int:
 
     cfg = TrainConfig(
         data=str(data), holdout=[str(holdout)], out=str(out / "run"), teacher="taef2",
-        student="custom", width=32, depth=1, steps=args.steps, time_limit=args.minutes * 60,
-        batch=8, crop=48, lr=2e-3, lr_decay="cosine", ema=0.98, decoder_target="image", cache_latents=True,
+        student="custom", width=args.width, depth=1, steps=args.steps, time_limit=args.minutes * 60,
+        batch=8, crop=48, lr=2e-3, lr_decay="cosine", ema=0.98, decoder_target=args.decoder_target, cache_latents=True,
         adv_weight=0.05, adv_loss="hinge", adv_start=args.steps - 300,
-        eval_crop=512, eval_every=100, log_every=10, ckpt_every=200,
-        cpu=True, threads=1, seed=0)
+        eval_crop=512, eval_every=200, log_every=10, ckpt_every=200,
+        cpu=True, threads=args.threads, seed=0)
     t0 = time.time()
     report = train(cfg)
     wall = time.time() - t0

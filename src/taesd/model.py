@@ -193,14 +193,15 @@ class TAESD(nn.Module):
         from .tiling import run
         self._require("encoder")
         with torch.inference_mode():
-            return run(self, "encoder", self.prepare_images(images), tile_size, max_memory)
+            # contiguous: the fast executor works channels_last; callers get the standard layout
+            return run(self, "encoder", self.prepare_images(images), tile_size, max_memory).contiguous()
 
     def decode(self, latents: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
         """Latents -> images in [0, 1]; tiling options as in ``encode``."""
         from .tiling import run
         self._require("decoder")
         with torch.inference_mode():
-            return run(self, "decoder", self.prepare_latents(latents), tile_size, max_memory)
+            return run(self, "decoder", self.prepare_latents(latents), tile_size, max_memory).contiguous()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Round trip: encode then decode (differentiable, for training)."""

@@ -31,11 +31,11 @@ class TaesdTeacher:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.run_part("encoder", self.model.prepare_images(images)).float()
+        return self.model.run_part("encoder", self.model.prepare_images(images)).float().contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.run_part("decoder", self.model.prepare_latents(latents)).clamp(0, 1).float()
+        return self.model.run_part("decoder", self.model.prepare_latents(latents)).clamp(0, 1).float().contiguous()
 
 
 class DiffusersTeacher:
