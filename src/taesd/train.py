@@ -277,6 +277,8 @@ def train(cfg: TrainConfig, callback=None) -> dict:
         raise TaesdError(f"lr_decay must be none or cosine, not {cfg.lr_decay!r}")
     if cfg.adv_loss not in ("hinge", "lsgan"):
         raise TaesdError(f"adv_loss must be hinge or lsgan, not {cfg.adv_loss!r}")
+    from .files import IMAGE_SUFFIXES, expand_inputs
+    expand_inputs([cfg.data], IMAGE_SUFFIXES, "image")  # fail before creating the run folder
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
