@@ -14,3 +14,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[all]"
   touch "$stamp"
 fi
+# Compile the Winograd convolution kernel now rather than on first use (~1 s; skipped with a note
+# when there is no C++ compiler: the direct convolution is used then).
+.venv/bin/python -m taesd.winograd

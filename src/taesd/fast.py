@@ -33,6 +33,7 @@ import sys
 import torch
 import torch.nn as nn
 
+from . import winograd
 from .model import TAESD, Block
 
 ALLOCATOR_ENV = "TAESD_MALLOPT"
@@ -80,7 +81,7 @@ def _weight_key(w: torch.Tensor) -> tuple:
     return w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype
 
 
-PACK_CACHE = ("_packed", "_pack_key", "_up_packed", "_up_bias", "_up_key")
+PACK_CACHE = ("_packed", "_pack_key", "_up_packed", "_up_bias", "_up_key", "_wino_U", "_wino_key")
 
 
 class FastConv2d(nn.Conv2d):
@@ -110,6 +111,19 @@ class FastConv2d(nn.Conv2d):
             self.__dict__["_up_key"] = key
         return self.__dict__["_up_packed"]
 
+    def winograd_weight(self, m: int) -> torch.Tensor:
+        """The weight transformed for Winograd F(m x m, 3x3), kept until the weight changes."""
+        key = (*_weight_key(self.weight), m)
+        if self.__dict__.get("_wino_key") != key:
+            self.__dict__["_wino_U"] = winograd.transform_weight(self.weight, m)
+            self.__dict__["_wino_key"] = key
+        return self.__dict__["_wino_U"]
+
+    def winograd_tile(self, x: torch.Tensor) -> int:
+        """The Winograd tile size m to run this call with, 0 for oneDNN's direct convolution."""
+        m = getattr(self, "winograd", 0)
+        return m if m and winograd.supports(self, x) and winograd.available() else 0
+
     def __getstate__(self):  # copies and pickles carry no packed (oneDNN-only) tensor
         state = super().__getstate__()
         for k in PACK_CACHE:
@@ -119,19 +133,28 @@ class FastConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_available(x, self):
             return super().forward(x)
+        m = self.winograd_tile(x)
+        if m:
+            return winograd.conv3x3(x, self.winograd_weight(m), self.bias, m)
         return torch.ops.mkldnn._convolution_pointwise(
             x.contiguous(memory_format=torch.channels_last), self.packed_weight(x), self.bias,
             *_conv_args(self), "none", [], None)
 
 
 def conv_relu(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(conv(x)) in one oneDNN kernel."""
+    """relu(conv(x)) in one kernel (Winograd where the conv has a tile size, else oneDNN)."""
+    m = conv.winograd_tile(x)
+    if m:
+        return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, relu=True)
     return torch.ops.mkldnn._convolution_pointwise(x, conv.packed_weight(x), conv.bias, *_conv_args(conv),
                                                    "relu", [], None)
 
 
 def conv_add_relu(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """relu(conv(x) + other) in one oneDNN kernel (the residual block's end); ``other`` is only read."""
+    """relu(conv(x) + other) in one kernel (the residual block's end); ``other`` is only read."""
+    m = conv.winograd_tile(x)
+    if m:
+        return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, residual=other, relu=True)
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, other, conv.packed_weight(x), conv.bias, *_conv_args(conv), "add", None, "relu", [], None)
 
@@ -229,6 +252,13 @@ class FastSequential(nn.Sequential):
     plain layer)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.shape[0] > 1 and fused_available(x, self):
+            # One image at a time: a batch's activations are N times bigger and fall out of cache;
+            # per image, batch throughput matches batch 1 (every layer here is per-sample).
+            return torch.cat([self._forward(x[i:i + 1]) for i in range(x.shape[0])])
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self)
         i = 0
         while i < len(layers):
@@ -244,9 +274,15 @@ class FastSequential(nn.Sequential):
 
 # ---------------------------------------------------------------- transforming a model
 
-def make_fast(model: TAESD, allocator: bool = True) -> TAESD:
+# Winograd tile size per part (0: direct convolution). The encoder's latents amplify rounding, so it
+# gets the more exact F(2x2,3x3); decoded pixels tolerate F(4x4,3x3) (taesd.winograd, measured).
+WINOGRAD_TILES = {"encoder": 2, "decoder": 4}
+
+
+def make_fast(model: TAESD, allocator: bool = True, use_winograd: bool = True) -> TAESD:
     """Transform ``model`` in place for fast inference and return it (see the module docstring).
-    Exact in fp32. ``allocator=False`` leaves the process allocator alone."""
+    ``allocator=False`` leaves the process allocator alone; ``use_winograd=False`` keeps every
+    convolution direct (bit-identical to the plain network in fp32)."""
     if allocator and model.device.type == "cpu":
         tune_allocator()
     for part in model.parts:
@@ -259,6 +295,8 @@ def make_fast(model: TAESD, allocator: bool = True) -> TAESD:
                 sub.__class__ = FastBlock
             elif type(sub) is nn.Conv2d:
                 sub.__class__ = FastConv2d
+            if type(sub) is FastConv2d:
+                sub.winograd = WINOGRAD_TILES.get(part, 0) if use_winograd else 0
     model.fast = True
     return model
 
@@ -280,6 +318,7 @@ def _unfuse(module: nn.Module) -> None:
         elif type(sub) is FastConv2d:
             for k in PACK_CACHE:
                 sub.__dict__.pop(k, None)
+            sub.__dict__.pop("winograd", None)
             sub.__class__ = nn.Conv2d
         elif type(sub) is FastSequential:
             sub.__class__ = nn.Sequential

@@ -1,0 +1,194 @@
+"""Winograd convolution for the 3x3 layers: fewer multiplies than direct convolution.
+
+A 3x3, stride-1 convolution computed tile by tile as ``A^T [(G g G^T) * (B^T d B)] A`` needs
+(m+2)^2 instead of 9 m^2 multiply-adds per m x m output tile and channel pair: 2.25x fewer for
+F(2x2,3x3), 4x fewer for F(4x4,3x3). TAESD spends ~95% of its FLOPs in 64->64 3x3 convolutions, so
+this is the one way below the direct-convolution floor on a CPU (docs/performance.md).
+
+The kernel is ``_winograd.cpp`` (AVX2/FMA, fused bias + residual + ReLU), compiled on first use
+with the machine's C++ compiler into ``$TAESD_CACHE_DIR`` (default ``~/.cache/taesd``) and called
+through ctypes; nothing is compiled at install time and nothing needs PyTorch headers. Without a
+compiler, off x86-64, or with ``TAESD_WINOGRAD=0``, the fast executor uses oneDNN's direct
+convolution instead.
+
+Accuracy, fp32 (measured on taef2's real weights and photos, tests/test_winograd.py): F(4x4) in the
+decoder changes decoded pixels by <= 1e-5; the encoder uses the more exact F(2x2) because its
+latents amplify rounding (plain eager fp32 is itself up to 1.2e-4 off a float64 reference there).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+ENV_SWITCH = "TAESD_WINOGRAD"
+ENV_CACHE = "TAESD_CACHE_DIR"
+SOURCE = Path(__file__).with_name("_winograd.cpp")
+TILES = (2, 4)
+# Below this many output pixels per image the direct convolution is as fast and exact.
+MIN_PIXELS = 48 * 48
+
+# Winograd weight transforms G (Lavin & Gray 2015), applied in float64 before rounding to fp32.
+_G = {
+    2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+    4: [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+}
+
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "taesd")
+    return Path(base)
+
+
+def _cpu_signature() -> str:
+    """-march=native code must not run on another CPU: key the build on the CPU's flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode()).hexdigest()[:16]
+    return cache_dir() / f"winograd-{platform.machine()}-{key}.so"
+
+
+def _compiler() -> str | None:
+    for cxx in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cxx and shutil.which(cxx):
+            return cxx
+    return None
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernel into the cache (atomic: a temp file renamed into place). Raises
+    RuntimeError with the reason when it cannot."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"the Winograd kernel needs x86-64 with AVX2 (this is {platform.machine()})")
+    if "avx2" not in _cpu_signature() or "fma" not in _cpu_signature():
+        raise RuntimeError("the Winograd kernel needs a CPU with AVX2 and FMA")
+    out = library_path()
+    if out.exists() and not force:
+        return out
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-march=native", "-mavx2", "-mfma", "-std=c++17", "-fPIC", "-shared",
+           "-pthread", str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, building it on first use; None (with ``load_error()`` saying why) when
+    it cannot be built or is switched off."""
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _lib_error is not None:
+            return _lib
+        try:
+            lib = ctypes.CDLL(str(build()))
+            fn = lib.taesd_winograd_conv
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _lib = lib
+        except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
+            _lib_error = str(e)
+    return _lib
+
+
+def load_error() -> str | None:
+    return _lib_error
+
+
+def available() -> bool:
+    return enabled() and library() is not None
+
+
+def transform_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """(O, I, 3, 3) -> U ((m+2)^2, I, O) fp32: G g G^T per channel pair, computed in float64."""
+    G = torch.tensor(_G[m], dtype=torch.float64)
+    a = m + 2
+    u = torch.einsum("ky,oiyx,lx->klio", G, weight.detach().to("cpu", torch.float64), G)
+    return u.reshape(a * a, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+
+
+def supports(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """This layer and input can run the kernel: fp32 CPU, 3x3 stride 1 padding 1, channels in
+    multiples of 8 (in) and 16 (out), and a map big enough to be worth it."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.in_channels % 8 == 0 and conv.out_channels % 16 == 0
+            and x.shape[2] * x.shape[3] >= MIN_PIXELS)
+
+
+def conv3x3(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int,
+            residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """act(conv3x3(x) + bias + residual) with transformed weights ``U`` (``transform_weight``).
+    x and residual are NCHW tensors; they are made channels_last-contiguous (a no-op in the fast
+    executor); the result is channels_last."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the Winograd kernel is not available: {load_error()}")
+    n, ci, h, w = x.shape
+    co = U.shape[2]
+    if U.shape != ((m + 2) ** 2, ci, co):
+        raise ValueError(f"transformed weight {tuple(U.shape)} does not fit F({m}x{m},3x3) with {ci} input channels")
+    x = x.contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+        if residual.shape != (n, co, h, w) or residual.dtype != torch.float32:
+            raise ValueError(f"residual {tuple(residual.shape)} does not match the output {(n, co, h, w)}")
+    if bias is not None:
+        bias = bias.detach().contiguous()
+    y = torch.empty((n, co, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    rc = lib.taesd_winograd_conv(
+        x.data_ptr(), n, h, w, ci, U.data_ptr(), co, None if bias is None else bias.data_ptr(),
+        None if residual is None else residual.data_ptr(), int(relu), y.data_ptr(), m,
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the Winograd kernel refused the call (code {rc})")
+    return y
+
+
+if __name__ == "__main__":   # python -m taesd.winograd: build now, say where (set-up runs this)
+    try:
+        print(f"Winograd kernel: {build()}")
+    except RuntimeError as e:
+        print(f"Winograd kernel not built ({e}); the direct convolution will be used")
