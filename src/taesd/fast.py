@@ -246,29 +246,50 @@ def _fuses_upsample(up: nn.Module, conv: nn.Module) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
+# Per-image activations at least this big run image by image (a batch of them would not stay in
+# cache); smaller ones (the low-resolution stages) run as one batch, which keeps 2+ cores busy.
+PER_IMAGE_BYTES = int(os.environ.get("TAESD_PER_IMAGE_BYTES", 16 << 20))
+
+
 class FastSequential(nn.Sequential):
-    """``nn.Sequential`` that runs an Upsample followed by its 3x3 conv as ``upsample_conv``.
-    Indexing and slicing behave as before (a slice is a FastSequential; a layer run alone is the
-    plain layer)."""
+    """``nn.Sequential`` that runs an Upsample followed by its 3x3 conv as ``upsample_conv``, and
+    a batch's high-resolution layers one image at a time. Indexing and slicing behave as before (a
+    slice is a FastSequential; a layer run alone is the plain layer)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.shape[0] > 1 and fused_available(x, self):
-            # One image at a time: a batch's activations are N times bigger and fall out of cache;
-            # per image, batch throughput matches batch 1 (every layer here is per-sample).
-            return torch.cat([self._forward(x[i:i + 1]) for i in range(x.shape[0])])
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = list(self)
-        i = 0
+    def _steps(self, x: torch.Tensor) -> list:
+        layers, steps, i = list(self), [], 0
         while i < len(layers):
             if i + 1 < len(layers) and _fuses_upsample(layers[i], layers[i + 1]) \
                     and fused_available(x, layers[i + 1]):
-                x = upsample_conv(layers[i + 1], x)
+                steps.append(lambda h, conv=layers[i + 1]: upsample_conv(conv, h))
                 i += 2
+            else:
+                steps.append(layers[i])
+                i += 1
+        return steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = self._steps(x)
+        n = x.shape[0] if x.dim() == 4 else 1
+        if n == 1 or not fused_available(x, self):
+            for step in steps:
+                x = step(x)
+            return x
+        # Every layer here is per-sample (GroupNorm included), so splitting the batch is exact.
+        i = 0
+        while i < len(steps):
+            if x[:1].nbytes < PER_IMAGE_BYTES:
+                x = steps[i](x)
+                i += 1
                 continue
-            x = layers[i](x)
-            i += 1
+            outs, end = [], i
+            for k in range(n):   # a run of big layers, image by image, until the maps are small again
+                h, end = x[k:k + 1], i
+                while end < len(steps) and (end == i or h.nbytes >= PER_IMAGE_BYTES):
+                    h = steps[end](h)
+                    end += 1
+                outs.append(h)
+            x, i = torch.cat(outs), end
         return x
 
 

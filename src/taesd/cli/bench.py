@@ -9,7 +9,7 @@ from tqdm import tqdm
 from ..errors import TaesdError
 from .common import command_parser
 
-DEFAULT_COMPETITORS = ["taesd", "taesd-bf16", "plain", "diffusers", "onnxruntime", "sd-vae"]
+DEFAULT_COMPETITORS = ["taesd", "taesd-direct", "taesd-bf16", "plain", "diffusers", "onnxruntime", "sd-vae"]
 
 
 def default_competitors() -> list[str]:

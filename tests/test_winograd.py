@@ -1,0 +1,149 @@
+"""The Winograd convolution kernel (taesd.winograd): against PyTorch's convolution, inside the fast
+executor on the published taef2 weights, its switch and its fallback."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import taesd
+from taesd import winograd
+from taesd.fast import FastConv2d, make_fast
+from taesd.model import create
+
+from conftest import photo
+
+pytestmark = pytest.mark.skipif(not winograd.available(),
+                                reason=f"Winograd kernel not built here: {winograd.load_error()}")
+
+
+def reference(x, weight, bias, residual=None, relu=False):
+    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+    if residual is not None:
+        y = y + residual.double()
+    return y.relu() if relu else y
+
+
+@pytest.mark.parametrize("m", winograd.TILES)
+@pytest.mark.parametrize("shape", [(1, 64, 64, 64, 64), (2, 32, 37, 53, 48), (3, 8, 50, 9, 16)])
+def test_kernel_matches_convolution(m, shape):
+    """Odd sizes (partial tiles at the right and bottom edges), batches (tiles numbered across
+    images), channel counts other than 64, with and without bias, residual and ReLU."""
+    n, ci, h, w, co = shape
+    x = torch.randn(n, ci, h, w)
+    weight = torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5)
+    bias = torch.randn(co)
+    res = torch.randn(n, co, h, w)
+    U = winograd.transform_weight(weight, m)
+    for b, r, relu in ((bias, None, False), (None, None, True), (bias, res, True), (None, res, False)):
+        y = winograd.conv3x3(x, U, b, m, residual=r, relu=relu)
+        ref = reference(x, weight, b, r, relu)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        tol = 2e-5 if m == 2 else 1e-4     # F(4x4) rounds more: its transforms scale by up to 8
+        assert (y.double() - ref).abs().max().item() < tol * ref.abs().max().item()
+    # the output is really a function of the input: a change in one pixel moves its 3x3 neighbourhood
+    x2 = x.clone()
+    x2[0, :, h // 2, w // 2] += 1
+    diff = (winograd.conv3x3(x2, U, bias, m) - winograd.conv3x3(x, U, bias, m)).abs().sum(1)[0]
+    assert diff[h // 2 - 1:h // 2 + 2, w // 2 - 1:w // 2 + 2].min() > 1e-2
+    diff[h // 2 - 1:h // 2 + 2, w // 2 - 1:w // 2 + 2] = 0
+    assert diff.max() < 1e-3          # elsewhere in the same tiles: rounding only
+    diff[max(0, h // 2 - m):h // 2 + m + 1, max(0, w // 2 - m):w // 2 + m + 1] = 0
+    assert diff.max() == 0            # other tiles: untouched
+
+
+def test_kernel_rejects_shapes_it_cannot_run():
+    U = winograd.transform_weight(torch.randn(64, 64, 3, 3), 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        winograd.conv3x3(torch.randn(1, 32, 16, 16), U, None, 4)
+    with pytest.raises(ValueError, match="residual"):
+        winograd.conv3x3(torch.randn(1, 64, 16, 16), U, None, 4, residual=torch.randn(1, 64, 8, 8))
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    assert winograd.supports(conv, torch.zeros(1, 64, 64, 64))
+    assert not winograd.supports(conv, torch.zeros(1, 64, 8, 8))              # small map: direct
+    assert not winograd.supports(conv, torch.zeros(1, 64, 64, 64, dtype=torch.bfloat16))
+    assert not winograd.supports(nn.Conv2d(64, 64, 3, padding=1, stride=2), torch.zeros(1, 64, 64, 64))
+    assert not winograd.supports(nn.Conv2d(3, 64, 3, padding=1), torch.zeros(1, 3, 64, 64))
+
+
+def test_transformed_weight_follows_weight_changes():
+    model = make_fast(create("taesd", parts=("decoder",)))
+    conv = model.decoder[3].conv[0]
+    assert type(conv) is FastConv2d and conv.winograd == 4
+    U1 = conv.winograd_weight(4)
+    assert conv.winograd_weight(4) is U1                        # cached
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    U2 = conv.winograd_weight(4)
+    assert torch.allclose(U2, 2 * U1)
+    state = copy.deepcopy(model.state_dict())
+    assert not any("wino" in k for k in state)                  # nothing new in the state_dict
+
+
+@pytest.fixture(scope="module")
+def taef2_models(weights):
+    plain = taesd.load("taef2", weights, device="cpu", fast=False)
+    return plain, taesd.load("taef2", weights, device="cpu"), copy.deepcopy(plain).double()
+
+
+def test_taef2_decode_within_1e4_of_plain_and_encode_as_exact_as_plain(taef2_models):
+    """Real weights, real photos. Decoded pixels (F(4x4)): within 1e-4 of the plain fp32 network.
+    Latents (F(2x2)): plain fp32 is itself ~1e-4 off a float64 evaluation on some photos, so the
+    bar is the float64 result: ours may not be further from it than plain fp32 is (+ 1e-5)."""
+    plain, fast, exact = taef2_models
+    x = torch.stack([photo("astronaut", 256), photo("chelsea", 256)])
+    z, zf, z64 = plain.encode(x), fast.encode(x), exact.encode(x.double())
+    assert fast.encoder[1].conv[0].winograd_tile(torch.zeros(1, 64, 256, 256)) == 2
+    plain_err = (z.double() - z64).abs().max().item()
+    assert (zf.double() - z64).abs().max().item() <= 1.25 * plain_err + 1e-5
+    assert (zf - z).abs().max().item() < 1e-4
+    assert (fast.decode(z) - plain.decode(z)).abs().max().item() < 1e-4
+
+
+def test_switch_off_gives_the_direct_path_bit_exact(taef2_models, monkeypatch):
+    plain, fast, _ = taef2_models
+    z = torch.randn(1, 32, 24, 24)
+    with_wino = fast.decode(z)
+    monkeypatch.setenv(winograd.ENV_SWITCH, "0")
+    assert not winograd.available()
+    direct = fast.decode(z)
+    assert not torch.equal(direct, with_wino)          # the kernel really ran before
+    assert (direct - plain.decode(z)).abs().max().item() < 1e-5   # oneDNN, same sums as plain
+    no_wino = make_fast(create("taef2"), use_winograd=False)
+    assert all(getattr(m, "winograd", 0) == 0 for m in no_wino.modules())
+
+
+@pytest.mark.parametrize("per_image_bytes", [1, 64 * 32 * 32 * 4, 1 << 40])
+def test_batches_split_per_image_give_the_same_result(per_image_bytes, monkeypatch):
+    """Big maps run image by image, small ones batched (fast.PER_IMAGE_BYTES); any split is exact."""
+    from taesd import fast
+    monkeypatch.setattr(fast, "PER_IMAGE_BYTES", per_image_bytes)
+    model = make_fast(create("taef2"))      # GroupNorm in the pool branch: per-sample statistics
+    z = torch.randn(3, 32, 8, 8)
+    x = torch.rand(3, 3, 128, 128)
+    for run, inp in ((model.decode, z), (model.encode, x)):
+        batch = run(inp)
+        single = torch.cat([run(inp[i:i + 1]) for i in range(3)])
+        assert (batch - single).abs().max().item() < 1e-5
+
+
+def test_missing_compiler_falls_back_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv(winograd.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(winograd, "_compiler", lambda: None)
+    monkeypatch.setattr(winograd, "_lib", None)
+    monkeypatch.setattr(winograd, "_lib_error", None)
+    assert winograd.library() is None and not winograd.available()
+    assert "no C++ compiler" in winograd.load_error()
+    model = make_fast(create("taesd", parts=("decoder",)))
+    assert model.decode(torch.randn(1, 4, 16, 16)).shape == (1, 3, 128, 128)   # direct path
+    assert not list(tmp_path.iterdir())                                        # no half-built file
+
+
+def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv(winograd.ENV_CACHE, str(tmp_path))
+    path = winograd.build()
+    assert path.parent == tmp_path and path.stat().st_size > 0
+    mtime = path.stat().st_mtime_ns
+    assert winograd.build() == path and path.stat().st_mtime_ns == mtime     # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]               # no temp files left
