@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,8 +48,8 @@ def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=
       read from its tensor shapes.
     parts: "encoder", "decoder" or both (default: both, or what a single given file holds).
     revision: hub revision to pin (the published files were replaced in place between versions).
-    fast: run the fast executor (taesd.fast: channels_last, fused oneDNN kernels, glibc allocator
-      setting; exact in fp32). False gives the plain published modules.
+    fast: run the fast executor (taesd.fast: Winograd 3x3 convolutions, channels_last, fused oneDNN
+      kernels, glibc allocator setting; docs/performance.md). False gives the plain published modules.
     compile: opt-in torch.compile of each part (first call per shape compiles).
     backend: "torch", or "onnxruntime" (chosen by itself when weights are exported .onnx files).
     """
@@ -94,6 +95,11 @@ def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=
         from .fast import compile_model
         return compile_model(model)
     if fast:
-        from .fast import make_fast
+        from .fast import fused_available, make_fast
+        if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16) \
+                and not fused_available(torch.zeros(1, dtype=model.dtype)):
+            warnings.warn(f"{str(model.dtype).removeprefix('torch.')} has no native kernels on this CPU (it needs "
+                          "AVX-512 BF16/FP16, AMX or AVX-NE-CONVERT) and runs emulated, slower than the fp32 default",
+                          stacklevel=2)
         return make_fast(model)
     return model
