@@ -19,8 +19,14 @@ does, each measured (docs/performance.md):
   ReLU run as single oneDNN kernels (``mkldnn._convolution_pointwise``): three fewer passes over
   memory per block. Blocks keep their class layout (``conv``/``skip``/``fuse``/``pool``), so
   ``state_dict`` keys, Sequential indices and layer slices (tiling) are unchanged.
+- Winograd: 3x3 stride-1 convolutions on maps of 48x48 px and more run as Winograd F(2x2,3x3)
+  (encoder) or F(4x4,3x3) (decoder) in our own kernel (``taesd.winograd``): 2.25x / 4x fewer
+  multiplies, bias + residual + ReLU fused. Decoded pixels stay within ~1e-5 of the plain network,
+  latents as close to a float64 evaluation as plain fp32's (docs/performance.md). ``TAESD_WINOGRAD=0``
+  or ``make_fast(model, use_winograd=False)`` keeps every convolution direct.
+- batches: big maps run image by image, small ones batched (``PER_IMAGE_BYTES``); exact.
 
-Everything stays exact in fp32 (the same oneDNN convolutions; sums in the same order). Where the
+Without Winograd everything stays exact in fp32 (the same oneDNN convolutions). Where the
 fused kernels do not apply (a GPU, autograd, a dtype this CPU has no fused kernel for) a block runs
 its plain forward.
 """
