@@ -53,6 +53,19 @@ def test_kernel_matches_convolution(m, shape):
     assert diff.max() == 0            # other tiles: untouched
 
 
+@pytest.mark.parametrize("m", winograd.TILES)
+def test_kernel_reads_the_input_upsampled_on_the_fly(m):
+    """upsample=True convolves the nearest 2x upsampling of x (the decoder's Upsample + conv)
+    without making it; odd small sizes give partial tiles."""
+    x = torch.randn(2, 64, 37, 29)
+    weight = torch.randn(48, 64, 3, 3) / 24
+    bias = torch.randn(48)
+    y = winograd.conv3x3(x, winograd.transform_weight(weight, m), bias, m, upsample=True, relu=True)
+    ref = reference(F.interpolate(x, scale_factor=2), weight, bias, relu=True)
+    assert y.shape == (2, 48, 74, 58)
+    assert (y.double() - ref).abs().max().item() < (2e-5 if m == 2 else 1e-4) * ref.abs().max().item()
+
+
 def test_kernel_rejects_shapes_it_cannot_run():
     U = winograd.transform_weight(torch.randn(64, 64, 3, 3), 4)
     with pytest.raises(ValueError, match="does not fit"):

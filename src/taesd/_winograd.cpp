@@ -60,7 +60,7 @@ template <> struct Wino<4> {
 struct Job {
   const float *x, *U, *bias, *res;
   float* y;
-  int N, H, W, Ci, Co, relu, TH, TW;
+  int N, H, W, Ci, Co, relu, TH, TW, up;  // up: the input is H/2 x W/2, read nearest-upsampled
   long ntiles, nblocks;
   std::atomic<long> next;
 };
@@ -110,14 +110,15 @@ static void run_blocks(Job* job) {
       }
       long n = t / per_image, rc = t % per_image;
       int oy = (int)(rc / job->TW) * M - 1, ox = (int)(rc % job->TW) * M - 1;
-      const float* xn = job->x + n * (long)H * W * Ci;
+      const int up = job->up, Ws = W >> up;   // the stored input's width
+      const float* xn = job->x + n * ((long)H >> up) * Ws * Ci;
       for (int c = 0; c < Ci; c += 8) {
         for (int i = 0; i < A; ++i) {
           int yy = oy + i;
           for (int j = 0; j < A; ++j) {
             int xx = ox + j;
             d[i * A + j] = (yy >= 0 && yy < H && xx >= 0 && xx < W)
-                               ? _mm256_loadu_ps(xn + ((long)yy * W + xx) * Ci + c) : zero;
+                               ? _mm256_loadu_ps(xn + ((long)(yy >> up) * Ws + (xx >> up)) * Ci + c) : zero;
           }
         }
         for (int j = 0; j < A; ++j) Wino<M>::in1d(d + j, A, t1 + j, A);      // columns: B^T d
@@ -171,13 +172,16 @@ static void* worker(void* arg) {
 
 extern "C" {
 
-// y[N,H,W,Co] = act(conv3x3(x[N,H,W,Ci]) + bias + res), all NHWC fp32 contiguous. U is the
-// transformed weight [(m+2)^2][Ci][Co]. Ci % 8 == 0, Co % 16 == 0. Returns 0 on success.
+// y[N,H,W,Co] = act(conv3x3(x) + bias + res), all NHWC fp32 contiguous; x is [N,H,W,Ci], or
+// [N,H/2,W/2,Ci] read nearest-upsampled 2x when up == 1 (the upsampled map is never made). U is
+// the transformed weight [(m+2)^2][Ci][Co]. Ci % 8 == 0, Co % 16 == 0. Returns 0 on success.
 int taesd_winograd_conv(const float* x, int N, int H, int W, int Ci, const float* U, int Co,
                         const float* bias, const float* res, int relu, float* y, int m,
-                        int threads) {
+                        int threads, int up) {
   if ((m != 2 && m != 4) || Ci % 8 || Co % 16 || N < 1 || H < 1 || W < 1) return 1;
+  if ((up != 0 && up != 1) || (up && (H % 2 || W % 2))) return 2;
   Job job;
+  job.up = up;
   job.x = x; job.U = U; job.bias = bias; job.res = res; job.y = y;
   job.N = N; job.H = H; job.W = W; job.Ci = Ci; job.Co = Co; job.relu = relu;
   job.TH = (H + m - 1) / m; job.TW = (W + m - 1) / m;
@@ -197,5 +201,5 @@ int taesd_winograd_conv(const float* x, int N, int H, int W, int Ci, const float
   return 0;
 }
 
-int taesd_winograd_version(void) { return 1; }
+int taesd_winograd_version(void) { return 2; }
 }

@@ -12,7 +12,8 @@ does, each measured (docs/performance.md):
   instead of reordering NCHW data in and out of each layer.
 - packed weights: every convolution's weight is reordered once into oneDNN's blocked layout and
   kept (``FastConv2d``); a plain convolution reorders it again on every call.
-- upsample+conv: a nearest 2x upsample and the 3x3 conv after it run as one 2x2 convolution on
+- upsample+conv: where Winograd applies, its kernel reads the small map upsampled on the fly.
+  Elsewhere a nearest 2x upsample and the 3x3 conv after it run as one 2x2 convolution on
   the small input that yields the four output phases (4 instead of 9 multiply-adds per output
   pixel and channel pair; the upsampled map is never made). Sums of weights: fp32 rounding only.
 - fusion: inside each residual ``Block`` the conv+bias+ReLU pairs and the last conv + skip add +
@@ -127,10 +128,10 @@ class FastConv2d(nn.Conv2d):
             self.__dict__["_wino_key"] = key
         return self.__dict__["_wino_U"]
 
-    def winograd_tile(self, x: torch.Tensor) -> int:
+    def winograd_tile(self, x: torch.Tensor, upsample: bool = False) -> int:
         """The Winograd tile size m to run this call with, 0 for oneDNN's direct convolution."""
         m = getattr(self, "winograd", 0)
-        return m if m and winograd.supports(self, x) and winograd.available() else 0
+        return m if m and winograd.supports(self, x, upsample) and winograd.available() else 0
 
     def __getstate__(self):  # copies and pickles carry no packed (oneDNN-only) tensor
         state = super().__getstate__()
@@ -232,7 +233,12 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_conv(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(nearest_upsample_2x(x)) as one 2x2 conv giving all four phases, then one interleave."""
+    """conv(nearest_upsample_2x(x)): Winograd reading x upsampled on the fly where the conv has a
+    tile size (fewer multiplies still, no interleave), else one 2x2 conv giving all four phases
+    and one interleave."""
+    m = conv.winograd_tile(x, upsample=True)
+    if m:
+        return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, upsample=True)
     x = x.contiguous(memory_format=torch.channels_last)
     n, _, h, w = x.shape
     c = conv.out_channels

@@ -124,7 +124,7 @@ def library() -> ctypes.CDLL | None:
             fn = lib.taesd_winograd_conv
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             fn.restype = ctypes.c_int
             _lib = lib
         except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
@@ -148,25 +148,29 @@ def transform_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
     return u.reshape(a * a, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
 
 
-def supports(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False) -> bool:
     """This layer and input can run the kernel: fp32 CPU, 3x3 stride 1 padding 1, channels in
-    multiples of 8 (in) and 16 (out), and a map big enough to be worth it."""
+    multiples of 8 (in) and 16 (out), and an output map big enough to be worth it (``upsample``:
+    x is read nearest-upsampled 2x)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.in_channels % 8 == 0 and conv.out_channels % 16 == 0
-            and x.shape[2] * x.shape[3] >= MIN_PIXELS)
+            and x.shape[2] * x.shape[3] * (4 if upsample else 1) >= MIN_PIXELS)
 
 
 def conv3x3(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int,
-            residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+            residual: torch.Tensor | None = None, relu: bool = False, upsample: bool = False) -> torch.Tensor:
     """act(conv3x3(x) + bias + residual) with transformed weights ``U`` (``transform_weight``).
+    ``upsample``: convolve the nearest 2x upsampling of x without making it.
     x and residual are NCHW tensors; they are made channels_last-contiguous (a no-op in the fast
     executor); the result is channels_last."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"the Winograd kernel is not available: {load_error()}")
     n, ci, h, w = x.shape
+    if upsample:
+        h, w = 2 * h, 2 * w
     co = U.shape[2]
     if U.shape != ((m + 2) ** 2, ci, co):
         raise ValueError(f"transformed weight {tuple(U.shape)} does not fit F({m}x{m},3x3) with {ci} input channels")
@@ -181,7 +185,7 @@ def conv3x3(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int,
     rc = lib.taesd_winograd_conv(
         x.data_ptr(), n, h, w, ci, U.data_ptr(), co, None if bias is None else bias.data_ptr(),
         None if residual is None else residual.data_ptr(), int(relu), y.data_ptr(), m,
-        torch.get_num_threads())
+        torch.get_num_threads(), int(upsample))
     if rc != 0:
         raise RuntimeError(f"the Winograd kernel refused the call (code {rc})")
     return y
