@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pipeline_configs as pc  # noqa: E402
 
 import taesd  # noqa: E402
-from taesd.contracts import contract_for, pipeline_to_raw, pipeline_to_taesd  # noqa: E402
-from taesd.preview import PreviewCallback  # noqa: E402
+from taesd.integrations.diffusers.contracts import contract_for, pipeline_to_raw, pipeline_to_taesd  # noqa: E402
+from taesd.integrations.diffusers.preview import PreviewCallback  # noqa: E402
 
 
 def real_vae(variant: str):
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     text = table(rows)
     print(text)
     host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    from taesd.files import atomic_path
+    from taesd.io.files import atomic_path
     with atomic_path(args.out) as tmp:
         tmp.write_text("# Preview cost per step vs the full VAE\n\n"
                        "Same run: a real diffusers pipeline (tiny denoiser, the family's real-size VAE with "

@@ -45,7 +45,7 @@ def one(size: int, mode: str, out: Path) -> dict:
     if mode == "diffusers":
         from diffusers import AutoencoderTiny
 
-        from taesd.weights import save_weights, state_dicts
+        from taesd.io.weights.formats import save_weights, state_dicts
         with tempfile.TemporaryDirectory() as tmp:
             save_weights(state_dicts(model), "taesd", "diffusers", tmp)
             vae = AutoencoderTiny.from_pretrained(tmp).eval()
@@ -89,7 +89,7 @@ def untiled_fits(size: int) -> bool:
     import psutil
 
     import taesd
-    from taesd.tiling import analyse, estimate_peak
+    from taesd.runtime.tiling import analyse, estimate_peak
     an = analyse(taesd.create("taesd", parts="decoder"), "decoder")
     need = estimate_peak(an, 1, size, size, size, size, 4, 3)
     return need * 1.3 < psutil.virtual_memory().available

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 import taesd
-from taesd.contracts import contract_for
-from taesd.diffusers_vae import use_taesd_vae
-from taesd.preview import PreviewCallback
+from taesd.integrations.diffusers.contracts import contract_for
+from taesd.integrations.diffusers.vae import use_taesd_vae
+from taesd.integrations.diffusers.preview import PreviewCallback
 
 
 def parse_args(argv=None) -> argparse.Namespace:

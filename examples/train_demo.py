@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from taesd.train import TrainConfig, train
+from taesd.training.loop import TrainConfig, train
 
 PHOTOS = ["chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "immunohistochemistry", "hubble_deep_field", "retina",
           "colorwheel", "camera", "brick", "grass", "gravel", "moon", "coins", "clock", "cell", "page"]

@@ -16,4 +16,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # Compile the Winograd convolution kernel now rather than on first use (~1 s; skipped with a note
 # when there is no C++ compiler: the direct convolution is used then).
-.venv/bin/python -m taesd.winograd
+.venv/bin/python -m taesd.runtime.winograd

@@ -1,4 +1,4 @@
-"""The fast executor (taesd.fast), previews and the bench command, on the published taef2 weights
+"""The fast executor (taesd.runtime.fast), previews and the bench command, on the published taef2 weights
 and real photos."""
 import copy
 import io
@@ -12,11 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import taesd
-from taesd.fast import (FastBlock, FastConv2d, FastSequential, fused_available, make_plain, tune_allocator,
+from taesd.runtime.fast import (FastBlock, FastConv2d, FastSequential, fused_available, make_plain, tune_allocator,
                         upsample_conv)
-from taesd.metrics import psnr
-from taesd.model import Block
-from taesd.preview_decode import preview_decode
+from taesd.evaluation.metrics import psnr
+from taesd.nn.layers import Block
+from taesd.runtime.preview_decode import preview_decode
 
 from conftest import ROOT, photo
 
@@ -131,7 +131,7 @@ def test_allocator_setting_stops_page_faults_and_can_be_switched_off():
     script = textwrap.dedent("""
         import resource, sys, torch
         sys.path.insert(0, sys.argv[1])
-        from taesd.fast import tune_allocator
+        from taesd.runtime.fast import tune_allocator
         on = tune_allocator()
         x = torch.ones(16 << 20)                  # 64 MiB
         faults = 0

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 import taesd
-from taesd.images import crop_to, pil_to_tensor
-from taesd.latents import dequantize, from_png_array, quantize, to_png_array
+from taesd.io.images import crop_to, pil_to_tensor
+from taesd.io.latents import dequantize, from_png_array, quantize, to_png_array
 
 
 def test_pil_modes_become_rgb_or_rgba():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import taesd
-from taesd.metrics import psnr
+from taesd.evaluation.metrics import psnr
 from conftest import photo
 
 

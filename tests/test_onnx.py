@@ -8,9 +8,9 @@ import torch
 import taesd
 from taesd.cli import main
 from taesd.errors import TaesdError
-from taesd.export import op_counts, read_metadata, save_onnx, simplify, to_onnx
-from taesd.metrics import psnr
-from taesd.onnx_backend import OnnxPart, OnnxTAESD
+from taesd.export.onnx import op_counts, read_metadata, save_onnx, simplify, to_onnx
+from taesd.evaluation.metrics import psnr
+from taesd.runtime.onnx_runtime import OnnxPart, OnnxTAESD
 
 from conftest import photo
 

@@ -15,9 +15,9 @@ from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 from diffusers import Flux2Pipeline, FluxPipeline  # noqa: E402
 
 from taesd import TaesdError  # noqa: E402
-from taesd.contracts import contract_for, pipeline_to_raw, pipeline_to_taesd  # noqa: E402
-from taesd.diffusers_vae import use_taesd_vae  # noqa: E402
-from taesd.preview import PreviewCallback  # noqa: E402
+from taesd.integrations.diffusers.contracts import contract_for, pipeline_to_raw, pipeline_to_taesd  # noqa: E402
+from taesd.integrations.diffusers.vae import use_taesd_vae  # noqa: E402
+from taesd.integrations.diffusers.preview import PreviewCallback  # noqa: E402
 
 FAMILIES = list(pc.BUILDERS)  # taesd (SD 1.x), taesdxl, taesd3, taef1, taef2
 
@@ -146,7 +146,7 @@ def test_a_taesd_of_the_wrong_family_is_refused():
 def test_the_example_script_generates_with_previews(tmp_path, capsys):
     import importlib.util
 
-    from taesd.weights import save_weights, state_dicts
+    from taesd.io.weights.formats import save_weights, state_dicts
     pc.shared("taesd").save_pretrained(tmp_path / "pipe")
     save_weights(state_dicts(pc.preview_model("taesd")), "taesd", "pth", tmp_path / "weights")
     path = pc.ROOT / "examples" / "generate_with_previews.py"

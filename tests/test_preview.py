@@ -14,7 +14,7 @@ import pipeline_configs as pc  # noqa: E402
 from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 
 from taesd import TaesdError  # noqa: E402
-from taesd.preview import PreviewCallback, contact_sheet  # noqa: E402
+from taesd.integrations.diffusers.preview import PreviewCallback, contact_sheet  # noqa: E402
 
 
 def generate(callback, **overrides):
@@ -60,7 +60,7 @@ def test_a_failing_preview_never_breaks_the_generation(caplog):
         calls.append(frame.step)
         raise RuntimeError("the display went away")
 
-    with caplog.at_level(logging.WARNING, logger="taesd.preview"):
+    with caplog.at_level(logging.WARNING, logger="taesd.integrations.diffusers.preview"):
         with PreviewCallback(pc.shared("taesd"), pc.preview_model("taesd"), on_preview=broken) as preview:
             images = generate(preview, num_inference_steps=3)
     assert images.shape == (1, 3, pc.SIZE, pc.SIZE) and torch.isfinite(images).all()

@@ -6,7 +6,7 @@ import torch
 import taesd
 from taesd.cli import main
 from taesd.errors import TaesdError
-from taesd.tiling import analyse, parse_bytes, plan, splits
+from taesd.runtime.tiling import analyse, parse_bytes, plan, splits
 from conftest import photo
 
 TOL = 1e-5

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import taesd
-from taesd.train import CHECKPOINT, TrainConfig, train
+from taesd.training.loop import CHECKPOINT, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera"]
@@ -77,7 +77,7 @@ def test_corrupt_images_are_skipped_and_counted(short_run):
 
 
 def test_custom_student_saves_and_reloads(short_run, photos):
-    from taesd.students import load_student
+    from taesd.training.students import load_student
     out, _, _ = short_run
     student = load_student(out / "student")
     assert student.config["width"] == 16 and student.parts == ("encoder", "decoder")
@@ -152,7 +152,7 @@ def test_diffusers_teacher_with_latent_cache(photos, tmp_path):
     shards = list((tmp_path / "run" / "latent_cache").glob("shard_*.safetensors"))
     assert shards
     from safetensors.torch import load_file
-    from taesd.teachers import load_teacher
+    from taesd.training.teachers import load_teacher
     cached = load_file(str(shards[0]))
     teacher = load_teacher(str(tmp_path / "vae"), family="taesd", device="cpu")
     assert teacher.scale == taesd.get_variant("taesd").vae_scale

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import taesd
-from taesd.weights import read_source, save_weights, state_dicts, FORMATS
+from taesd.io.weights.formats import FORMATS, read_source, save_weights, state_dicts
 from taesd.cli import main
 from conftest import ROOT
 

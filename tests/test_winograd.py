@@ -1,4 +1,4 @@
-"""The Winograd convolution kernel (taesd.winograd): against PyTorch's convolution, inside the fast
+"""The Winograd convolution kernel (taesd.runtime.winograd): against PyTorch's convolution, inside the fast
 executor on the published taef2 weights, its switch and its fallback."""
 import copy
 
@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import taesd
-from taesd import winograd
-from taesd.fast import FastConv2d, make_fast
+from taesd.runtime import winograd
+from taesd.runtime.fast import FastConv2d, make_fast
 from taesd.model import create
 
 from conftest import photo
@@ -130,7 +130,7 @@ def test_switch_off_gives_the_direct_path_bit_exact(taef2_models, monkeypatch):
 @pytest.mark.parametrize("per_image_bytes", [1, 64 * 32 * 32 * 4, 1 << 40])
 def test_batches_split_per_image_give_the_same_result(per_image_bytes, monkeypatch):
     """Big maps run image by image, small ones batched (fast.PER_IMAGE_BYTES); any split is exact."""
-    from taesd import fast
+    from taesd.runtime import fast
     monkeypatch.setattr(fast, "PER_IMAGE_BYTES", per_image_bytes)
     model = make_fast(create("taef2"))      # GroupNorm in the pool branch: per-sample statistics
     z = torch.randn(3, 32, 8, 8)

@@ -4,15 +4,25 @@
     model = taesd.load("taef2")                 # published weights ($TAESD_WEIGHTS or the hub)
     latents = model.encode(images)              # N x 3 x H x W in [0, 1] -> N x C x H/8 x W/8
     images = model.decode(latents)              # -> N x 3 x H x W in [0, 1]
-"""
-from .errors import TaesdError
-from .images import load_image, pad_to_multiple, save_image
-from .latents import load_latents, save_latents
-from .loader import load
-from .model import TAESD, count_parameters, create
-from .variants import VARIANTS, Variant, get_variant, list_variants
 
-__version__ = "0.1.0"
+Layout (imports flow one way, bottom to top; tests/test_layers.py enforces it):
+    errors, registry       one error type; one record per variant
+    nn/                    layers and the published architectures
+    io/                    files, images, latents, weight formats / identification / resolution
+    runtime/tiling         seam-exact tiling, planned from the layer list
+    model                  TAESD: checks, run_part, encode/decode
+    export/, runtime/      ONNX export; executors (fast CPU + Winograd, ONNX Runtime), previews
+    loader                 taesd.load: resolve -> build -> executor
+    integrations/, training/, evaluation/, cli/
+"""
+from taesd.errors import TaesdError
+from taesd.io.images import load_image, pad_to_multiple, save_image
+from taesd.io.latents import load_latents, save_latents
+from taesd.loader import load
+from taesd.model import TAESD, count_parameters, create
+from taesd.registry import VARIANTS, Variant, get_variant, list_variants
+from taesd.version import __version__
+
 __all__ = ["TAESD", "TaesdError", "VARIANTS", "Variant", "count_parameters", "create", "get_variant",
            "list_variants", "load", "load_image", "load_latents", "pad_to_multiple", "save_image",
            "save_latents", "__version__"]

@@ -1,4 +1,9 @@
-"""``taesd.load``: a variant's published weights, found and checked, in a ready model."""
+"""``taesd.load``: a variant's published weights, found and checked, in a ready model.
+
+Three steps, each a function: ``resolve`` (which file holds each part), ``build`` (the network with
+those weights), ``with_executor`` (how it runs: the fast CPU path, the plain modules, torch.compile
+or ONNX Runtime). The loader is the only module that picks an executor.
+"""
 from __future__ import annotations
 
 import os
@@ -7,99 +12,137 @@ from pathlib import Path
 
 import torch
 
-from .errors import TaesdError
-from .model import TAESD
-from .variants import Variant, get_variant
-from .weights import PARTS, WeightSource, find_weights, load_part, read_source
+from taesd.errors import TaesdError
+from taesd.io.weights.formats import WeightSource, read_source
+from taesd.io.weights.resolve import find_weights, load_part
+from taesd.model import TAESD
+from taesd.registry import PARTS, Variant, get_variant, normalize_parts
+from taesd.runtime import fast as fast_executor
+from taesd.runtime.dtypes import resolve_dtype
+
+EXECUTORS = ("fast", "plain", "compile", "onnxruntime")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _normalize_parts(parts) -> tuple[str, ...]:
-    parts = (parts,) if isinstance(parts, str) else tuple(parts)
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise TaesdError(f"parts must be 'encoder', 'decoder' or both, not {parts!r}")
-    return parts
-
-
-def _resolve_dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16}
-    if str(dtype).lower() not in names:
-        raise TaesdError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
-    return names[str(dtype).lower()]
-
-
-def load(variant: "str | Variant", weights=None, device=None, dtype=None, parts=None,
+def load(variant: str | Variant, weights=None, device=None, dtype=None, parts=None,
          revision: str | None = None, fast: bool = True, compile: bool = False,
-         backend: str = "torch") -> TAESD:
+         backend: str = "torch", executor: str | None = None) -> TAESD:
     """Load a TAESD variant with its published weights.
 
-    weights: None (look in $TAESD_WEIGHTS, then the Hugging Face hub), a file or folder, a list of
-      files, or {"encoder": path, "decoder": path}. Any supported format; what a file holds is
-      read from its tensor shapes.
-    parts: "encoder", "decoder" or both (default: both, or what a single given file holds).
-    revision: hub revision to pin (the published files were replaced in place between versions).
-    fast: run the fast executor (taesd.fast: Winograd 3x3 convolutions, channels_last, fused oneDNN
-      kernels, glibc allocator setting; docs/performance.md). False gives the plain published modules.
-    compile: opt-in torch.compile of each part (first call per shape compiles).
-    backend: "torch", or "onnxruntime" (chosen by itself when weights are exported .onnx files).
+    Args:
+      variant: a registry name ("taef2") or a ``Variant``.
+      weights: None (look in $TAESD_WEIGHTS, then the Hugging Face hub), a file or folder, a list of
+        files, or {"encoder": path, "decoder": path}. Any supported format; what a file holds is
+        read from its tensor shapes. Exported .onnx files select the onnxruntime executor.
+      parts: "encoder", "decoder" or both (default: both, or what the given files hold).
+      revision: hub revision to pin (the published files were replaced in place between versions).
+      executor: "fast" (default: Winograd 3x3 convolutions, channels_last, fused oneDNN kernels,
+        glibc allocator setting; docs/performance.md), "plain" (the published modules as they are),
+        "compile" (torch.compile per part; the first call per shape compiles) or "onnxruntime".
+      fast, compile, backend: the older switches for the same choice (fast=False is "plain",
+        compile=True is "compile", backend="onnxruntime" is "onnxruntime").
+
+    Example:
+      >>> model = taesd.load("taef2", dtype="fp32")
+      >>> images = model.decode(latents)
     """
-    from .onnx_backend import load_onnxruntime, onnx_files
+    executor = _executor(executor, fast, compile, backend, weights)
+    if executor == "onnxruntime":
+        return _load_onnxruntime(variant, weights, device, dtype, parts, revision)
+    v = get_variant(variant)
+    sources = resolve(v, weights, parts, revision)
+    model = build(v, sources)
+    model.to(device=device if device is not None else default_device(), dtype=resolve_dtype(dtype))
+    model.eval().requires_grad_(False)
+    return with_executor(model, executor)
+
+
+def _executor(executor, fast, compile, backend, weights) -> str:
     if backend not in ("torch", "onnxruntime"):
         raise TaesdError(f"unknown backend {backend!r}; use 'torch' or 'onnxruntime'")
-    if backend == "onnxruntime" or onnx_files(weights):
-        return load_onnxruntime(variant, weights, device, dtype, parts, revision)
-    v = get_variant(variant)
-    sources: dict[Path, WeightSource] = {}
-    per_part: dict[str, Path] = {}
+    if executor is None:
+        onnx = backend == "onnxruntime" or _mentions_onnx(weights)
+        executor = "onnxruntime" if onnx else "compile" if compile else "fast" if fast else "plain"
+    if executor not in EXECUTORS:
+        raise TaesdError(f"unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}")
+    return executor
+
+
+def _mentions_onnx(weights) -> bool:
+    if weights is None:
+        return False
+    items = weights.values() if isinstance(weights, dict) else weights if isinstance(weights, (list, tuple)) else [weights]
+    return any(str(p).endswith(".onnx") for p in items)
+
+
+def resolve(v: Variant, weights=None, parts=None, revision: str | None = None) -> dict[str, WeightSource]:
+    """{part: the read WeightSource holding it}, in the order explicit weights -> $TAESD_WEIGHTS -> hub."""
+    given: dict[str, WeightSource] = {}
     if isinstance(weights, (list, tuple)):
         for w in weights:
             src = read_source(w)
-            sources[src.path] = src
             for p in src.parts:
-                per_part.setdefault(p, src.path)
+                given.setdefault(p, src)
         if parts is None:
-            parts = tuple(p for p in PARTS if p in per_part)
+            parts = tuple(p for p in PARTS if p in given)
     elif isinstance(weights, (str, os.PathLike)) and Path(weights).is_file() and parts is None:
         src = read_source(weights)
-        sources[src.path] = src
+        given = dict.fromkeys(src.parts, src)
         parts = tuple(p for p in PARTS if p in src.parts)
-    parts = _normalize_parts(PARTS if parts is None else parts)
-
-    model = TAESD(v, parts)
+    parts = normalize_parts(PARTS if parts is None else parts)
+    by_path: dict[Path, WeightSource] = {s.path: s for s in given.values()}
+    out: dict[str, WeightSource] = {}
     for part in parts:
-        path = per_part.get(part)
-        if path is None:
-            if isinstance(weights, (list, tuple)):
-                raise TaesdError(f"none of the given files holds the {v.name} {part}")
-            path = find_weights(v, part, weights, revision)
-        src = sources.get(path) or read_source(path)
-        sources[path] = src
-        sd, src = load_part(v, part, path, src)
-        getattr(model, part).load_state_dict(sd)
-        model.weights_info[part] = {"path": str(path), "format": src.format, "sha256": src.sha256}
+        if part in given:
+            out[part] = given[part]
+            continue
+        if isinstance(weights, (list, tuple)):
+            raise TaesdError(f"none of the given files holds the {v.name} {part}")
+        path = find_weights(v, part, weights, revision)
+        out[part] = by_path.setdefault(path, read_source(path))
+    return out
+
+
+def build(v: Variant, sources: dict[str, WeightSource]) -> TAESD:
+    """The network of ``v`` with each part's weights, checked against the variant's shapes."""
+    model = TAESD(v, tuple(sources))
+    for part, src in sources.items():
+        sd, _ = load_part(v, part, src.path, src)
+        model.part(part).load_state_dict(sd)
+        model.weights_info[part] = {"path": str(src.path), "format": src.format, "sha256": src.sha256}
         if src.extras:
             model.weights_info["vae_scale_shift"] = src.extras
-    model.to(device=device if device is not None else default_device(), dtype=_resolve_dtype(dtype))
-    model.eval().requires_grad_(False)
-    if compile:
-        from .fast import compile_model
-        return compile_model(model)
-    if fast:
-        from .fast import fused_available, make_fast
-        if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16) \
-                and not fused_available(torch.zeros(1, dtype=model.dtype)):
-            warnings.warn(f"{str(model.dtype).removeprefix('torch.')} has no native kernels on this CPU (it needs "
-                          "AVX-512 BF16/FP16, AMX or AVX-NE-CONVERT) and runs emulated, slower than the fp32 default",
-                          stacklevel=2)
-        return make_fast(model)
     return model
+
+
+def with_executor(model: TAESD, executor: str) -> TAESD:
+    """``model`` set up to run with ``executor`` ("fast", "plain" or "compile")."""
+    if executor == "compile":
+        return fast_executor.compile_model(model)
+    if executor == "plain":
+        return model
+    if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16) \
+            and not fast_executor.fused_available(torch.zeros(1, dtype=model.dtype)):
+        warnings.warn(f"{str(model.dtype).removeprefix('torch.')} has no native kernels on this CPU (it needs "
+                      "AVX-512 BF16/FP16, AMX or AVX-NE-CONVERT) and runs emulated, slower than the fp32 default",
+                      stacklevel=3)
+    return fast_executor.make_fast(model)
+
+
+def _load_onnxruntime(variant, weights, device, dtype, parts, revision):
+    """Exported .onnx files as they are, or the torch weights exported in memory (fp16 export when
+    dtype is fp16, else fp32)."""
+    from taesd.runtime import onnx_runtime   # onnx and onnxruntime are optional: imported when asked
+    onnx_paths = onnx_runtime.onnx_files(weights)
+    if onnx_paths:
+        return onnx_runtime.from_onnx_files(variant, onnx_paths, device, parts)
+    fp16 = {torch.float32: False, torch.float16: True}.get(resolve_dtype(dtype))
+    if fp16 is None:
+        raise TaesdError("onnxruntime runs fp32 or fp16 exports; use --dtype fp32 or fp16")
+    onnx_runtime.providers_for(device)   # a missing provider fails before the export
+    torch_model = load(variant, weights, device="cpu", dtype="fp32", parts=parts, revision=revision,
+                       executor="plain")
+    return onnx_runtime.from_torch(torch_model, fp16=fp16, device=device)

@@ -1,117 +1,18 @@
-"""The TAESD network, exactly as published, for every architecture in the registry.
+"""``TAESD``: one variant's encoder and/or decoder (the literal lists of ``taesd.nn.arch``) with
+the checks around them: images and latents in, tiled when asked or when memory is short.
 
-Each encoder/decoder is a flat ``nn.Sequential`` whose indices are the key prefixes of the
-published ``.pth`` files, so a published state dict loads with ``load_state_dict`` unchanged.
+``run_part`` is the single place that executes the network; the executors in ``taesd.runtime``
+(fast CPU path, ONNX Runtime) change how it runs, never what it computes.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .errors import TaesdError
-from .variants import Variant, get_variant
-
-
-def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
-    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
-
-
-class Clamp(nn.Module):
-    """Soft clamp of latents to (-3, 3): the decoder's first step."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(x / 3) * 3
-
-
-class Block(nn.Module):
-    """relu(conv-relu-conv-relu-conv(x) + skip(x)); with ``pool``, first x += pool(x) (FLUX.2)."""
-
-    def __init__(self, n_in: int, n_out: int, pool: bool = False):
-        super().__init__()
-        self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(),
-                                  conv(n_out, n_out))
-        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
-        self.fuse = nn.ReLU()
-        self.pool = nn.Sequential(
-            nn.Conv2d(n_in, 4 * n_in, 1, bias=False), nn.GroupNorm(4, 4 * n_in), nn.ReLU(),
-            nn.Conv2d(4 * n_in, n_in, 1, bias=False)) if pool else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool is not None:
-            x = x + self.pool(x)
-        return self.fuse(self.conv(x) + self.skip(x))
-
-
-def _down(n_in: int, n_out: int) -> nn.Conv2d:
-    return conv(n_in, n_out, stride=2, bias=False)
-
-
-def _up(n_in: int, n_out: int) -> list[nn.Module]:
-    return [nn.Upsample(scale_factor=2), conv(n_in, n_out, bias=False)]
-
-
-def build_encoder(variant: "str | Variant") -> nn.Sequential:
-    v = get_variant(variant)
-    C = v.latent_channels
-    if v.arch in ("base", "base+pool"):
-        pool = v.arch == "base+pool"
-        return nn.Sequential(
-            conv(3, 64), Block(64, 64),
-            _down(64, 64), Block(64, 64), Block(64, 64), Block(64, 64),
-            _down(64, 64), Block(64, 64), Block(64, 64), Block(64, 64),
-            _down(64, 64), Block(64, 64, pool), Block(64, 64, pool), Block(64, 64, pool),
-            conv(64, C))
-    if v.arch == "f32":
-        stages = []
-        for _ in range(3):
-            stages += [_down(64, 64), Block(64, 64), Block(64, 64), Block(64, 64)]
-        return nn.Sequential(
-            conv(3, 32, stride=2), nn.ReLU(), conv(32, 64, stride=2), nn.ReLU(), Block(64, 64),
-            *stages, conv(64, C))
-    if v.arch == "f16":
-        return nn.Sequential(
-            nn.PixelUnshuffle(2), conv(16, 64), nn.ReLU(), Block(64, 64),
-            _down(64, 64), Block(64, 64), Block(64, 64), Block(64, 64),
-            _down(64, 128), Block(128, 128), Block(128, 128), Block(128, 128),
-            _down(128, 256), Block(256, 256), Block(256, 256), Block(256, 256),
-            conv(256, C))
-    raise TaesdError(f"unknown architecture {v.arch!r}")
-
-
-def build_decoder(variant: "str | Variant") -> nn.Sequential:
-    v = get_variant(variant)
-    C = v.latent_channels
-    if v.arch in ("base", "base+pool"):
-        pool = v.arch == "base+pool"
-        return nn.Sequential(
-            Clamp(), conv(C, 64), nn.ReLU(),
-            Block(64, 64, pool), Block(64, 64, pool), Block(64, 64, pool), *_up(64, 64),
-            Block(64, 64), Block(64, 64), Block(64, 64), *_up(64, 64),
-            Block(64, 64), Block(64, 64), Block(64, 64), *_up(64, 64),
-            Block(64, 64), conv(64, 3))
-    if v.arch in ("f32", "f16"):
-        layers: list[nn.Module] = [
-            Clamp(), conv(C, 256), nn.ReLU(),
-            Block(256, 256), Block(256, 256), Block(256, 256), *_up(256, 128),
-            Block(128, 128), Block(128, 128), Block(128, 128), *_up(128, 64),
-            Block(64, 64), Block(64, 64), Block(64, 64), *_up(64, 64)]
-        if v.arch == "f32":
-            layers += [Block(64, 64), Block(64, 64), Block(64, 64), *_up(64, 64),
-                       Block(64, 64), Block(64, 64), Block(64, 64), *_up(64, 64),
-                       Block(64, 64), conv(64, 3)]
-        else:
-            layers += [Block(64, 64), conv(64, 16), nn.PixelShuffle(2)]
-        return nn.Sequential(*layers)
-    raise TaesdError(f"unknown architecture {v.arch!r}")
-
-
-def build_part(variant: "str | Variant", part: str) -> nn.Sequential:
-    if part == "encoder":
-        return build_encoder(variant)
-    if part == "decoder":
-        return build_decoder(variant)
-    raise TaesdError(f"unknown part {part!r}; use 'encoder' or 'decoder'")
+from taesd.errors import TaesdError
+from taesd.nn.arch import build_decoder, build_encoder
+from taesd.registry import VARIANTS, Variant, get_variant
+from taesd.runtime import tiling
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -126,7 +27,7 @@ class TAESD(nn.Module):
     Either part may be absent (``parts=("encoder",)``), e.g. when only one weight file exists.
     """
 
-    def __init__(self, variant: "str | Variant", parts=("encoder", "decoder")):
+    def __init__(self, variant: str | Variant, parts=("encoder", "decoder")):
         super().__init__()
         self.variant = get_variant(variant)
         parts = (parts,) if isinstance(parts, str) else tuple(parts)
@@ -147,7 +48,15 @@ class TAESD(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def _require(self, part: str) -> nn.Sequential:
+    @property
+    def layerwise(self) -> bool:
+        """Whether tiling may run the part's layers one by one: only when ``run_part`` is this
+        class's (the PyTorch modules). A backend that overrides it (ONNX Runtime) runs a part as a
+        whole, so tiling calls its ``run_part`` on each tile plus its margin instead."""
+        return type(self).run_part is TAESD.run_part and "run_part" not in vars(self)
+
+    def part(self, part: str) -> nn.Sequential:
+        """The encoder or decoder module; a one-line error when it was not loaded."""
         module = getattr(self, part)
         if module is None:
             raise TaesdError(f"this {self.variant.name} model has no {part} loaded; "
@@ -168,7 +77,7 @@ class TAESD(nn.Module):
         d = self.variant.downscale
         if images.shape[-2] % d or images.shape[-1] % d:
             raise TaesdError(f"image size {images.shape[-2]}x{images.shape[-1]} is not a multiple of "
-                             f"{d}; pad it first (taesd.images.pad_to_multiple)")
+                             f"{d}; pad it first (taesd.io.images.pad_to_multiple)")
         return images.to(device=self.device, dtype=self.dtype)
 
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -185,36 +94,33 @@ class TAESD(nn.Module):
     def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
         """Run one part on a prepared batch. The single place that executes the network: faster
         executors and other backends replace this; tiling calls it per tile."""
-        return self._require(part)(x)
+        return self.part(part)(x)
 
     def encode(self, images: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
         """``tile_size`` (latent pixels) / ``max_memory`` (bytes or "1GiB"): seam-exact tiling; with
-        neither, tiling switches on when the untiled pass would not fit (see taesd.tiling)."""
-        from .tiling import run
-        self._require("encoder")
+        neither, tiling switches on when the untiled pass would not fit (see taesd.runtime.tiling)."""
+        self.part("encoder")
         with torch.inference_mode():
             # contiguous: the fast executor works channels_last; callers get the standard layout
-            return run(self, "encoder", self.prepare_images(images), tile_size, max_memory).contiguous()
+            return tiling.run(self, "encoder", self.prepare_images(images), tile_size, max_memory).contiguous()
 
     def decode(self, latents: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
         """Latents -> images in [0, 1]; tiling options as in ``encode``."""
-        from .tiling import run
-        self._require("decoder")
+        self.part("decoder")
         with torch.inference_mode():
-            return run(self, "decoder", self.prepare_latents(latents), tile_size, max_memory).contiguous()
+            return tiling.run(self, "decoder", self.prepare_latents(latents), tile_size, max_memory).contiguous()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Round trip: encode then decode (differentiable, for training)."""
-        return self._require("decoder")(self._require("encoder")(images))
+        return self.part("decoder")(self.part("encoder")(images))
 
 
 def _guess_variant_hint(channels: int) -> str:
-    from .variants import VARIANTS
     names = [v.name for v in VARIANTS.values() if v.latent_channels == channels]
     return f" (those fit {'/'.join(names)})" if names else ""
 
 
-def create(variant: "str | Variant", parts=("encoder", "decoder"), device=None,
+def create(variant: str | Variant, parts=("encoder", "decoder"), device=None,
            dtype=None, seed: int | None = None) -> TAESD:
     """A freshly initialised TAESD of the given variant (PyTorch's default init)."""
     if seed is not None:

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from ..errors import TaesdError
+from taesd.errors import TaesdError
 
 # Each name is a module taesd.cli.<name> with add_parser(subparsers) and run(args) -> int.
 COMMANDS = ["encode", "decode", "roundtrip", "info", "convert", "export", "bench", "train", "eval"]
@@ -21,7 +21,7 @@ Weights come from --weights, else the folder in $TAESD_WEIGHTS, else the Hugging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from taesd.version import __version__
     parser = argparse.ArgumentParser(
         prog="taesd", description="TAESD, the Tiny AutoEncoder for Stable Diffusion (and FLUX, SD3, Sana, ...).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "options"):   # only taesd bench passes options through
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.options = extra + args.options
     try:
         return int(args.run(args) or 0)
     except TaesdError as e:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..variants import VARIANTS
+from taesd.registry import VARIANTS
+from taesd.runtime.dtypes import DTYPE_CHOICES
 
 
 def command_parser(sub, name: str, help: str, example: str, description: str = "") -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True)
                    help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, then the hub)")
     g.add_argument("--revision", help="hub revision to pin when downloading")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute precision")
+    g.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="compute precision")
     g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                    help="inference engine (onnxruntime: --weights may be exported .onnx files)")
 
@@ -42,7 +43,7 @@ def tiling_kwargs(args) -> dict:
 
 
 def open_model(args, parts):
-    from ..loader import load
+    from taesd.loader import load
     weights = args.weights
     if weights is not None and len(weights) == 1:
         weights = weights[0]

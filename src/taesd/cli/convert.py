@@ -5,10 +5,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TaesdError
-from ..variants import VARIANTS, get_variant
-from ..weights import FORMATS, PARTS, find_weights, identify, read_source, save_weights
-from .common import command_parser
+from taesd.errors import TaesdError
+from taesd.registry import VARIANTS, get_variant
+from taesd.io.weights.formats import FORMATS, read_source, save_weights
+from taesd.io.weights.identify import identify
+from taesd.io.weights.resolve import find_weights
+from taesd.registry import PARTS
+from taesd.cli.common import command_parser
+from taesd.runtime.dtypes import DTYPE_CHOICES, resolve_dtype
 
 
 def add_parser(sub):
@@ -25,7 +29,7 @@ def add_parser(sub):
                    help="output folder (pth, safetensors, diffusers) or .safetensors file (comfyui)")
     p.add_argument("--variant", "-v", choices=list(VARIANTS), metavar="NAME",
                    help="variant, when the tensors fit several (taesd/taesdxl, taesd3/taef1)")
-    p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], help="cast the tensors (default: keep)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast the tensors (default: keep)")
     p.set_defaults(run=run)
 
 
@@ -73,11 +77,11 @@ def run(args) -> int:
         candidates = c if candidates is None else [x for x in candidates if x in c]
     if not candidates:
         raise TaesdError("the encoder and decoder given belong to different variants")
-    from ..weights import describe
+    from taesd.io.weights.identify import describe
     what = " and ".join(describe(sd, p) for p, sd in parts.items())
     variant = get_variant(_pick_variant(candidates, names, args.variant, f"the sources hold {what}"))
     if args.dtype:
-        dt = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        dt = resolve_dtype(args.dtype)
         parts = {p: {k: t.to(dt) for k, t in sd.items()} for p, sd in parts.items()}
     for path in save_weights(parts, variant, args.to, args.output, extras or None):
         print(f"wrote {path}")

@@ -1,11 +1,11 @@
 """taesd decode: latent files -> images."""
 from __future__ import annotations
 
-from ..errors import TaesdError
-from ..files import LATENT_SUFFIXES, expand_inputs
-from ..images import crop_to, save_image
-from ..latents import load_latents
-from .common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
+from taesd.errors import TaesdError
+from taesd.io.inputs import LATENT_SUFFIXES, expand_inputs
+from taesd.io.images import crop_to, save_image
+from taesd.io.latents import load_latents
+from taesd.cli.common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
                      progress, tiling_kwargs)
 
 

@@ -1,10 +1,10 @@
 """taesd encode: images -> latent files."""
 from __future__ import annotations
 
-from ..files import IMAGE_SUFFIXES, expand_inputs
-from ..images import load_image, pad_to_multiple
-from ..latents import save_latents
-from .common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
+from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
+from taesd.io.images import load_image, pad_to_multiple
+from taesd.io.latents import save_latents
+from taesd.cli.common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
                      progress, tiling_kwargs)
 
 

@@ -1,9 +1,9 @@
 """taesd eval: PSNR/SSIM (exact and 8-bit latents) and latent error of TAESD variants on images."""
 from __future__ import annotations
 
-from ..files import IMAGE_SUFFIXES, expand_inputs
-from ..variants import VARIANTS
-from .common import command_parser, progress
+from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
+from taesd.registry import VARIANTS
+from taesd.cli.common import command_parser, progress
 
 
 def add_parser(sub):
@@ -30,9 +30,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..evaluate import evaluate_images, format_table, summarize, write_results
-    from ..loader import load
-    from ..teachers import load_teacher
+    from taesd.evaluation.evaluate import evaluate_images, format_table, summarize, write_results
+    from taesd.loader import load
+    from taesd.training.teachers import load_teacher
     files = expand_inputs(args.inputs, IMAGE_SUFFIXES, "image")
     models = {}
     for spec in args.variant:

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..variants import VARIANTS
-from .common import command_parser, progress
+from taesd.registry import VARIANTS
+from taesd.cli.common import command_parser, progress
 
 
 def add_parser(sub):
     p = command_parser(sub, "export", "export a variant to another format (ONNX)",
                        "taesd export onnx --variant taef2 -o onnx/")
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    from ..export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from taesd.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
     o = command_parser(formats, "onnx", "export to ONNX (dynamic batch, height and width)",
                        "taesd export onnx --variant taef2 --part decoder --fp16 -o onnx/",
                        "Write <variant>_encoder.onnx / <variant>_decoder.onnx (.fp16.onnx with --fp16). "
@@ -33,8 +33,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..export import allowed_ops, check_opset, onnx_filename, op_counts, save_onnx, to_onnx
-    from ..loader import load
+    from taesd.export.onnx import allowed_ops, check_opset, onnx_filename, op_counts, save_onnx, to_onnx
+    from taesd.loader import load
     check_opset(args.opset)  # before the slow part
     parts = ("encoder", "decoder") if args.part == "both" else (args.part,)
     weights = args.weights[0] if args.weights and len(args.weights) == 1 else args.weights

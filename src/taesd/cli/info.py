@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..variants import list_variants
-from .common import command_parser
+from taesd.registry import list_variants
+from taesd.cli.common import command_parser
 
 
 def add_parser(sub):
@@ -24,7 +24,7 @@ def variants_table() -> str:
     rows = [("name", "family", "latent ch", "image ch", "downscale", "arch", "hub")]
     for v in list_variants():
         rows.append((v.name, v.family, str(v.latent_channels), str(v.image_channels), f"{v.downscale}x",
-                     v.arch, v.hub_repo or "-"))
+                     v.arch, next((s.repo for s in v.sources if s.host == "hub"), "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -32,7 +32,8 @@ def variants_table() -> str:
 
 
 def describe_file(path: Path) -> str:
-    from ..weights import describe, read_source
+    from taesd.io.weights.formats import read_source
+    from taesd.io.weights.identify import describe
     src = read_source(path)
     lines = [f"{path}", f"  format: {src.format}", f"  sha256: {src.sha256}"]
     for part, sd in src.parts.items():
@@ -46,8 +47,9 @@ def describe_file(path: Path) -> str:
 
 def resolved(variant: str, revision: str | None) -> str:
     """Which file each part of ``variant`` resolves to, with its sha256."""
-    from ..errors import TaesdError
-    from ..weights import PARTS, find_weights
+    from taesd.errors import TaesdError
+    from taesd.io.weights.resolve import find_weights
+    from taesd.registry import PARTS
     lines = [f"{variant}:"]
     for part in PARTS:
         try:
@@ -68,7 +70,7 @@ def run(args) -> int:
         return 0
     for f in map(Path, args.files):
         if f.suffix == ".onnx":
-            from ..export import describe_onnx
+            from taesd.export.onnx import describe_onnx
             print(describe_onnx(f))
         else:
             print(describe_file(f))

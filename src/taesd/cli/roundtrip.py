@@ -1,11 +1,11 @@
 """taesd roundtrip: image -> latents -> image, with PSNR and SSIM against the input."""
 from __future__ import annotations
 
-from ..files import IMAGE_SUFFIXES, expand_inputs
-from ..images import crop_to, load_image, pad_to_multiple, save_image
-from ..latents import dequantize, quantize
-from ..metrics import psnr, ssim
-from .common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
+from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
+from taesd.io.images import crop_to, load_image, pad_to_multiple, save_image
+from taesd.io.latents import dequantize, quantize
+from taesd.evaluation.metrics import psnr, ssim
+from taesd.cli.common import (add_model_options, add_tiling_options, command_parser, open_model, output_path,
                      progress, tiling_kwargs)
 
 

@@ -5,7 +5,7 @@ import json
 import os
 from dataclasses import fields
 
-from .common import command_parser
+from taesd.cli.common import command_parser
 
 # option -> help, grouped as --help shows them. Types and defaults come from TrainConfig.
 GROUPS = {
@@ -66,7 +66,7 @@ CHOICES = {"parts": ["both", "encoder", "decoder"], "lr_decay": ["none", "cosine
 
 
 def add_parser(sub):
-    from ..train import TrainConfig
+    from taesd.training.loop import TrainConfig
     p = command_parser(
         sub, "train", "distil a tiny autoencoder from a teacher VAE",
         "taesd train --data photos/ --teacher taef2 --student custom --width 32 --steps 2000 --out runs/t",
@@ -96,7 +96,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..train import TrainConfig, config_from_dict, train
+    from taesd.training.loop import TrainConfig, config_from_dict, train
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     given["adv_adaptive"] = bool(given["adv_adaptive"])
     given["progress"] = True

@@ -1,7 +1,7 @@
 """TAESD as a diffusers pipeline's VAE, so whole generations run with the tiny decoder.
 
     import taesd
-    from taesd.diffusers_vae import use_taesd_vae
+    from taesd.integrations.diffusers.vae import use_taesd_vae
     use_taesd_vae(pipe)                      # taesd.load() of the pipeline family's variant
     use_taesd_vae(pipe, taesd.load("taef2")) # or a model you loaded
 
@@ -14,33 +14,31 @@ unpatchified latent it was trained on.
 """
 from __future__ import annotations
 
-import tempfile
-
 import torch
 import torch.nn as nn
 
-from .contracts import variant_for
-from .errors import TaesdError
-from .model import TAESD
-from .variants import get_variant
-from .weights import PARTS, save_weights, state_dicts
+from taesd.integrations.diffusers.contracts import variant_for
+from taesd.errors import TaesdError
+from taesd.model import TAESD
+from taesd.registry import get_variant
+from taesd.io.weights.formats import diffusers_config, state_dicts, to_diffusers_keys
+from taesd.registry import PARTS, Arch
 
 
 def autoencoder_tiny(model: TAESD):
     """A diffusers ``AutoencoderTiny`` holding the weights of ``model`` (taesd/taesdxl/taesd3/taef1)."""
     from diffusers import AutoencoderTiny
     v = model.variant
-    if v.arch != "base":
+    if v.arch != Arch.BASE:
         raise TaesdError(f"AutoencoderTiny cannot hold {v.name} ({v.arch} architecture); "
                          f"for FLUX.2 use Flux2TinyVAE (use_taesd_vae does this)")
     missing = [p for p in PARTS if p not in model.parts]
     if missing:
         raise TaesdError(f"AutoencoderTiny needs both parts; this {v.name} has no {missing[0]}: "
                          f"load it with parts=('encoder', 'decoder')")
-    # Our diffusers writer is the one place that knows the key layout; go through it.
-    with tempfile.TemporaryDirectory(prefix="taesd-diffusers-") as tmp:
-        save_weights(state_dicts(model), v, "diffusers", tmp)
-        vae = AutoencoderTiny.from_pretrained(tmp)
+    config = {k: val for k, val in diffusers_config(v).items() if not k.startswith("_")}
+    vae = AutoencoderTiny.from_config(config)
+    vae.load_state_dict(to_diffusers_keys(state_dicts(model)))
     return vae.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
 
 
@@ -105,7 +103,7 @@ def use_taesd_vae(pipe, model: TAESD | None = None, variant: str | None = None):
     """Replace ``pipe.vae`` with TAESD (loaded for the pipeline's family unless given); returns pipe."""
     expected = get_variant(variant or variant_for(pipe))
     if model is None:
-        from .loader import load
+        from taesd.loader import load
         vae = getattr(pipe, "vae", None)
         model = load(expected, device=getattr(vae, "device", None), dtype=getattr(vae, "dtype", None))
     elif model.variant.name != expected.name:

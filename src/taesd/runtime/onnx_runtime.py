@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import TaesdError
-from .model import TAESD
-from .variants import get_variant
+from taesd.errors import TaesdError
+from taesd.export.onnx import DEFAULT_OPSET, load_onnx_file, read_metadata, to_onnx
+from taesd.model import TAESD
+from taesd.registry import get_variant, normalize_parts
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
@@ -25,8 +26,8 @@ def providers_for(device) -> list:
     available = ort.get_available_providers()
     try:
         dev = torch.device("cpu" if device is None else device)
-    except RuntimeError:
-        raise TaesdError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
+    except RuntimeError as e:
+        raise TaesdError(f"unknown device {device!r}; use cpu or cuda[:N]") from e
     if dev.type == "cpu":
         return ["CPUExecutionProvider"]
     if dev.type == "cuda" and "CUDAExecutionProvider" in available:
@@ -90,7 +91,7 @@ class OnnxTAESD(TAESD):
         return self._dtype
 
     def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
-        self._require(part)
+        self.part(part)
         return self.sessions[part](x)
 
 
@@ -109,7 +110,6 @@ def onnx_files(weights) -> list[Path] | None:
 
 def from_onnx_files(variant, paths, device=None, parts=None) -> OnnxTAESD:
     """An ``OnnxTAESD`` from exported files; each file's metadata says which part it is."""
-    from .export import load_onnx_file, read_metadata
     v = get_variant(variant)
     providers = providers_for(device)
     found: dict[str, Path] = {}
@@ -119,7 +119,7 @@ def from_onnx_files(variant, paths, device=None, parts=None) -> OnnxTAESD:
             what = f"a {meta['taesd.variant']} {meta.get('taesd.part')}" if "taesd.variant" in meta else "no taesd export"
             raise TaesdError(f"{path} holds {what}, not a {v.name} part; export it with `taesd export onnx --variant {v.name}`")
         found[meta["taesd.part"]] = path
-    wanted = tuple(found) if parts is None else ((parts,) if isinstance(parts, str) else tuple(parts))
+    wanted = tuple(found) if parts is None else normalize_parts(parts)
     missing = [p for p in wanted if p not in found]
     if missing:
         raise TaesdError(f"no {v.name} {' or '.join(missing)} among the given .onnx files")
@@ -128,23 +128,12 @@ def from_onnx_files(variant, paths, device=None, parts=None) -> OnnxTAESD:
     return model
 
 
-def load_onnxruntime(variant, weights=None, device=None, dtype=None, parts=None,
-                     revision: str | None = None, opset: int | None = None) -> OnnxTAESD:
-    """``taesd.load(..., backend="onnxruntime")``: exported .onnx files as they are, or the torch
-    weights exported in memory (fp16 export when dtype is fp16, else fp32)."""
-    from .export import DEFAULT_OPSET, to_onnx
-    from .loader import _resolve_dtype, load
-    onnx_paths = onnx_files(weights)
-    if onnx_paths:
-        return from_onnx_files(variant, onnx_paths, device, parts)
-    fp16 = {torch.float32: False, torch.float16: True}.get(_resolve_dtype(dtype))
-    if fp16 is None:
-        raise TaesdError("onnxruntime runs fp32 or fp16 exports; use --dtype fp32 or fp16")
+def from_torch(torch_model: TAESD, fp16: bool = False, device=None, opset: int | None = None) -> OnnxTAESD:
+    """An ``OnnxTAESD`` running ``torch_model``'s parts, exported in memory (fp16 or fp32)."""
     providers = providers_for(device)
-    torch_model = load(variant, weights, device="cpu", dtype="fp32", parts=parts, revision=revision)
     sessions = {p: OnnxPart(to_onnx(torch_model, p, fp16=fp16, opset=opset or DEFAULT_OPSET), providers)
                 for p in torch_model.parts}
-    plain = {p: getattr(torch_model, p).state_dict() for p in torch_model.parts}
+    plain = {p: torch_model.part(p).state_dict() for p in torch_model.parts}
     model = OnnxTAESD(torch_model.variant, sessions, plain)
     model.weights_info = dict(torch_model.weights_info)
     return model

@@ -1,32 +1,12 @@
-"""Files in and out: atomic writes (never a half-written output) and expanding the user's
-file/folder arguments into a list of inputs."""
+"""The user's file and folder arguments expanded into the list of inputs to process."""
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
-from .errors import TaesdError
+from taesd.errors import TaesdError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LATENT_SUFFIXES = (".safetensors", ".png")
-
-
-@contextlib.contextmanager
-def atomic_path(path: "str | os.PathLike"):
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def expand_inputs(paths, suffixes: tuple[str, ...], what: str = "image") -> list[Path]:

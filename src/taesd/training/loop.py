@@ -12,7 +12,7 @@ checkpoint holds models, EMA, optimizers, schedulers, RNG states and the step, s
 interrupted (Ctrl-C saves a checkpoint) and resumed ends with the same weights, bit for bit, as one
 that never stopped.
 
-    from taesd.train import TrainConfig, train
+    from taesd.training.loop import TrainConfig, train
     train(TrainConfig(data="photos/", teacher="taef2", student="custom", width=32, out="runs/t"))
 """
 from __future__ import annotations
@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import ImageCrops, build_latent_cache, crop_loader, load_latent_cache
-from .discriminator import PatchDiscriminator, discriminator_loss, generator_loss
-from .errors import TaesdError
-from .files import IMAGE_SUFFIXES, atomic_path, expand_inputs
-from .images import load_image, save_image
-from .metrics import psnr
-from .students import Student, build_student, save_student
-from .teachers import load_teacher
+from taesd.training.data import ImageCrops, build_latent_cache, crop_loader, load_latent_cache
+from taesd.training.discriminator import PatchDiscriminator, discriminator_loss, generator_loss
+from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
+from taesd.io.images import load_image, save_image
+from taesd.evaluation.metrics import psnr
+from taesd.training.students import Student, build_student, save_student
+from taesd.training.teachers import load_teacher
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -277,7 +278,7 @@ def train(cfg: TrainConfig, callback=None) -> dict:
         raise TaesdError(f"lr_decay must be none or cosine, not {cfg.lr_decay!r}")
     if cfg.adv_loss not in ("hinge", "lsgan"):
         raise TaesdError(f"adv_loss must be hinge or lsgan, not {cfg.adv_loss!r}")
-    from .files import IMAGE_SUFFIXES, expand_inputs
+    from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
     expand_inputs([cfg.data], IMAGE_SUFFIXES, "image")  # fail before creating the run folder
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

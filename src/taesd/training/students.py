@@ -13,31 +13,17 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .errors import TaesdError
-from .files import atomic_path
-from .model import Block, Clamp, conv, create
-from .variants import VARIANTS, get_variant
-from .weights import FORMATS, save_weights
+from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.model import create
+from taesd.nn.arch import base_decoder, base_encoder
+from taesd.registry import PARTS, VARIANTS, Arch, get_variant
+from taesd.io.weights.formats import FORMATS, save_weights
 
 CUSTOM_FILE = "student.safetensors"
-
-
-def custom_encoder(latent_channels: int, width: int, depth: int) -> nn.Sequential:
-    w = width
-    layers: list[nn.Module] = [conv(3, w), Block(w, w)]
-    for _ in range(3):  # three 2x downsamples = 8x
-        layers += [conv(w, w, stride=2, bias=False), *[Block(w, w) for _ in range(depth)]]
-    return nn.Sequential(*layers, conv(w, latent_channels))
-
-
-def custom_decoder(latent_channels: int, width: int, depth: int) -> nn.Sequential:
-    w = width
-    layers: list[nn.Module] = [Clamp(), conv(latent_channels, w), nn.ReLU(), *[Block(w, w) for _ in range(depth)]]
-    for stage in range(3):  # the last (full-resolution) stage has one block, as published
-        layers += [nn.Upsample(scale_factor=2), conv(w, w, bias=False),
-                   *[Block(w, w) for _ in range(depth if stage < 2 else 1)]]
-    return nn.Sequential(*layers, conv(w, 3))
 
 
 class Student(nn.Module):
@@ -50,7 +36,7 @@ class Student(nn.Module):
 
     @property
     def parts(self) -> tuple[str, ...]:
-        return tuple(p for p in ("encoder", "decoder") if getattr(self, p) is not None)
+        return tuple(p for p in PARTS if getattr(self, p) is not None)
 
     def forward(self, images: torch.Tensor | None, teacher_latents: torch.Tensor | None):
         latents = self.encoder(images) if self.encoder is not None and images is not None else None
@@ -77,8 +63,8 @@ def build_student(arch: str, parts=("encoder", "decoder"), latent_channels: int 
         raise TaesdError("a custom student needs the latent channel count (from the teacher)")
     if width < 1 or depth < 1:
         raise TaesdError("--width and --depth must be at least 1")
-    enc = custom_encoder(latent_channels, width, depth) if "encoder" in parts else None
-    dec = custom_decoder(latent_channels, width, depth) if "decoder" in parts else None
+    enc = base_encoder(latent_channels, width, depth) if "encoder" in parts else None
+    dec = base_decoder(latent_channels, width, depth) if "decoder" in parts else None
     return Student(enc, dec, {"arch": "custom", "parts": list(parts), "latent_channels": latent_channels,
                               "width": width, "depth": depth})
 
@@ -88,14 +74,13 @@ def part_state_dicts(student: Student) -> dict[str, dict[str, torch.Tensor]]:
             for p in student.parts}
 
 
-def save_student(student: Student, out: "str | os.PathLike", formats=None) -> list[Path]:
+def save_student(student: Student, out: str | os.PathLike, formats=None) -> list[Path]:
     """Write the trained student: a registry one in every format it fits (pth, safetensors,
     comfyui and, for base-architecture variants, diffusers), a custom one as ``student.safetensors``."""
     out = Path(out)
     parts = part_state_dicts(student)
     arch = student.config["arch"]
     if arch == "custom":
-        from safetensors.torch import save_file
         tensors = {f"{p}.{k}": t for p, sd in parts.items() for k, t in sd.items()}
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / CUSTOM_FILE) as tmp:
@@ -104,16 +89,15 @@ def save_student(student: Student, out: "str | os.PathLike", formats=None) -> li
     v = get_variant(arch)
     written = []
     for fmt in formats or FORMATS:
-        if fmt == "diffusers" and (v.arch != "base" or len(parts) < 2):
+        if fmt == "diffusers" and (v.arch != Arch.BASE or len(parts) < 2):
             continue  # AutoencoderTiny holds base-architecture encoder+decoder pairs only
         dest = out / "diffusers" if fmt == "diffusers" else out / f"{v.name}.safetensors" if fmt == "comfyui" else out
         written += save_weights(parts, v, fmt, dest)
     return written
 
 
-def load_student(path: "str | os.PathLike", device=None) -> Student:
+def load_student(path: str | os.PathLike, device=None) -> Student:
     """A custom student written by ``save_student`` (registry students load with ``taesd.load``)."""
-    from safetensors import safe_open
     path = Path(path)
     if path.is_dir():
         path = path / CUSTOM_FILE

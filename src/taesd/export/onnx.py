@@ -3,11 +3,11 @@
 The legacy TorchScript exporter (``dynamo=False``) is used: for TAESD it already emits the
 published operator set (Conv, Relu, Add, Resize with constant scales, Div/Tanh/Mul for the clamp);
 ``simplify`` then removes the little it leaves behind (Identity aliases of shared initializers,
-unused constants). Two lowerings are our own, so that no op set grows more than it must:
-  - FLUX.2's GroupNorm (pool branch) lowers to Reshape -> InstanceNormalization -> Reshape(Shape)
-    -> Mul -> Add (ONNX has no GroupNormalization that every runtime supports).
-  - Qwen Image 2.1's pixel-unshuffle becomes one SpaceToDepth, with the next conv's input channels
-    permuted to match (SpaceToDepth orders channels block-first, pixel-unshuffle channel-first).
+unused constants). FLUX.2's GroupNorm (pool branch) comes out as the exporter's own Reshape ->
+InstanceNormalization -> Reshape(Shape) -> Mul -> Add. One lowering is ours, so that no op set grows
+more than it must: Qwen Image 2.1's pixel-unshuffle becomes one SpaceToDepth, with the next conv's
+input channels permuted to match (SpaceToDepth orders channels block-first, pixel-unshuffle
+channel-first).
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import TaesdError
-from .files import atomic_path
-from .model import build_part
-from .variants import get_variant
+from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.nn.arch import build_part
+from taesd.registry import Arch, get_variant, normalize_parts
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 11, 20   # Resize with constant scales needs 11; the legacy exporter stops at 20
@@ -33,14 +33,14 @@ _BASE_ENCODER = {"Add", "Constant", "Conv", "Div", "Mul", "Relu"}
 _BASE_DECODER = {"Add", "Constant", "Conv", "Div", "Mul", "Relu", "Resize", "Tanh"}
 _GROUPNORM = {"Reshape", "Shape", "InstanceNormalization"}
 ALLOWED_OPS = {
-    ("base", "encoder"): _BASE_ENCODER,
-    ("base", "decoder"): _BASE_DECODER,
-    ("f32", "encoder"): _BASE_ENCODER,
-    ("f32", "decoder"): _BASE_DECODER,
-    ("base+pool", "encoder"): _BASE_ENCODER | _GROUPNORM,
-    ("base+pool", "decoder"): _BASE_DECODER | _GROUPNORM,
-    ("f16", "encoder"): _BASE_ENCODER | {"SpaceToDepth"},
-    ("f16", "decoder"): _BASE_DECODER | {"DepthToSpace"},
+    (Arch.BASE, "encoder"): _BASE_ENCODER,
+    (Arch.BASE, "decoder"): _BASE_DECODER,
+    (Arch.F32, "encoder"): _BASE_ENCODER,
+    (Arch.F32, "decoder"): _BASE_DECODER,
+    (Arch.BASE_POOL, "encoder"): _BASE_ENCODER | _GROUPNORM,
+    (Arch.BASE_POOL, "decoder"): _BASE_DECODER | _GROUPNORM,
+    (Arch.F16, "encoder"): _BASE_ENCODER | {"SpaceToDepth"},
+    (Arch.F16, "decoder"): _BASE_DECODER | {"DepthToSpace"},
 }
 
 IMAGE_NAME, LATENT_NAME = "image", "latent"
@@ -72,7 +72,7 @@ def _exportable(model, part: str, dtype: torch.dtype) -> nn.Sequential:
     executor's rewrite (fused kernels, compile) reaches the trace, and rewritten where the plain
     trace would add ops (see the module doc). The caller's model is never touched."""
     module = build_part(model.variant, part)
-    module.load_state_dict(model._require(part).state_dict())
+    module.load_state_dict(model.part(part).state_dict())
     module.to(device="cpu", dtype=dtype)
     if isinstance(module[0], nn.PixelUnshuffle):
         conv = module[1]
@@ -101,14 +101,14 @@ DYNAMIC_AXES = {IMAGE_NAME: {0: "batch", 2: "height", 3: "width"},
 
 def metadata(variant, part: str, fp16: bool) -> dict[str, str]:
     """What an export says about itself (ONNX metadata_props); see docs/onnx.md."""
-    from . import __version__
+    from taesd.version import __version__
     v = get_variant(variant)
     inp, out = _io_names(part)
     return {
         "taesd.variant": v.name,
         "taesd.part": part,
         "taesd.family": v.family,
-        "taesd.arch": v.arch,
+        "taesd.arch": str(v.arch),
         "taesd.input": inp,
         "taesd.output": out,
         "taesd.dtype": "float16" if fp16 else "float32",
@@ -223,7 +223,7 @@ def _shape(value_info) -> str:
     return f"{onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)} [{', '.join(dims)}]"
 
 
-def describe_onnx(path: "str | os.PathLike") -> str:
+def describe_onnx(path: str | os.PathLike) -> str:
     """Inputs, outputs, metadata and the operator set (with counts) of an .onnx file."""
     proto = load_onnx_file(path)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), "?")
@@ -242,7 +242,7 @@ def describe_onnx(path: "str | os.PathLike") -> str:
     return "\n".join(lines)
 
 
-def load_onnx_file(path: "str | os.PathLike"):
+def load_onnx_file(path: str | os.PathLike):
     import onnx
     path = Path(path)
     if not path.is_file():
@@ -250,7 +250,7 @@ def load_onnx_file(path: "str | os.PathLike"):
     try:
         return onnx.load(str(path))
     except Exception as e:
-        raise TaesdError(f"{path} is not a readable ONNX file ({type(e).__name__}); export it again") from None
+        raise TaesdError(f"{path} is not a readable ONNX file ({type(e).__name__}); export it again") from e
 
 
 # ---------------------------------------------------------------- writing files
@@ -259,20 +259,9 @@ def onnx_filename(variant, part: str, fp16: bool) -> str:
     return f"{get_variant(variant).name}_{part}{'.fp16' if fp16 else ''}.onnx"
 
 
-def save_onnx(proto, path: "str | os.PathLike") -> Path:
+def save_onnx(proto, path: str | os.PathLike) -> Path:
     import onnx
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
     return path
-
-
-def export_onnx(model, out_dir: "str | os.PathLike", parts=None, fp16: bool = False,
-                opset: int = DEFAULT_OPSET) -> list[Path]:
-    """Export the given parts (default: every part the model holds) to ``out_dir``; the paths."""
-    parts = model.parts if parts is None else ((parts,) if isinstance(parts, str) else tuple(parts))
-    written = []
-    for part in parts:
-        proto = to_onnx(model, part, fp16=fp16, opset=opset)
-        written.append(save_onnx(proto, Path(out_dir) / onnx_filename(model.variant, part, fp16)))
-    return written

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .errors import TaesdError
+from taesd.errors import TaesdError
 
 FACTORS = (1, 2, 4, 8)
 
@@ -21,7 +21,7 @@ def preview_decode(model, latents: torch.Tensor, factor: int = 2) -> torch.Tenso
     """Latents -> images in [0, 1] at 1/``factor`` of the full decode's size (factor 1, 2, 4 or 8)."""
     if factor not in FACTORS:
         raise TaesdError(f"preview factor must be one of {', '.join(map(str, FACTORS))}, not {factor}")
-    decoder = model._require("decoder")
+    decoder = model.part("decoder")
     if not isinstance(decoder, nn.Sequential):
         raise TaesdError("preview decoding needs the PyTorch decoder modules; load the model with the torch backend")
     upsamples = [i for i, m in enumerate(decoder) if isinstance(m, nn.Upsample)]

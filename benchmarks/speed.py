@@ -1,7 +1,7 @@
 """The speed benchmark: TAESD's executors against their peers, each in its own process.
 
 Each competitor runs as its users run it by default (its own allocator, layout and threads) in a
-separate worker process, ``python -m taesd.speed worker NAME``, driven over stdin/stdout with JSON
+separate worker process, ``python benchmarks/speed.py worker NAME``, driven over stdin/stdout with JSON
 lines. Per configuration (encode/decode x size x batch) fresh workers are started, warmed up, then
 called in turns A B C A B C ... so that background load hits all of them alike; ratios are only
 meaningful within one run. A ``conv-peak`` worker times one channels_last 3x3 64->64 convolution in
@@ -60,7 +60,7 @@ def conv_flops(module: nn.Module, x: torch.Tensor) -> int:
 
 def network_gflop(op: str, size: int, batch: int) -> float:
     """The published network's FLOPs for one call; measured at 64x64 and scaled (linear in area)."""
-    from .model import create
+    from taesd.model import create
     model = create(VARIANT)
     small = 64
     if op == "decode":
@@ -83,7 +83,7 @@ def _make_call(name: str, op: str, size: int, batch: int):
         return lambda: conv(x)
     if name.startswith("taesd") or name == "plain":
         import taesd
-        from .fast import compile_model, make_fast
+        from taesd.runtime.fast import compile_model, make_fast
         model = taesd.create(VARIANT)
         if name == "taesd":
             make_fast(model)
@@ -115,7 +115,7 @@ def _make_call(name: str, op: str, size: int, batch: int):
 def _onnx_call(op: str, x: torch.Tensor):
     """Export the plain published module to ONNX (dynamic batch and size), run it with ORT defaults."""
     import onnxruntime as ort
-    from .model import create
+    from taesd.model import create
     module = getattr(create(VARIANT), op + "r")
     path = os.path.join(tempfile.mkdtemp(prefix="taesd-bench-"), f"{op}.onnx")
     dims = {0: "n", 2: "h", 3: "w"}
@@ -167,9 +167,9 @@ class Worker:
     def __init__(self, name: str):
         self.name = name
         env = dict(os.environ)
-        src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen([sys.executable, "-m", "taesd.speed", "worker", name], env=env,
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", name], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, **req) -> dict:
@@ -265,7 +265,7 @@ def machine_facts() -> list[str]:
 
 
 def _winograd_fact() -> str:
-    from . import winograd
+    from taesd.runtime import winograd
     if not winograd.enabled():
         return f"switched off ({winograd.ENV_SWITCH}=0)"
     return f"built ({winograd.library_path().name})" if winograd.available() else f"not available ({winograd.load_error()})"
@@ -323,9 +323,9 @@ def accuracy_lines(weights_dir, photos=("astronaut", "coffee", "chelsea"), size=
     import numpy as np
     import skimage.data
     import torch.nn.functional as F
-    from .loader import load
-    from .metrics import psnr
-    from .preview_decode import preview_decode
+    from taesd.loader import load
+    from taesd.evaluation.metrics import psnr
+    from taesd.runtime.preview_decode import preview_decode
     plain = load("taef2", weights_dir, device="cpu", fast=False)
     fast = load("taef2", weights_dir, device="cpu")
     bf16 = load("taef2", weights_dir, device="cpu", dtype=torch.bfloat16)
@@ -354,7 +354,7 @@ def accuracy_lines(weights_dir, photos=("astronaut", "coffee", "chelsea"), size=
 
 
 def write_report(path, rows: list[Row], facts: list[str], accuracy: list[str], notes: list[str]) -> None:
-    from .files import atomic_path
+    from taesd.io.files import atomic_path
     text = "\n".join(
         ["# TAESD speed benchmark", "", "Written by `taesd bench` (benchmarks/bench_speed.py). "
          "Every competitor runs in its own process as its users run it by default; per configuration "
@@ -376,4 +376,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
         worker(sys.argv[2])
     else:
-        sys.exit("usage: python -m taesd.speed worker NAME  (the driver is `taesd bench`)")
+        sys.exit("usage: python benchmarks/speed.py worker NAME  (the driver is benchmarks/bench_speed.py)")

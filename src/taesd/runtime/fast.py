@@ -21,7 +21,7 @@ does, each measured (docs/performance.md):
   memory per block. Blocks keep their class layout (``conv``/``skip``/``fuse``/``pool``), so
   ``state_dict`` keys, Sequential indices and layer slices (tiling) are unchanged.
 - Winograd: 3x3 stride-1 convolutions on maps of 48x48 px and more run as Winograd F(2x2,3x3)
-  (encoder) or F(4x4,3x3) (decoder) in our own kernel (``taesd.winograd``): 2.25x / 4x fewer
+  (encoder) or F(4x4,3x3) (decoder) in our own kernel (``taesd.runtime.winograd``): 2.25x / 4x fewer
   multiplies, bias + residual + ReLU fused. Decoded pixels stay within ~1e-5 of the plain network,
   latents as close to a float64 evaluation as plain fp32's (docs/performance.md). ``TAESD_WINOGRAD=0``
   or ``make_fast(model, use_winograd=False)`` keeps every convolution direct.
@@ -40,8 +40,9 @@ import sys
 import torch
 import torch.nn as nn
 
-from . import winograd
-from .model import TAESD, Block
+from taesd.runtime import winograd
+from taesd.model import TAESD
+from taesd.nn.layers import Block
 
 ALLOCATOR_ENV = "TAESD_MALLOPT"
 # glibc mallopt parameters (malloc.h)
@@ -310,7 +311,7 @@ class FastSequential(nn.Sequential):
 # ---------------------------------------------------------------- transforming a model
 
 # Winograd tile size per part (0: direct convolution). The encoder's latents amplify rounding, so it
-# gets the more exact F(2x2,3x3); decoded pixels tolerate F(4x4,3x3) (taesd.winograd, measured).
+# gets the more exact F(2x2,3x3); decoded pixels tolerate F(4x4,3x3) (taesd.runtime.winograd, measured).
 WINOGRAD_TILES = {"encoder": 2, "decoder": 4}
 
 
@@ -332,7 +333,6 @@ def make_fast(model: TAESD, allocator: bool = True, use_winograd: bool = True) -
                 sub.__class__ = FastConv2d
             if type(sub) is FastConv2d:
                 sub.winograd = WINOGRAD_TILES.get(part, 0) if use_winograd else 0
-    model.fast = True
     return model
 
 
@@ -342,7 +342,6 @@ def make_plain(model: TAESD) -> TAESD:
         module = getattr(model, part)
         _unfuse(module)
         module.to(memory_format=torch.contiguous_format)
-    model.fast = False
     return model
 
 
@@ -359,10 +358,6 @@ def _unfuse(module: nn.Module) -> None:
             sub.__class__ = nn.Sequential
 
 
-def is_fast(model: TAESD) -> bool:
-    return bool(getattr(model, "fast", False))
-
-
 def compile_model(model: TAESD) -> TAESD:
     """Opt-in compiled mode: ``torch.compile`` each part in place (the modules keep their class,
     indices and state_dict). The first call per input shape compiles (tens of seconds on a CPU)."""
@@ -371,5 +366,4 @@ def compile_model(model: TAESD) -> TAESD:
         _unfuse(module)   # inductor fuses by itself; give it the plain graph
         module.to(memory_format=torch.channels_last)
         module.compile(dynamic=False)
-    model.fast = True
     return model

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_path
-from .images import crop_to, load_image, pad_to_multiple, save_image
-from .latents import dequantize, quantize
-from .metrics import psnr, ssim
+from taesd.io.files import atomic_path
+from taesd.io.images import crop_to, load_image, pad_to_multiple, save_image
+from taesd.io.latents import dequantize, quantize
+from taesd.evaluation.metrics import psnr, ssim
 
 METRICS = [("psnr", "PSNR"), ("ssim", "SSIM"), ("psnr_8bit", "PSNR 8-bit latents"),
            ("ssim_8bit", "SSIM 8-bit latents"), ("latent_mse", "latent MSE vs teacher")]

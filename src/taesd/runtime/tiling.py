@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .errors import TaesdError
+from taesd.errors import TaesdError
+from taesd.nn.layers import Block, Clamp
 
 # Layers that act on each pixel alone: no spatial reach.
 POINTWISE = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity, nn.Dropout)
@@ -60,14 +61,6 @@ def parse_bytes(value: "int | float | str") -> int:
     return int(float(m.group(1)) * SIZE_UNITS[unit])
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
 # ---------------------------------------------------------------- receptive field, from the layers
 
 def needed_interval(m: nn.Module, a: int, b: int) -> tuple[int, int]:
@@ -92,10 +85,10 @@ def needed_interval(m: nn.Module, a: int, b: int) -> tuple[int, int]:
         for child in reversed(m):
             a, b = needed_interval(child, a, b)
         return a, b
-    if _is_block(m):  # parallel branches, summed: the union of what they read
+    if isinstance(m, Block):  # parallel branches, summed: the union of what they read
         spans = [needed_interval(branch, a, b) for branch in _branches(m)]
         return min(s for s, _ in spans), max(e for _, e in spans)
-    if isinstance(m, POINTWISE) or _is_clamp(m):
+    if isinstance(m, (POINTWISE, Clamp)):
         return a, b
     raise TaesdError(f"cannot tile through layer {type(m).__name__}: its receptive field is unknown")
 
@@ -117,7 +110,7 @@ def scale_of(m: nn.Module) -> tuple[int, int]:
             up, down = up * u, down * d
         g = math.gcd(up, down)
         return up // g, down // g
-    if _is_block(m):
+    if isinstance(m, Block):
         return scale_of(m.conv)
     return 1, 1
 
@@ -138,17 +131,8 @@ def _upsample_factor(m: nn.Upsample) -> int:
     return int(f)
 
 
-def _is_block(m: nn.Module) -> bool:
-    return hasattr(m, "conv") and hasattr(m, "skip") and isinstance(m.conv, nn.Sequential)
-
-
-def _branches(m: nn.Module) -> list[nn.Module]:
-    pool = getattr(m, "pool", None)
-    return [m.conv, m.skip] + ([pool] if pool is not None else [])
-
-
-def _is_clamp(m: nn.Module) -> bool:
-    return type(m).__name__ == "Clamp"
+def _branches(m: Block) -> list[nn.Module]:
+    return [m.conv, m.skip] + ([m.pool] if m.pool is not None else [])
 
 
 @dataclass(frozen=True)
@@ -251,7 +235,7 @@ _ANALYSES: "weakref.WeakKeyDictionary[nn.Module, PartAnalysis]" = weakref.WeakKe
 
 def analyse(model, part: str) -> PartAnalysis:
     """The (cached) analysis of ``model.encoder`` or ``model.decoder``."""
-    module = model._require(part)
+    module = model.part(part)
     if module not in _ANALYSES:
         v = model.variant
         if part == "encoder":
@@ -389,17 +373,11 @@ def run(model, part: str, x: torch.Tensor, tile_size=None, max_memory=None) -> t
     if not p.tiled:
         y = model.run_part(part, x)
         return y.clamp(0, 1) if part == "decoder" else y
-    if an.global_span is None and not _uses_modules(model):
+    if an.global_span is None and not model.layerwise:
         out = _run_part_tiles(model, part, an, x, p)
     else:
         out = _run_stages(an, x, p)
     return out.clamp_(0, 1) if part == "decoder" else out
-
-
-def _uses_modules(model) -> bool:
-    """True when ``run_part`` is the plain PyTorch one, so layers may be run one by one."""
-    from .model import TAESD
-    return "run_part" not in vars(model) and type(model).run_part is TAESD.run_part
 
 
 def _tiles(lat_h: int, lat_w: int, p: Plan, batch: int, desc: str):

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import TaesdError
-from .files import IMAGE_SUFFIXES, expand_inputs
-from .images import load_image
+from taesd.errors import TaesdError
+from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
+from taesd.io.images import load_image
 
 
 def sample_generator(seed: int, *keys: int) -> torch.Generator:
@@ -182,8 +182,8 @@ def build_latent_cache(files: list, teacher, folder: "str | os.PathLike", min_si
     """
     from safetensors.torch import save_file
 
-    from .files import atomic_path
-    from .images import pad_to_multiple
+    from taesd.io.files import atomic_path
+    from taesd.io.images import pad_to_multiple
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     skipped = []

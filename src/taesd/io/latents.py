@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .errors import TaesdError
-from .files import atomic_path
-from .variants import Variant, get_variant
+from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.registry import Variant, get_variant
 
 LATENT_MAGNITUDE = 3.0
 LATENT_SHIFT = 0.5

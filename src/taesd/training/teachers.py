@@ -7,8 +7,8 @@ Every teacher offers ``encode(images in [0, 1]) -> latents in TAESD's convention
   latents already are in TAESD's convention.
 - ``DiffusersTeacher``: any diffusers autoencoder saved in a local folder (``config.json`` + weights):
   AutoencoderKL (SD, SDXL, SD3, FLUX.1), AutoencoderKLFlux2, AutoencoderDC, ... Raw latents map
-  to TAESD's by ``taesd = (raw - shift) * scale``; FLUX.2's VAE additionally normalises with its
-  BatchNorm statistics over 2x2 patches (as the FLUX.2 pipeline does), which is done here.
+  to TAESD's by the family's latent contract (taesd.integrations.diffusers.contracts): ``(raw -
+  shift) * scale``, FLUX.2's BatchNorm statistics over 2x2 patches, or Qwen 2.1's mean/std.
 """
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import TaesdError
-from .variants import VARIANTS, get_variant
+from taesd.errors import TaesdError
+from taesd.integrations.diffusers.contracts import LatentContract, contract_for, raw_to_taesd, taesd_to_raw
+from taesd.loader import load
+from taesd.registry import VARIANTS, get_variant
 
 
 class TaesdTeacher:
@@ -39,13 +41,13 @@ class TaesdTeacher:
 
 
 class DiffusersTeacher:
-    def __init__(self, vae, scale: float, shift: float, name: str):
-        self.vae, self.scale, self.shift, self.name = vae, scale, shift, name
-        cfg = vae.config
-        self.latent_channels = int(cfg.latent_channels)
+    """A diffusers VAE whose raw latents map to TAESD's by a latent contract (the same code the
+    pipelines' previews use: scale/shift, FLUX.2's BatchNorm over 2x2 patches, Qwen's mean/std)."""
+
+    def __init__(self, vae, contract: LatentContract, name: str):
+        self.vae, self.contract, self.name = vae, contract, name
+        self.latent_channels = int(vae.config.latent_channels)
         self.downscale = _downscale_of(vae)
-        self.bn = getattr(vae, "bn", None)  # FLUX.2: latents are BatchNorm-normalised 2x2 patches
-        self.patch = tuple(getattr(cfg, "patch_size", None) or (2, 2)) if self.bn is not None else None
 
     @property
     def device(self):
@@ -55,31 +57,15 @@ class DiffusersTeacher:
     def dtype(self):
         return next(self.vae.parameters()).dtype
 
-    def _bn_stats(self, latents: torch.Tensor):
-        # BatchNorm stats are per (channel, dy, dx) of a 2x2 patch; spread them over the unpatchified grid.
-        ph, pw = self.patch
-        c = self.latent_channels
-        mean = self.bn.running_mean.view(c, ph, pw)
-        std = (self.bn.running_var + self.bn.eps).sqrt().view(c, ph, pw)
-        h, w = latents.shape[-2:]
-        tile = (1, h // ph, w // pw)
-        return (mean.repeat(tile)[None].to(latents), std.repeat(tile)[None].to(latents))
-
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         out = self.vae.encode((images * 2 - 1).to(self.device, self.dtype))
         raw = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latent
-        if self.bn is not None:
-            mean, std = self._bn_stats(raw)
-            raw = (raw - mean) / std
-        return ((raw - self.shift) * self.scale).float()
+        return raw_to_taesd(raw, self.contract).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raw = latents.to(self.device, self.dtype) / self.scale + self.shift
-        if self.bn is not None:
-            mean, std = self._bn_stats(raw)
-            raw = raw * std + mean
+        raw = taesd_to_raw(latents.to(self.device, self.dtype), self.contract)
         return ((self.vae.decode(raw).sample.float() + 1) / 2).clamp(0, 1)
 
 
@@ -91,7 +77,7 @@ def _downscale_of(vae) -> int:
     return 2 ** (len(blocks) - 1) if blocks else 8
 
 
-def load_diffusers_vae(folder: "str | os.PathLike", device=None, dtype=None):
+def load_diffusers_vae(folder: str | os.PathLike, device=None, dtype=None):
     """A diffusers autoencoder from a local folder (never downloads)."""
     import diffusers
     folder = Path(folder)
@@ -116,9 +102,18 @@ def load_teacher(spec: str, weights=None, scale: float | None = None, shift: flo
     config (``scaling_factor``, ``shift_factor``).
     """
     if spec in VARIANTS and not Path(spec).exists():
-        from .loader import load
         return TaesdTeacher(load(spec, weights=weights, device=device, dtype=dtype))
     vae = load_diffusers_vae(spec, device=device, dtype=dtype)
+    return DiffusersTeacher(vae, teacher_contract(vae, family, scale, shift), Path(spec).name)
+
+
+def teacher_contract(vae, family: str | None, scale: float | None, shift: float | None) -> LatentContract:
+    """The contract of a diffusers teacher: FLUX.2's BatchNorm when the VAE has one; a mean/std
+    family's statistics; else (raw - shift) * scale from the arguments, the family or the config."""
+    if getattr(vae, "bn", None) is not None:
+        return contract_for(vae, variant=family or "taef2")
+    if family is not None and get_variant(family).normalization == "mean_std" and scale is None and shift is None:
+        return contract_for(vae, variant=family)
     cfg = vae.config
     if family is not None:
         v = get_variant(family)
@@ -126,4 +121,5 @@ def load_teacher(spec: str, weights=None, scale: float | None = None, shift: flo
         shift = v.vae_shift if shift is None else shift
     scale = float(getattr(cfg, "scaling_factor", None) or 1.0) if scale is None else scale
     shift = float(getattr(cfg, "shift_factor", None) or 0.0) if shift is None else shift
-    return DiffusersTeacher(vae, scale, shift, Path(spec).name)
+    return LatentContract(variant=family or "", family=type(vae).__name__, normalization="scale_shift",
+                          packing="spatial", pipelines=(), scale=scale, shift=shift, source="teacher")

@@ -1,6 +1,6 @@
 """Live previews for diffusers pipelines: a ``callback_on_step_end`` that decodes with TAESD.
 
-    from taesd.preview import PreviewCallback
+    from taesd.integrations.diffusers.preview import PreviewCallback
     preview = PreviewCallback(pipe, every=2, out_dir="previews/")   # taesd.load(...) for the family
     image = pipe(prompt, callback_on_step_end=preview).images[0]
     print(preview.report())                                        # preview cost per step
@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .contracts import LatentContract, contract_for, pipeline_to_taesd
-from .errors import TaesdError
-from .files import atomic_path
-from .images import tensor_to_pil
+from taesd.integrations.diffusers.contracts import LatentContract, contract_for, pipeline_to_taesd
+from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.io.images import tensor_to_pil
 
-log = logging.getLogger("taesd.preview")
+log = logging.getLogger("taesd.integrations.diffusers.preview")
 
 
 @dataclass
@@ -174,7 +174,7 @@ class PreviewCallback:
 
     def _model(self, device):
         if self.taesd is None:
-            from .loader import load
+            from taesd.loader import load
             self.taesd = load(self.contract.variant, parts="decoder", device=device)
         elif self.taesd.variant.name != self.contract.variant and not self._warned_variant:
             self._warned_variant = True  # e.g. taesd3 on FLUX.1: same channels, wrong colours

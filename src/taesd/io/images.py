@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import TaesdError
-from .files import atomic_path
+from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
 
 
 def open_image(path: "str | os.PathLike") -> Image.Image:

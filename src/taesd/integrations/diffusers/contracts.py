@@ -32,14 +32,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import TaesdError
-from .variants import get_variant
-
-# Sana's DC-AE f32c32 config (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers): its scaling_factor.
-# The registry stores 1.0 for taesana; the published taesana encoder's latents have unit spread
-# (std ~0.9 on photos), i.e. the *scaled* DC-AE latent, so the contract scales like every other family.
-SANA_SCALE = 0.41407
-
+from taesd.errors import TaesdError
+from taesd.registry import VARIANTS, Variant, get_variant
 
 PACKING_TEXT = {"spatial": "none (N x C x h x w)",
                 "flux": "2x2 patches in a sequence, N x (h/2 * w/2) x 4C",
@@ -56,8 +50,8 @@ class LatentContract:
     pipelines: tuple[str, ...]         # diffusers pipeline class-name prefixes of the family
     scale: float = 1.0                 # scale_shift: taesd = (raw - shift) * scale
     shift: float = 0.0
-    mean: "torch.Tensor | None" = None  # batchnorm / mean_std: per-channel statistics
-    std: "torch.Tensor | None" = None
+    mean: torch.Tensor | None = None  # batchnorm / mean_std: per-channel statistics
+    std: torch.Tensor | None = None
     source: str = "registry"           # where the constants came from: "registry" or a VAE class
 
     @property
@@ -75,26 +69,12 @@ class LatentContract:
         return f"{self.family}: taesd = {self.normalization_text()}; packing: {PACKING_TEXT[self.packing]}"
 
 
-def _scalar(variant: str, family: str, packing: str, pipelines: tuple[str, ...],
-            scale: float | None = None) -> LatentContract:
-    v = get_variant(variant)
-    return LatentContract(variant, family, "scale_shift", packing, pipelines,
-                          v.vae_scale if scale is None else scale, v.vae_shift)
+def _registry_contract(v: Variant) -> LatentContract:
+    return LatentContract(v.name, v.family, v.normalization, v.packing, v.pipelines, v.vae_scale, v.vae_shift)
 
 
-CONTRACTS: dict[str, LatentContract] = {c.variant: c for c in [
-    _scalar("taesd", "SD 1.x / 2.x", "spatial", ("StableDiffusion", "LatentConsistency")),
-    _scalar("taesdxl", "SDXL", "spatial", ("StableDiffusionXL",)),
-    _scalar("taesd3", "SD3 / SD3.5", "spatial", ("StableDiffusion3",)),
-    _scalar("taef1", "FLUX.1 (also Chroma, HiDream, Z-Image)", "flux", ("Flux", "Chroma", "HiDream", "ZImage")),
-    LatentContract("taef2", "FLUX.2", "batchnorm", "flux2", ("Flux2",)),
-    _scalar("taesana", "Sana (DC-AE f32c32)", "spatial", ("Sana",), scale=SANA_SCALE),
-    LatentContract("taeqi2_1", "Qwen Image 2.1", "mean_std", "sequence", ("QwenImage21",)),
-]}
-
-# VAE classes that identify a family when the pipeline's class name does not.
-_VAE_CLASSES = {"AutoencoderKLFlux2": "taef2", "AutoencoderDC": "taesana",
-                "AutoencoderKLQwenImage21": "taeqi2_1"}
+# Built from the registry (its normalization/packing/pipelines fields): nothing here is per-variant.
+CONTRACTS: dict[str, LatentContract] = {v.name: _registry_contract(v) for v in VARIANTS.values()}
 
 
 # ---------------------------------------------------------------- finding a pipeline's contract
@@ -107,8 +87,9 @@ def variant_for(pipe) -> str:
     if matches:
         return max(matches)[1]
     vae = getattr(pipe, "vae", pipe)
-    if type(vae).__name__ in _VAE_CLASSES:
-        return _VAE_CLASSES[type(vae).__name__]
+    by_class = [v.name for v in VARIANTS.values() if type(vae).__name__ in v.vae_classes]
+    if by_class:
+        return by_class[0]
     cfg = getattr(vae, "config", None)
     if cfg is not None and type(vae).__name__ == "AutoencoderKL":
         key = (int(cfg.latent_channels), round(float(cfg.scaling_factor), 5),

@@ -1,5 +1,4 @@
-"""Weights I/O: read every published TAESD weight format, tell what a file holds from its tensor
-shapes, find the weights for a variant, and write any format.
+"""Weight formats: read every published TAESD weight format into state dicts and write any of them.
 
 Formats (all hold state dicts keyed like the flat ``nn.Sequential`` in ``model.py``):
   pth          original ``<name>_encoder.pth`` / ``<name>_decoder.pth``; fp16 plain state dicts
@@ -17,17 +16,15 @@ import pickle
 import re
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from .errors import TaesdError
-from .files import atomic_path
-from .model import build_part
-from .variants import VARIANTS, Variant, get_variant
+from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.io.weights.identify import describe, identify
+from taesd.registry import PARTS, Arch, Variant, get_variant
 
-PARTS = ("encoder", "decoder")
 FORMATS = ("pth", "safetensors", "diffusers", "comfyui")
 WEIGHTS_ENV = "TAESD_WEIGHTS"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -44,8 +41,6 @@ class WeightSource:
     extras: dict[str, float] = field(default_factory=dict)   # comfyui vae_scale / vae_shift
     sha256: str = ""
 
-    def matches(self, part: str) -> list[str]:
-        return identify(self.parts[part], part)
 
 
 # ---------------------------------------------------------------- reading files -> state dicts
@@ -67,10 +62,10 @@ def _read_torch(path: Path) -> StateDict:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it would call {found.group(1)}" if found else "it needs code to run"
         raise TaesdError(f"refusing to load {path}: unsafe pickle ({what}); TAESD weights are plain "
-                         f"state dicts, get the published file from {PUBLISHED_AT}") from None
+                         f"state dicts, get the published file from {PUBLISHED_AT}") from e
     except Exception as e:  # truncated zip, not a torch file, ...
         raise TaesdError(f"cannot read {path} as a PyTorch weight file ({_short(e)}); "
-                         f"the file is damaged or not a .pth state dict, download it again") from None
+                         f"the file is damaged or not a .pth state dict, download it again") from e
     # Training checkpoints sometimes wrap the state dict.
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -89,7 +84,7 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:
         raise TaesdError(f"cannot read {path} as safetensors ({_short(e)}); "
-                         f"the file is damaged or truncated, download or convert it again") from None
+                         f"the file is damaged or truncated, download or convert it again") from e
 
 
 def _short(e: Exception) -> str:
@@ -97,7 +92,7 @@ def _short(e: Exception) -> str:
     return text[:160]
 
 
-def read_file(path: "str | os.PathLike") -> StateDict:
+def read_file(path: str | os.PathLike) -> StateDict:
     """The raw tensors of a weight file or diffusers folder (keys as stored)."""
     path = Path(path)
     if not path.exists():
@@ -122,15 +117,7 @@ def split_parts(raw: StateDict) -> tuple[str, dict[str, StateDict], dict[str, fl
     keys = list(raw)
     extras = {k: float(raw[k]) for k in ("vae_scale", "vae_shift") if k in raw}
     if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys):
-        parts: dict[str, StateDict] = {}
-        for k, v in raw.items():
-            m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
-            if not m:
-                continue
-            part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
-            idx += 1 if part == "decoder" else 0
-            parts.setdefault(part, {})[f"{idx}.{rest}"] = v
-        return "diffusers", parts, extras
+        return "diffusers", from_diffusers_keys(raw), extras
     for prefix, fmt in (("taesd_", "comfyui"), ("", "combined")):
         if any(k.startswith((f"{prefix}encoder.", f"{prefix}decoder.")) for k in keys):
             parts = {}
@@ -142,35 +129,7 @@ def split_parts(raw: StateDict) -> tuple[str, dict[str, StateDict], dict[str, fl
     return "single", {"?": raw}, extras
 
 
-@lru_cache(maxsize=None)
-def _signature(variant: str, part: str) -> tuple:
-    with torch.device("meta"):
-        module = build_part(variant, part)
-    return tuple(sorted((k, tuple(v.shape)) for k, v in module.state_dict().items()))
-
-
-def _sig_of(sd: StateDict) -> tuple:
-    return tuple(sorted((k, tuple(v.shape)) for k, v in sd.items()))
-
-
-def identify(sd: StateDict, part: str | None = None) -> list[str]:
-    """Names of the variants whose ``part`` (or either part) has exactly these keys and shapes."""
-    sig = _sig_of(sd)
-    parts = PARTS if part in (None, "?") else (part,)
-    return [f"{name}:{p}" if part in (None, "?") else name
-            for name in VARIANTS for p in parts if _signature(name, p) == sig]
-
-
-def describe(sd: StateDict, part: str) -> str:
-    """'a 16-channel decoder (taesd3/taef1)' from the tensors alone."""
-    names = identify(sd, part)
-    if not names:
-        return f"{len(sd)} tensors that are no TAESD {part}"
-    channels = get_variant(names[0]).latent_channels
-    return f"a {channels}-channel {part} ({'/'.join(names)})"
-
-
-def read_source(path: "str | os.PathLike") -> WeightSource:
+def read_source(path: str | os.PathLike) -> WeightSource:
     """Read a weight file or folder and work out which parts it holds (from shapes, not names)."""
     path = Path(path)
     raw = read_file(path)
@@ -193,95 +152,36 @@ def read_source(path: "str | os.PathLike") -> WeightSource:
     return WeightSource(path, fmt, parts, extras, sha256_of(real))
 
 
-# ---------------------------------------------------------------- finding weights for a variant
+# ---------------------------------------------------------------- diffusers keys
 
-def _candidates(folder: Path, v: Variant, part: str) -> list[Path]:
-    n = v.name
-    return [folder / f"{n}_{part}.pth", folder / f"{n}_{part}.safetensors",
-            folder / n, folder / f"{n}.safetensors", folder / f"{n}_{part}.bin"]
-
-
-def _from_folder(folder: Path, v: Variant, part: str) -> Path | None:
-    if (folder / DIFFUSERS_WEIGHTS).is_file() and _folder_is_variant(folder, v):
-        return folder
-    for cand in _candidates(folder, v, part):
-        if cand.is_file() or (cand.is_dir() and (cand / DIFFUSERS_WEIGHTS).is_file()):
-            return cand
-    return None
+def to_diffusers_keys(parts: dict[str, StateDict]) -> StateDict:
+    """Original keys -> diffusers' (``encoder.layers.N``, ``decoder.layers.N-1``: diffusers'
+    decoder Sequential has no Clamp layer, the clamp happens in its forward)."""
+    out: StateDict = {}
+    for part, sd in parts.items():
+        offset = 1 if part == "decoder" else 0
+        for k, t in sd.items():
+            idx, rest = k.split(".", 1)
+            out[f"{part}.layers.{int(idx) - offset}.{rest}"] = t
+    return out
 
 
-def _folder_is_variant(folder: Path, v: Variant) -> bool:
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return True  # decided later from the tensors
-    return int(cfg.get("latent_channels", v.latent_channels)) == v.latent_channels
-
-
-def _from_hub(v: Variant, revision: str | None) -> Path | None:
-    if not v.hub_repo:
-        return None
-    try:
-        from huggingface_hub import hf_hub_download
-        paths = [hf_hub_download(v.hub_repo, f, revision=revision) for f in v.hub_files]
-    except Exception:
-        return None
-    return Path(paths[-1]).parent
-
-
-def find_weights(variant: "str | Variant", part: str, weights=None, revision: str | None = None) -> Path:
-    """Where the weights of one part come from, in order: explicit path -> $TAESD_WEIGHTS -> hub."""
-    v = get_variant(variant)
-    if weights is not None:
-        if isinstance(weights, dict):
-            weights = weights.get(part)
-            if weights is None:
-                raise TaesdError(f"no {part} weights given for {v.name}")
-        p = Path(weights)
-        if not p.exists():
-            raise TaesdError(f"weights path {p} does not exist")
-        if p.is_dir():
-            found = _from_folder(p, v, part)
-            if found is None:
-                raise TaesdError(f"no {v.name} {part} weights in {p}: expected {v.name}_{part}.pth "
-                                 f"(or .safetensors, or a diffusers folder {v.name}/)")
-            return found
-        return p
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        found = _from_folder(Path(env), v, part)
-        if found is not None:
-            return found
-    found = _from_hub(v, revision)
-    if found is not None:
-        return found
-    where = f"${WEIGHTS_ENV} ({env})" if env else f"a folder and set {WEIGHTS_ENV} to it"
-    hub = f", or allow the download from {v.hub_repo}" if v.hub_repo else ""
-    raise TaesdError(f"no weights found for the {v.name} {part}: put {v.encoder_file if part == 'encoder' else v.decoder_file} "
-                     f"(from {PUBLISHED_AT}) in {where}, or pass weights=PATH{hub}")
-
-
-def load_part(variant: "str | Variant", part: str, path: Path, source: WeightSource | None = None
-              ) -> tuple[StateDict, WeightSource]:
-    """The state dict of ``part`` from ``path``, checked against the variant's shapes."""
-    v = get_variant(variant)
-    source = source or read_source(path)
-    for held, sd in source.parts.items():
-        if v.name not in identify(sd, held):
-            raise TaesdError(f"{path} holds {describe(sd, held)}; {v.name} needs a "
-                             f"{v.latent_channels}-channel {held} ({v.arch} architecture)")
-    if part not in source.parts:
-        held = " and ".join(f"{describe(sd, p)}" for p, sd in source.parts.items())
-        raise TaesdError(f"{path} holds {held}, not the {v.name} {part} it was asked for; "
-                         f"pass the {part} file too")
-    sd = source.parts[part]
-    return sd, source
+def from_diffusers_keys(raw: StateDict) -> dict[str, StateDict]:
+    """Diffusers' keys -> {part: state dict in original keys} (inverse of ``to_diffusers_keys``);
+    keys outside ``encoder.layers`` / ``decoder.layers`` are ignored."""
+    parts: dict[str, StateDict] = {}
+    for k, t in raw.items():
+        m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
+        if m:
+            part, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+            parts.setdefault(part, {})[f"{idx + (1 if part == 'decoder' else 0)}.{rest}"] = t
+    return parts
 
 
 # ---------------------------------------------------------------- writing any format
 
 def diffusers_config(v: Variant) -> dict:
-    if v.arch != "base":
+    if v.arch != Arch.BASE:
         raise TaesdError(f"diffusers' AutoencoderTiny cannot hold {v.name} ({v.arch} architecture); "
                          f"use the pth, safetensors or comfyui format")
     return {"_class_name": "AutoencoderTiny", "_diffusers_version": "0.30.0", "act_fn": "relu",
@@ -299,7 +199,7 @@ def _save_safetensors(tensors: StateDict, path: Path, metadata: dict[str, str]) 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def save_weights(parts: dict[str, StateDict], variant: "str | Variant", fmt: str, out: "str | os.PathLike",
+def save_weights(parts: dict[str, StateDict], variant: str | Variant, fmt: str, out: str | os.PathLike,
                  extras: dict[str, float] | None = None) -> list[Path]:
     """Write ``parts`` (original keys) in ``fmt``; ``out`` is a folder (pth, safetensors, diffusers)
     or a file (comfyui). Returns the paths written."""
@@ -322,10 +222,7 @@ def save_weights(parts: dict[str, StateDict], variant: "str | Variant", fmt: str
         config = diffusers_config(v)
         if set(parts) != set(PARTS):
             raise TaesdError("the diffusers format needs both encoder and decoder weights")
-        tensors = {f"encoder.layers.{k}": t for k, t in parts["encoder"].items()}
-        for k, t in parts["decoder"].items():
-            idx, rest = k.split(".", 1)
-            tensors[f"decoder.layers.{int(idx) - 1}.{rest}"] = t
+        tensors = to_diffusers_keys(parts)
         out.mkdir(parents=True, exist_ok=True)
         _save_safetensors(tensors, out / DIFFUSERS_WEIGHTS, {"format": "pt"})
         with atomic_path(out / "config.json") as tmp:

@@ -191,7 +191,7 @@ def conv3x3(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int,
     return y
 
 
-if __name__ == "__main__":   # python -m taesd.winograd: build now, say where (set-up runs this)
+if __name__ == "__main__":   # python -m taesd.runtime.winograd: build now, say where (set-up runs this)
     try:
         print(f"Winograd kernel: {build()}")
     except RuntimeError as e:
