@@ -20,6 +20,7 @@ Two executors:
 from __future__ import annotations
 
 import math
+import os
 import re
 import weakref
 from dataclasses import dataclass
@@ -354,10 +355,17 @@ def _tile_pair(tile_size) -> tuple[int, int]:
 
 
 def available_memory(device: torch.device) -> int:
+    """Free bytes for activations: the GPU's free memory, or the host's available memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import psutil
-    return psutil.virtual_memory().available
+    try:   # Linux: what the kernel says can be allocated without swapping
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # ---------------------------------------------------------------- execution

@@ -50,6 +50,14 @@ class DiffusersTeacher:
         self.downscale = _downscale_of(vae)
 
     @property
+    def scale(self) -> float:
+        return self.contract.scale
+
+    @property
+    def shift(self) -> float:
+        return self.contract.shift
+
+    @property
     def device(self):
         return next(self.vae.parameters()).device
 
