@@ -7,6 +7,7 @@ it saves as one safetensors file with its shape in the metadata (``load_student`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -113,3 +114,19 @@ def load_student(path: str | os.PathLike, device=None) -> Student:
     for p in student.parts:
         getattr(student, p).load_state_dict({k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(p + ".")})
     return student.to(device).eval()
+
+
+@torch.no_grad()
+def ema_update(ema: Student, model: Student, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    ema_p, model_p = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's state dict (names and bytes): equal digests mean identical weights."""
+    h = hashlib.sha256()
+    for k, t in module.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
