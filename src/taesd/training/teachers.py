@@ -111,6 +111,9 @@ def load_teacher(spec: str, weights=None, scale: float | None = None, shift: flo
     """
     if spec in VARIANTS and not Path(spec).exists():
         return TaesdTeacher(load(spec, weights=weights, device=device, dtype=dtype))
+    if not Path(spec).exists():
+        raise TaesdError(f"teacher {spec!r} does not exist: pass a TAESD variant ({', '.join(VARIANTS)}) "
+                         f"or a local diffusers autoencoder folder")
     vae = load_diffusers_vae(spec, device=device, dtype=dtype)
     return DiffusersTeacher(vae, teacher_contract(vae, family, scale, shift), Path(spec).name)
 
