@@ -83,7 +83,8 @@ FRESH_FOLDER_CASES = [  # (extra options, what the one line must say); --out doe
 ]
 
 
-@pytest.mark.parametrize("extra,expected", FRESH_FOLDER_CASES, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+@pytest.mark.parametrize("extra,expected", FRESH_FOLDER_CASES,
+                         ids=lambda x: " ".join(x) if isinstance(x, list) else "")
 def test_bad_options_fail_before_the_run_folder_exists(photos, tmp_path, weights, extra, expected):
     out = tmp_path / "run"
     args = base_args(photos, out, weights) + extra

@@ -126,7 +126,8 @@ def test_every_option_is_documented_where_declared():
 @pytest.mark.parametrize("options,flag", [
     (dict(batch=0), "--batch"), (dict(grad_accum=0), "--grad-accum"), (dict(log_every=0), "--log-every"),
     (dict(eval_every=-1), "--eval-every"), (dict(ckpt_every=0), "--ckpt-every"), (dict(lr=0.0), "--lr"),
-    (dict(ema=1.0), "--ema"), (dict(parts="both-ish"), "--parts"), (dict(save_formats=["pth", "jpg"]), "--save-formats"),
+    (dict(ema=1.0), "--ema"), (dict(parts="both-ish"), "--parts"),
+    (dict(save_formats=["pth", "jpg"]), "--save-formats"),
     (dict(colour_aug=float("nan")), "--colour-aug"), (dict(resume=True, overwrite=True), "--resume"),
 ])
 def test_config_refuses_bad_values_in_one_line(options, flag):
@@ -160,7 +161,8 @@ def test_csv_log_grows_columns_and_resumes(tmp_path):
     log.add({"step": 2, "loss": 0.25, "psnr": 20.123456789})
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["step", "loss", "psnr"] and rows[0]["psnr"] == "" and rows[1]["psnr"] == "20.1235"
+    assert list(rows[0]) == ["step", "loss", "psnr"]
+    assert rows[0]["psnr"] == "" and rows[1]["psnr"] == "20.1235"
     again = CsvLog(path, keep=True)
     again.drop_after(1)
     again.add({"step": 2, "loss": 0.3})
@@ -186,12 +188,14 @@ def test_rng_states_round_trip_through_a_safe_load(tmp_path):
     torch.rand(5), random.random(), np.random.rand(7)
     set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), random.random(), np.random.rand(3))
-    assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and np.array_equal(expected[2], again[2])
+    assert torch.equal(expected[0], again[0]) and expected[1] == again[1]
+    assert np.array_equal(expected[2], again[2])
 
 
 def test_checkpoint_round_trip(photos, tmp_path, weights):
-    cfg = TrainConfig(data=str(photos), out=str(tmp_path / "run"), teacher_weights=str(weights), width=8, depth=1,
-                      batch=2, crop=16, eval_crop=32, steps=2, ema=0.9, cpu=True, threads=1, progress=False)
+    cfg = TrainConfig(data=str(photos), out=str(tmp_path / "run"), teacher_weights=str(weights), width=8,
+                      depth=1, batch=2, crop=16, eval_crop=32, steps=2, ema=0.9, cpu=True, threads=1,
+                      progress=False)
     train(cfg)
     checkpoint = read_checkpoint(tmp_path / "run" / CHECKPOINT)
     assert set(KEYS) <= set(checkpoint) and checkpoint["step"] == 2

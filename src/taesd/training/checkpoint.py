@@ -86,7 +86,8 @@ def restore(run, checkpoint: dict) -> None:
         raise TaesdError(f"--resume: the checkpoint in {run.out} does not fit this run's networks "
                          f"({str(e).splitlines()[0][:200]}); resume with its options or --overwrite") from e
     set_rng_states(checkpoint["rng"][min(run.acc.process_index, len(checkpoint["rng"]) - 1)])
-    run.step, run.skipped, run.seconds_before = checkpoint["step"], set(checkpoint["skipped"]), checkpoint["seconds"]
+    run.step, run.seconds_before = checkpoint["step"], checkpoint["seconds"]
+    run.skipped = set(checkpoint["skipped"])
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -110,8 +111,8 @@ def check_resumable(cfg: TrainConfig, checkpoint: dict, path: Path) -> None:
     old = checkpoint["config"]
     for f in fields(TrainConfig):
         if f.metadata.get("fixed") and f.name in old and old[f.name] != getattr(cfg, f.name):
-            raise TaesdError(f"--resume: {flag(f.name)} is {getattr(cfg, f.name)!r} but the checkpoint {path} "
-                             f"was trained with {old[f.name]!r}; pass {flag(f.name)} {old[f.name]} "
+            raise TaesdError(f"--resume: {flag(f.name)} is {getattr(cfg, f.name)!r} but the checkpoint "
+                             f"{path} was trained with {old[f.name]!r}; pass {flag(f.name)} {old[f.name]} "
                              f"or start over with --overwrite")
     # EMA and the discriminator exist or not by a number being zero: compare presence, not the number.
     for name, wanted, present in (("ema", cfg.ema > 0, checkpoint["ema"] is not None),

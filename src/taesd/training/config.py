@@ -29,19 +29,22 @@ def option(default=MISSING, help: str = "", group: str | None = None, **meta) ->
 class TrainConfig:
     # data
     data: str = option(help="folder of training images (corrupt files are skipped and counted)", group="data")
-    holdout: list[str] = option([], "hold-out images/folders for evaluation (keep them out of --data)", "data")
+    holdout: list[str] = option([], "hold-out images/folders for evaluation (keep them out of --data)",
+                                "data")
     crop: int = option(128, "random crop size (pixels) for training", "data", min=1)
-    final_crop: int = option(256, "crop size for the last --final-steps steps (the recipe: 256)", "data", min=1)
+    final_crop: int = option(256, "crop size for the last --final-steps steps (the recipe: 256)", "data",
+                             min=1)
     final_steps: int = option(0, "train the last N steps at --final-crop", "data", min=0)
     colour_aug: float = option(0.05, "fraction of samples given a random colour matrix", "data", min=0, max=1)
     workers: int = option(0, "data loader worker processes", "data", min=0)
-    cache_latents: bool = option(False, "run the teacher once per image, keep its latents in OUT/latent_cache "
-                                        "(crops align to the latent grid; no flip/colour augmentation)", "data")
+    cache_latents: bool = option(False, "run the teacher once per image, keep its latents in "
+                                        "OUT/latent_cache (crops align to the latent grid; no flip/colour "
+                                        "augmentation)", "data")
     # teacher and student
     teacher: str = option("taef2", "TAESD variant name (e.g. taef2) or a local diffusers autoencoder folder",
                           "teacher and student", fixed=True)
-    teacher_weights: str | None = option(None, "weight file/folder of a TAESD teacher (default: $TAESD_WEIGHTS)",
-                                         "teacher and student")
+    teacher_weights: str | None = option(None, "weight file/folder of a TAESD teacher "
+                                               "(default: $TAESD_WEIGHTS)", "teacher and student")
     scale: float | None = option(None, "latent scale: taesd = (raw - shift) * scale (diffusers teachers)",
                                  "teacher and student")
     shift: float | None = option(None, "latent shift (diffusers teachers)", "teacher and student")
@@ -87,8 +90,8 @@ class TrainConfig:
     disc_lr: float = option(3e-4, "discriminator learning rate", "losses", above=0)
     disc_width: int = option(64, "discriminator channels", "losses", min=1, fixed=True)
     # run
-    out: str = option("runs/taesd", "output folder: checkpoint, metrics.csv, tensorboard/, samples/, student/",
-                      "run")
+    out: str = option("runs/taesd", "output folder: checkpoint, metrics.csv, tensorboard/, samples/, "
+                                    "student/", "run")
     eval_crop: int = option(256, "size of the hold-out centre crops", "run", min=1)
     eval_every: int = option(100, "evaluate every N steps", "run", min=1)
     ckpt_every: int = option(200, "checkpoint every N steps (also on Ctrl-C and at the end)", "run", min=1)
@@ -98,8 +101,8 @@ class TrainConfig:
                                     "samples and student; keeps the latent cache)", "run")
     time_limit: float = option(0.0, "stop after this many seconds and finish normally (0: no limit)", "run",
                                min=0)
-    save_formats: list[str] | None = option(None, "weight formats of the trained student (default: all it fits)",
-                                            "run", choices=list(FORMATS))
+    save_formats: list[str] | None = option(None, "weight formats of the trained student (default: all "
+                                                  "it fits)", "run", choices=list(FORMATS))
     progress: bool = option(True, "show a progress bar")  # no group: the command line always shows it
 
     def __post_init__(self):
@@ -109,7 +112,8 @@ class TrainConfig:
         if not self.data:
             raise TaesdError("no training data: pass --data FOLDER")
         if self.resume and self.overwrite:
-            raise TaesdError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+            raise TaesdError("--resume continues the run in --out and --overwrite deletes it: "
+                             "pass one of them")
 
 
 def flag(name: str) -> str:

@@ -61,8 +61,10 @@ class ImageCrops(torch.utils.data.Dataset):
                  cache: dict | None = None):
         self.files = expand_inputs(paths if isinstance(paths, (list, tuple)) else [paths], IMAGE_SUFFIXES)
         if crop % multiple:
-            raise TaesdError(f"crop size {crop} is not a multiple of {multiple}; pick e.g. {crop - crop % multiple or multiple}")
-        self.crop, self.seed, self.colour_aug, self.multiple, self.latent_cache = crop, seed, colour_aug, multiple, cache
+            raise TaesdError(f"crop size {crop} is not a multiple of {multiple}; "
+                             f"pick e.g. {crop - crop % multiple or multiple}")
+        self.crop, self.seed, self.colour_aug, self.multiple = crop, seed, colour_aug, multiple
+        self.latent_cache = cache
         self.cache: dict[int, torch.Tensor] = {}   # small folders stay decoded in memory
         self.cache_limit = int(os.environ.get("TAESD_IMAGE_CACHE", "64"))
 
@@ -165,8 +167,9 @@ def crop_loader(dataset: ImageCrops, batch: int, start_sample: int, rank: int = 
     Global batch ``b * world`` of step ``s`` is samples ``[s*b*world, (s+1)*b*world)``; process
     ``rank`` gets those with number = rank (mod world).
     """
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=ShardSampler(start_sample, rank, world),
-                                       num_workers=workers, collate_fn=collate,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch,
+                                       sampler=ShardSampler(start_sample, rank, world), num_workers=workers,
+                                       collate_fn=collate,
                                        persistent_workers=workers > 0)
 
 

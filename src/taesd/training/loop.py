@@ -49,8 +49,7 @@ def train(cfg: TrainConfig, callback=None) -> dict:
                 batch = run.next_batch()
                 losses, decoded = student_step(run, batch, last)
                 add(sums, losses)
-                if run.adv_on:
-                    add(sums, disc_step(run, batch, decoded, last))
+                add(sums, disc_step(run, batch, decoded, last))  # nothing before --adv-start
             optimizer_step(run)
             run.step += 1
             log_eval_checkpoint(run, {k: v / cfg.grad_accum for k, v in sums.items()}, callback)
@@ -109,11 +108,15 @@ def adversarial_term(run: Run, rec: torch.Tensor, s_dec: torch.Tensor, latents: 
 
 
 def disc_step(run: Run, batch: dict, s_dec: torch.Tensor, last: bool) -> dict[str, float]:
-    """Real (the decoder's target) vs fake (the student's decode), conditioned on the same latents."""
+    """Real (the decoder's target) vs fake (the student's decode), conditioned on the same latents;
+    no step (and no losses) while the adversarial term is off."""
+    if not run.adv_on:
+        return {}
     latents = batch["latents"]
     with synced(run, run.disc, last):
         with run.acc.autocast():
-            logits = run.disc(torch.cat([batch["target"], s_dec.detach()]), torch.cat([latents, latents])).float()
+            images = torch.cat([batch["target"], s_dec.detach()])
+            logits = run.disc(images, torch.cat([latents, latents])).float()
         real, fake = logits.chunk(2)
         d_loss = discriminator_loss(real, fake, run.cfg.adv_loss)
         run.acc.backward(d_loss / run.cfg.grad_accum)
@@ -186,8 +189,8 @@ def finish(run: Run) -> dict:
     run.bar.close()
     final = run.final_model()
     digests = gather_object([weights_digest(run.raw_student)])
-    report = {"step": run.step, "stopped_early": run.stopped, "processes": run.world, "seconds": run.seconds(),
-              "skipped_files": sorted(run.skipped), "replica_digests": digests,
+    report = {"step": run.step, "stopped_early": run.stopped, "processes": run.world,
+              "seconds": run.seconds(), "skipped_files": sorted(run.skipped), "replica_digests": digests,
               "replicas_identical": len(set(digests)) == 1}
     if not run.stopped:
         report["eval"] = evaluate(final, run.teacher, run.holdout)[0]

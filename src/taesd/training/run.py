@@ -118,11 +118,13 @@ class Run:
 def setup(cfg: TrainConfig) -> Run:
     checkpoint = preflight(cfg)
     acc = make_accelerator(cfg)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, cfg.scale, cfg.shift, cfg.family, device=acc.device)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, cfg.scale, cfg.shift, cfg.family,
+                           device=acc.device)
+    multiple = teacher.downscale
     for crop in crop_sizes(cfg):
-        if crop % teacher.downscale:
-            raise TaesdError(f"crop size {crop} is not a multiple of the teacher's downscale "
-                             f"{teacher.downscale}; pick e.g. {crop - crop % teacher.downscale or teacher.downscale}")
+        if crop % multiple:
+            raise TaesdError(f"crop size {crop} is not a multiple of the teacher's downscale {multiple}; "
+                             f"pick e.g. {crop - crop % multiple or multiple}")
     run = build_networks(cfg, acc, teacher)
     if checkpoint is not None:
         restore(run, checkpoint)

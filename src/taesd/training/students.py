@@ -41,7 +41,8 @@ class Student(nn.Module):
 
     def forward(self, images: torch.Tensor | None, teacher_latents: torch.Tensor | None):
         latents = self.encoder(images) if self.encoder is not None and images is not None else None
-        decoded = self.decoder(teacher_latents) if self.decoder is not None and teacher_latents is not None else None
+        decoded = (self.decoder(teacher_latents)
+                   if self.decoder is not None and teacher_latents is not None else None)
         return latents, decoded
 
 
@@ -85,14 +86,15 @@ def save_student(student: Student, out: str | os.PathLike, formats=None) -> list
         tensors = {f"{p}.{k}": t for p, sd in parts.items() for k, t in sd.items()}
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / CUSTOM_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "taesd-student", "config": json.dumps(student.config)})
+            meta = {"format": "taesd-student", "config": json.dumps(student.config)}
+            save_file(tensors, str(tmp), metadata=meta)
         return [out / CUSTOM_FILE]
     v = get_variant(arch)
     written = []
     for fmt in formats or FORMATS:
         if fmt == "diffusers" and (v.arch != Arch.BASE or len(parts) < 2):
             continue  # AutoencoderTiny holds base-architecture encoder+decoder pairs only
-        dest = out / "diffusers" if fmt == "diffusers" else out / f"{v.name}.safetensors" if fmt == "comfyui" else out
+        dest = {"diffusers": out / "diffusers", "comfyui": out / f"{v.name}.safetensors"}.get(fmt, out)
         written += save_weights(parts, v, fmt, dest)
     return written
 
@@ -110,9 +112,12 @@ def load_student(path: str | os.PathLike, device=None) -> Student:
             raise TaesdError(f"{path} is not a custom student file; registry students load with taesd.load")
         config = json.loads(meta["config"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    student = build_student("custom", config["parts"], config["latent_channels"], config["width"], config["depth"])
+    student = build_student("custom", config["parts"], config["latent_channels"], config["width"],
+                            config["depth"])
     for p in student.parts:
-        getattr(student, p).load_state_dict({k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(p + ".")})
+        prefix = p + "."
+        part = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        getattr(student, p).load_state_dict(part)
     return student.to(device).eval()
 
 
