@@ -32,7 +32,8 @@ from PIL import Image
 from taesd.training.loop import TrainConfig, train
 
 PHOTOS = ["chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "immunohistochemistry",
-          "hubble_deep_field", "retina", "colorwheel", "camera", "brick", "grass", "gravel", "moon", "coins", "clock", "cell", "page"]
+          "hubble_deep_field", "retina", "colorwheel", "camera", "brick", "grass", "gravel", "moon", "coins",
+          "clock", "cell", "page"]
 HELD_OUT = "astronaut"
 METRICS = ("psnr_decoder_vs_teacher", "psnr_roundtrip_vs_teacher", "psnr_roundtrip_vs_image", "latent_mse")
 

@@ -116,11 +116,16 @@ def zero(folder: Path) -> None:
     (folder / CHECKPOINT).write_bytes(bytes(4096))
 
 
+def foreign_pickle(folder: Path) -> None:  # a pickle that a full (unsafe) load would have to execute
+    torch.save({"step": 1, "config": Path(folder)}, folder / CHECKPOINT)
+
+
 RUN_FOLDER_CASES = [  # (damage done to a copy of a finished run, extra options, the one line)
     (None, [], "holds a run (checkpoint.pt, metrics.csv, report.json); pass --resume to continue or "
                "--overwrite to start over"),
     (truncate, ["--resume"], "is truncated or corrupt"),
     (zero, ["--resume"], "is truncated or corrupt"),
+    (foreign_pickle, ["--resume"], "holds Python objects a safe load refuses"),
     (None, ["--resume", "--width", "16"], "--width is 16 but the checkpoint"),
     (None, ["--resume", "--depth", "2"], "--depth is 2 but the checkpoint"),
     (None, ["--resume", "--student", "taef2"], "--student is 'taef2' but the checkpoint"),

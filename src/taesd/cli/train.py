@@ -14,6 +14,8 @@ import typing
 from dataclasses import MISSING, Field, fields
 
 from taesd.cli.common import command_parser
+from taesd.training.config import TrainConfig, config_from_dict, flag
+from taesd.training.loop import train
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -56,7 +58,6 @@ def argument(f: Field, kind) -> dict:
 
 
 def add_parser(sub):
-    from taesd.training.config import TrainConfig, flag
     p = command_parser(
         sub, "train", "distil a tiny autoencoder from a teacher VAE",
         "taesd train --data photos/ --teacher taef2 --student custom --width 32 --steps 2000 --out runs/t",
@@ -78,8 +79,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from taesd.training.config import TrainConfig, config_from_dict
-    from taesd.training.loop import train
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata.get("group")}
     report = train(config_from_dict(given))
     if report.get("stopped_early"):

@@ -96,7 +96,10 @@ def read_checkpoint(path: Path) -> dict:
         raise TaesdError(f"--resume: no checkpoint at {path}; start without --resume")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a foreign pickle, a file of zeros: all the same to the user
+    except Exception as e:  # a truncated zip, a file of zeros, ...: all the same to the user
+        if "Weights only load failed" in str(e):
+            raise TaesdError(f"--resume: {path} holds Python objects a safe load refuses (not a checkpoint "
+                             f"of this taesd version); start over with --overwrite") from e
         raise TaesdError(f"--resume: {path} is truncated or corrupt ({type(e).__name__}); restore it, "
                          f"or start over with --overwrite") from e
     missing = [k for k in KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]

@@ -107,6 +107,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if isinstance(self.holdout, str):  # one folder given as a string, not a list of them
+            self.holdout = [self.holdout]
+        if isinstance(self.save_formats, str):
+            self.save_formats = [self.save_formats]
         for f in fields(self):
             check_value(f, getattr(self, f.name))
         if not self.data:

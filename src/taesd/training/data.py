@@ -17,10 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.io.images import load_image, pad_to_multiple
 from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
-from taesd.io.images import load_image
 
 
 def sample_generator(seed: int, *keys: int) -> torch.Generator:
@@ -183,10 +186,6 @@ def build_latent_cache(files: list, teacher, folder: "str | os.PathLike", min_si
     rank + world, ...; call ``load_latent_cache`` after all processes are done. Returns the
     unreadable files.
     """
-    from safetensors.torch import save_file
-
-    from taesd.io.files import atomic_path
-    from taesd.io.images import pad_to_multiple
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     skipped = []
@@ -219,14 +218,12 @@ def build_latent_cache(files: list, teacher, folder: "str | os.PathLike", min_si
 
 
 def _shard_meta(path: Path) -> dict:
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
 
 
 def load_latent_cache(folder: "str | os.PathLike") -> dict:
     """index -> {"image", "latent", "decoded"?} from every shard in ``folder``."""
-    from safetensors.torch import load_file
     cache: dict[int, dict] = {}
     for path in sorted(Path(folder).glob("shard_*.safetensors")):
         for key, t in load_file(str(path)).items():

@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 
 from taesd.errors import TaesdError
 from taesd.io.files import atomic_path
+from taesd.io.weights.formats import FORMATS, save_weights
 from taesd.model import create
 from taesd.nn.arch import base_decoder, base_encoder
 from taesd.registry import PARTS, VARIANTS, Arch, get_variant
-from taesd.io.weights.formats import FORMATS, save_weights
 
 CUSTOM_FILE = "student.safetensors"
 
