@@ -12,8 +12,9 @@ term for the last 300 steps; the encoder learns taef2's latents (MSE). lr 2e-3 w
 (the recipe's 3e-4 is for long runs). The teacher runs once per photo (--cache-latents); 2 CPU
 threads (--threads 1 is faster on a busy CPU). Measured: 22.32 dB in 10 minutes (docs/training.md).
 
-Measured on the whole held-out photo (512 x 512), against the teacher's decode: the student decoder on the teacher's
-latents, and the student's own round trip (student encoder -> student decoder).
+Measured on the whole held-out photo (512 x 512), against the teacher's decode: the student decoder on
+the teacher's latents, and the student's own round trip (student encoder -> student decoder). A re-run
+starts the run over (--overwrite's behaviour).
 --docs copies the learning curve and the first/last sample grids into docs/img/.
 """
 from __future__ import annotations
@@ -26,14 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from taesd.training.loop import TrainConfig, train
 
-PHOTOS = ["chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "immunohistochemistry", "hubble_deep_field", "retina",
-          "colorwheel", "camera", "brick", "grass", "gravel", "moon", "coins", "clock", "cell", "page"]
+PHOTOS = ["chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "immunohistochemistry",
+          "hubble_deep_field", "retina", "colorwheel", "camera", "brick", "grass", "gravel", "moon", "coins",
+          "clock", "cell", "page"]
 HELD_OUT = "astronaut"
+METRICS = ("psnr_decoder_vs_teacher", "psnr_roundtrip_vs_teacher", "psnr_roundtrip_vs_image", "latent_mse")
 
 
 def photo_array(name: str) -> np.ndarray:
@@ -89,8 +91,9 @@ def main() -> int:
     cfg = TrainConfig(
         data=str(data), holdout=[str(holdout)], out=str(out / "run"), teacher="taef2",
         student="custom", width=args.width, depth=1, steps=args.steps, time_limit=args.minutes * 60,
-        batch=8, crop=48, lr=2e-3, lr_decay="cosine", ema=0.98, decoder_target=args.decoder_target, cache_latents=True,
-        adv_weight=0.05, adv_loss="hinge", adv_start=args.steps - 300,
+        batch=8, crop=48, lr=2e-3, lr_decay="cosine", ema=0.98, decoder_target=args.decoder_target,
+        cache_latents=True, overwrite=True,
+        adv_weight=0.05, adv_loss="hinge", adv_start=max(0, args.steps - 300),
         eval_crop=512, eval_every=200, log_every=10, ckpt_every=200,
         cpu=True, threads=args.threads, seed=0)
     t0 = time.time()
@@ -105,15 +108,12 @@ def main() -> int:
         "steps": report["step"], "wall_seconds": round(wall, 1), "train_seconds": round(report["seconds"], 1),
         "images_per_s_median": report["images_per_s_median"], "crop": cfg.crop, "batch": cfg.batch,
         "held_out": HELD_OUT,
-        "psnr_decoder_vs_teacher": [float(first["psnr_decoder_vs_teacher"]), report["eval"]["psnr_decoder_vs_teacher"]],
-        "psnr_roundtrip_vs_teacher": [float(first["psnr_roundtrip_vs_teacher"]), report["eval"]["psnr_roundtrip_vs_teacher"]],
-        "psnr_roundtrip_vs_image": [float(first["psnr_roundtrip_vs_image"]), report["eval"]["psnr_roundtrip_vs_image"]],
-        "latent_mse": [float(first["latent_mse"]), report["eval"]["latent_mse"]],
+        **{k: [float(first[k]), report["eval"][k]] for k in METRICS},
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n| hold-out ({HELD_OUT}) vs teacher decode | step 0 | step {last['step']} |")
     print("| --- | --- | --- |")
-    for k in ("psnr_decoder_vs_teacher", "psnr_roundtrip_vs_teacher", "psnr_roundtrip_vs_image", "latent_mse"):
+    for k in METRICS:
         print(f"| {k} | {summary[k][0]:.2f} | {summary[k][1]:.2f} |")
     print(f"steps {report['step']}, {summary['images_per_s_median']} crops/s ({cfg.crop}x{cfg.crop}), "
           f"wall {wall / 60:.1f} min")

@@ -38,7 +38,8 @@ def photos(tmp_path_factory):
 
 
 def tiny(out, data, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), teacher="taef2", teacher_weights=os.environ.get("TAESD_WEIGHTS"),
+    base = dict(data=str(data), out=str(out), teacher="taef2",
+                teacher_weights=os.environ.get("TAESD_WEIGHTS"),
                 student="custom", width=16, depth=1, batch=4, crop=16, eval_crop=32, steps=4, lr=1e-3,
                 log_every=1, eval_every=1000, ckpt_every=1000, cpu=True, threads=1, progress=False, seed=3)
     return TrainConfig(**{**base, **kw})
@@ -118,7 +119,8 @@ def test_resume_is_bit_identical_and_student_loads(photos, tmp_path):
     files = {Path(p).name for p in straight["files"]}
     assert {"taef2_encoder.pth", "taef2_decoder.safetensors", "taef2.safetensors"} <= files
     ema = a["ema"]
-    for weights in (tmp_path / "a" / "student" / "taef2_encoder.pth", tmp_path / "a" / "student" / "taef2.safetensors"):
+    student_dir = tmp_path / "a" / "student"
+    for weights in (student_dir / "taef2_encoder.pth", student_dir / "taef2.safetensors"):
         model = taesd.load("taef2", weights=weights, device="cpu")
         for k, t in model.encoder.state_dict().items():
             assert torch.equal(t, ema[f"encoder.{k}"])
@@ -126,11 +128,13 @@ def test_resume_is_bit_identical_and_student_loads(photos, tmp_path):
 
 def test_two_processes_hold_identical_weights(photos, tmp_path, weights):
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TAESD_WEIGHTS": str(weights)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
+           "TAESD_WEIGHTS": str(weights)}
     # torch's launcher starts the two processes; Accelerate takes the gloo process group from its env.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "taesd", "train",
            "--data", str(photos), "--out", str(out), "--teacher", "taef2", "--student", "custom",
-           "--width", "8", "--depth", "1", "--batch", "2", "--crop", "16", "--eval-crop", "32", "--steps", "3",
+           "--width", "8", "--depth", "1", "--batch", "2", "--crop", "16", "--eval-crop", "32",
+           "--steps", "3",
            "--adv-weight", "0.1", "--ema", "0.9", "--cpu", "--threads", "1"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -152,6 +156,7 @@ def test_diffusers_teacher_with_latent_cache(photos, tmp_path):
     shards = list((tmp_path / "run" / "latent_cache").glob("shard_*.safetensors"))
     assert shards
     from safetensors.torch import load_file
+
     from taesd.training.teachers import load_teacher
     cached = load_file(str(shards[0]))
     teacher = load_teacher(str(tmp_path / "vae"), family="taesd", device="cpu")

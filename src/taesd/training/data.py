@@ -17,10 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.io.images import load_image, pad_to_multiple
 from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
-from taesd.io.images import load_image
 
 
 def sample_generator(seed: int, *keys: int) -> torch.Generator:
@@ -61,8 +64,10 @@ class ImageCrops(torch.utils.data.Dataset):
                  cache: dict | None = None):
         self.files = expand_inputs(paths if isinstance(paths, (list, tuple)) else [paths], IMAGE_SUFFIXES)
         if crop % multiple:
-            raise TaesdError(f"crop size {crop} is not a multiple of {multiple}; pick e.g. {crop - crop % multiple or multiple}")
-        self.crop, self.seed, self.colour_aug, self.multiple, self.latent_cache = crop, seed, colour_aug, multiple, cache
+            raise TaesdError(f"crop size {crop} is not a multiple of {multiple}; "
+                             f"pick e.g. {crop - crop % multiple or multiple}")
+        self.crop, self.seed, self.colour_aug, self.multiple = crop, seed, colour_aug, multiple
+        self.latent_cache = cache
         self.cache: dict[int, torch.Tensor] = {}   # small folders stay decoded in memory
         self.cache_limit = int(os.environ.get("TAESD_IMAGE_CACHE", "64"))
 
@@ -165,8 +170,9 @@ def crop_loader(dataset: ImageCrops, batch: int, start_sample: int, rank: int = 
     Global batch ``b * world`` of step ``s`` is samples ``[s*b*world, (s+1)*b*world)``; process
     ``rank`` gets those with number = rank (mod world).
     """
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=ShardSampler(start_sample, rank, world),
-                                       num_workers=workers, collate_fn=collate,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch,
+                                       sampler=ShardSampler(start_sample, rank, world), num_workers=workers,
+                                       collate_fn=collate,
                                        persistent_workers=workers > 0)
 
 
@@ -180,10 +186,6 @@ def build_latent_cache(files: list, teacher, folder: "str | os.PathLike", min_si
     rank + world, ...; call ``load_latent_cache`` after all processes are done. Returns the
     unreadable files.
     """
-    from safetensors.torch import save_file
-
-    from taesd.io.files import atomic_path
-    from taesd.io.images import pad_to_multiple
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     skipped = []
@@ -216,14 +218,12 @@ def build_latent_cache(files: list, teacher, folder: "str | os.PathLike", min_si
 
 
 def _shard_meta(path: Path) -> dict:
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
 
 
 def load_latent_cache(folder: "str | os.PathLike") -> dict:
     """index -> {"image", "latent", "decoded"?} from every shard in ``folder``."""
-    from safetensors.torch import load_file
     cache: dict[int, dict] = {}
     for path in sorted(Path(folder).glob("shard_*.safetensors")):
         for key, t in load_file(str(path)).items():

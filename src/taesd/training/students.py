@@ -7,6 +7,7 @@ it saves as one safetensors file with its shape in the metadata (``load_student`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,10 +19,10 @@ from safetensors.torch import save_file
 
 from taesd.errors import TaesdError
 from taesd.io.files import atomic_path
+from taesd.io.weights.formats import FORMATS, save_weights
 from taesd.model import create
 from taesd.nn.arch import base_decoder, base_encoder
 from taesd.registry import PARTS, VARIANTS, Arch, get_variant
-from taesd.io.weights.formats import FORMATS, save_weights
 
 CUSTOM_FILE = "student.safetensors"
 
@@ -40,7 +41,8 @@ class Student(nn.Module):
 
     def forward(self, images: torch.Tensor | None, teacher_latents: torch.Tensor | None):
         latents = self.encoder(images) if self.encoder is not None and images is not None else None
-        decoded = self.decoder(teacher_latents) if self.decoder is not None and teacher_latents is not None else None
+        decoded = (self.decoder(teacher_latents)
+                   if self.decoder is not None and teacher_latents is not None else None)
         return latents, decoded
 
 
@@ -84,14 +86,15 @@ def save_student(student: Student, out: str | os.PathLike, formats=None) -> list
         tensors = {f"{p}.{k}": t for p, sd in parts.items() for k, t in sd.items()}
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / CUSTOM_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "taesd-student", "config": json.dumps(student.config)})
+            meta = {"format": "taesd-student", "config": json.dumps(student.config)}
+            save_file(tensors, str(tmp), metadata=meta)
         return [out / CUSTOM_FILE]
     v = get_variant(arch)
     written = []
     for fmt in formats or FORMATS:
         if fmt == "diffusers" and (v.arch != Arch.BASE or len(parts) < 2):
             continue  # AutoencoderTiny holds base-architecture encoder+decoder pairs only
-        dest = out / "diffusers" if fmt == "diffusers" else out / f"{v.name}.safetensors" if fmt == "comfyui" else out
+        dest = {"diffusers": out / "diffusers", "comfyui": out / f"{v.name}.safetensors"}.get(fmt, out)
         written += save_weights(parts, v, fmt, dest)
     return written
 
@@ -109,7 +112,26 @@ def load_student(path: str | os.PathLike, device=None) -> Student:
             raise TaesdError(f"{path} is not a custom student file; registry students load with taesd.load")
         config = json.loads(meta["config"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    student = build_student("custom", config["parts"], config["latent_channels"], config["width"], config["depth"])
+    student = build_student("custom", config["parts"], config["latent_channels"], config["width"],
+                            config["depth"])
     for p in student.parts:
-        getattr(student, p).load_state_dict({k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(p + ".")})
+        prefix = p + "."
+        part = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        getattr(student, p).load_state_dict(part)
     return student.to(device).eval()
+
+
+@torch.no_grad()
+def ema_update(ema: Student, model: Student, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    ema_p, model_p = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's state dict (names and bytes): equal digests mean identical weights."""
+    h = hashlib.sha256()
+    for k, t in module.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -37,7 +37,8 @@ class TaesdTeacher:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.run_part("decoder", self.model.prepare_latents(latents)).clamp(0, 1).float().contiguous()
+        decoded = self.model.run_part("decoder", self.model.prepare_latents(latents))
+        return decoded.clamp(0, 1).float().contiguous()
 
 
 class DiffusersTeacher:
@@ -111,6 +112,9 @@ def load_teacher(spec: str, weights=None, scale: float | None = None, shift: flo
     """
     if spec in VARIANTS and not Path(spec).exists():
         return TaesdTeacher(load(spec, weights=weights, device=device, dtype=dtype))
+    if not Path(spec).exists():
+        raise TaesdError(f"teacher {spec!r} does not exist: pass a TAESD variant ({', '.join(VARIANTS)}) "
+                         f"or a local diffusers autoencoder folder")
     vae = load_diffusers_vae(spec, device=device, dtype=dtype)
     return DiffusersTeacher(vae, teacher_contract(vae, family, scale, shift), Path(spec).name)
 
@@ -120,7 +124,8 @@ def teacher_contract(vae, family: str | None, scale: float | None, shift: float 
     family's statistics; else (raw - shift) * scale from the arguments, the family or the config."""
     if getattr(vae, "bn", None) is not None:
         return contract_for(vae, variant=family or "taef2")
-    if family is not None and get_variant(family).normalization == "mean_std" and scale is None and shift is None:
+    mean_std = family is not None and get_variant(family).normalization == "mean_std"
+    if mean_std and scale is None and shift is None:
         return contract_for(vae, variant=family)
     cfg = vae.config
     if family is not None:
