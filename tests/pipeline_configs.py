@@ -195,10 +195,36 @@ def sana_inputs(batch: int = 1) -> dict:
             "prompt_attention_mask": torch.ones(batch, 8, dtype=torch.long)}
 
 
+_QWEN_PROCESSOR: list = []
+
+
+def offline_qwen_processor_class():
+    """Qwen3VLProcessor without a video processor; a module attribute, so diffusers finds its class."""
+    if not _QWEN_PROCESSOR:
+        from transformers import Qwen3VLProcessor
+
+        class OfflineQwen3VLProcessor(Qwen3VLProcessor):
+            """No video processor: transformers' video processors need torchvision; 2.1 takes no video."""
+
+            def check_argument_for_proper_class(self, name, arg):
+                return None if name == "video_processor" and arg is None else \
+                    super().check_argument_for_proper_class(name, arg)
+
+            def save_pretrained(self, folder, **kwargs):   # the parts it has (loading gets it passed back)
+                self.tokenizer.save_pretrained(folder)
+                self.image_processor.save_pretrained(folder)
+                return []
+
+
+        globals()["OfflineQwen3VLProcessor"] = OfflineQwen3VLProcessor
+        _QWEN_PROCESSOR.append(OfflineQwen3VLProcessor)
+    return _QWEN_PROCESSOR[0]
+
+
 def qwen_processor(folder: Path):
     """A real Qwen3-VL processor: byte-level BPE vocabulary (no merges) plus Qwen's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor
+    from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     symbols = _byte_symbols()
     tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
@@ -211,14 +237,7 @@ def qwen_processor(folder: Path):
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
                 "{{ c['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
 
-    class OfflineQwen3VLProcessor(Qwen3VLProcessor):
-        """No video processor: transformers' video processors need torchvision; 2.1 takes no video."""
-
-        def check_argument_for_proper_class(self, name, arg):
-            return None if name == "video_processor" and arg is None else \
-                super().check_argument_for_proper_class(name, arg)
-
-    return OfflineQwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
+    return offline_qwen_processor_class()(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
                                    video_processor=None, chat_template=template)
 
 

@@ -161,8 +161,11 @@ def test_a_pipeline_holding_taesd_vae_saves_and_loads_back(family, weights, tmp_
     # diffusers records a non-diffusers class by its module path, which imports without diffusers' help.
     assert json.loads(index_path.read_text())["vae"] == ["taesd.integrations.diffusers.model", "TaesdVAE"]
     extra = {k: None for k, v in pipe.components.items() if v is None}  # diffusers wants absent parts named
-    if family == "taeqi2_1":
-        extra["processor"] = pipe.processor   # a test-only processor class (no torchvision here)
+    if family == "taeqi2_1":  # a test-only processor subclass (no torchvision here): pass it back in,
+        extra["processor"] = pipe.processor   # recorded as the real pipeline records its processor
+        index = json.loads(index_path.read_text())
+        index["processor"] = ["transformers", "Qwen3VLProcessor"]
+        index_path.write_text(json.dumps(index))
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", **extra)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded).__name__ == type(pipe).__name__ and type(loaded.vae).__name__ == "TaesdVAE"
