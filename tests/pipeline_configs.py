@@ -215,7 +215,6 @@ def offline_qwen_processor_class():
                 self.image_processor.save_pretrained(folder)
                 return []
 
-
         globals()["OfflineQwen3VLProcessor"] = OfflineQwen3VLProcessor
         _QWEN_PROCESSOR.append(OfflineQwen3VLProcessor)
     return _QWEN_PROCESSOR[0]
@@ -232,21 +231,22 @@ def qwen_processor(folder: Path):
     tok.decoder = decoders.ByteLevel()
     special = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                "<|video_pad|>", "<|endoftext|>"]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=special)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=special)
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
                 "{{ c['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
 
     return offline_qwen_processor_class()(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
-                                   video_processor=None, chat_template=template)
+                                          video_processor=None, chat_template=template)
 
 
 def qwen21(tmp: Path):
     from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
     from diffusers import QwenImage21Transformer2DModel
     torch.manual_seed(0)
-    transformer = QwenImage21Transformer2DModel(in_channels=64, out_channels=64, num_layers=1, attention_head_dim=16,
-                                                num_attention_heads=2, context_in_dim=TEXT_DIM,
+    transformer = QwenImage21Transformer2DModel(in_channels=64, out_channels=64, num_layers=1,
+                                                attention_head_dim=16, num_attention_heads=2,
+                                                context_in_dim=TEXT_DIM,
                                                 axes_dims_rope=(4, 6, 6))
     g = torch.Generator().manual_seed(2)
     vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, z_dim=64, dim_mult=[1, 1, 1, 1, 1],

@@ -86,11 +86,13 @@ def test_every_layout_loads(tmp_path, weights):
     save_weights(parts, "taesd3", "diffusers", tmp_path / "tiny")        # an AutoencoderTiny folder
     save_weights(parts, "taesd3", "pth", tmp_path / "taesd3")            # our per-part files
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in to_diffusers_keys(parts).items()}, str(tmp_path / "taesd3.safetensors"))
+    combined = {k: v.contiguous() for k, v in to_diffusers_keys(parts).items()}   # taef2.safetensors' layout
+    save_file(combined, str(tmp_path / "taesd3.safetensors"))
     z = torch.randn(1, 16, 8, 8)
     expected = ref.decode(z) * 2 - 1
     for path in [tmp_path / "tiny", tmp_path / "taesd3", tmp_path / "taesd3.safetensors"]:
-        vae = TaesdVAE.from_pretrained(path, taesd_variant=None if path.name.startswith("taesd3") else "taesd3")
+        named = path.name.startswith("taesd3")   # the name tells the variant; "tiny" does not
+        vae = TaesdVAE.from_pretrained(path, taesd_variant=None if named else "taesd3")
         assert vae.config.taesd_variant == "taesd3", path
         assert torch.allclose(vae.decode(z).sample, expected, atol=1e-5), path
     # The published per-part folder: the variant comes from the files there.
@@ -125,9 +127,11 @@ def test_half_precision_without_dtype_errors(dtype):
 def test_family_config_makes_pipeline_conversions_the_identity():
     f2 = TaesdVAE(taesd_variant="taef2")
     assert f2.config.batch_norm_eps == 0.0 and f2.bn.eps == 0.0
-    assert torch.equal(f2.bn.running_mean, torch.zeros(128)) and torch.equal(f2.bn.running_var, torch.ones(128))
+    assert torch.equal(f2.bn.running_mean, torch.zeros(128))
+    assert torch.equal(f2.bn.running_var, torch.ones(128))
     qi = TaesdVAE(taesd_variant="taeqi2_1")
-    assert qi.config.z_dim == 64 and qi.config.latents_mean == [0.0] * 64 and qi.config.latents_std == [1.0] * 64
+    assert qi.config.z_dim == 64
+    assert qi.config.latents_mean == [0.0] * 64 and qi.config.latents_std == [1.0] * 64
     sana = TaesdVAE(taesd_variant="taesana")
     assert 2 ** (len(sana.config.encoder_block_out_channels) - 1) == 32 and sana.config.scaling_factor == 1.0
     z = torch.randn(1, 64, 1, 4, 4)   # Qwen's frame axis in, frame axis out

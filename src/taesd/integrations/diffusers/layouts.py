@@ -59,7 +59,8 @@ def _local(path: Path, variant: str | None, label: str) -> tuple[Path, str, dict
     if path.is_dir() and not (path / DIFFUSERS_WEIGHTS).is_file():   # our per-part files
         variant = variant or name_hint(label)
         if variant is None:
-            present = [v for v in VARIANTS if any(path.glob(f"{v}_*")) or (path / f"{v}.safetensors").is_file()]
+            present = [v for v in VARIANTS
+                       if any(path.glob(f"{v}_*")) or (path / f"{v}.safetensors").is_file()]
             if len(present) != 1:
                 raise TaesdError(f"{path} holds weights of {', '.join(present) or 'no variant'}; "
                                  f"pass taesd_variant=")
@@ -92,7 +93,8 @@ def _hub(repo: str, variant: str | None, subfolder: str | None, revision: str | 
     parts = [fetch(v.part_file(p)) for p in ("encoder", "decoder")]
     if all(parts):
         return _local(parts[0].parent, v.name, repo)
-    raise TaesdError(f"found no {v.name} weights in the hub repo {repo} ({CONFIG_NAME} + {DIFFUSERS_WEIGHTS}, "
+    raise TaesdError(f"found no {v.name} weights in the hub repo {repo} "
+                     f"({CONFIG_NAME} + {DIFFUSERS_WEIGHTS}, "
                      f"{v.name}.safetensors or {v.encoder_file} + {v.decoder_file}); check the name, or that "
                      f"the hub can be reached (HF_HUB_OFFLINE)")
 

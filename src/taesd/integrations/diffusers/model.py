@@ -25,11 +25,8 @@ Contract (diffusers' VAE conventions, our network and executor):
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -39,10 +36,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
 from taesd.errors import TaesdError
-from taesd.io.weights.formats import DIFFUSERS_WEIGHTS, from_diffusers_keys, to_diffusers_keys
-from taesd.io.weights.identify import identify
+from taesd.io.weights.formats import from_diffusers_keys, to_diffusers_keys
 from taesd.model import TAESD
-from taesd.registry import PARTS, VARIANTS, Arch, get_variant
+from taesd.registry import PARTS, get_variant
 from taesd.runtime import fast as fast_executor
 
 CONFIG_NAME = "config.json"
@@ -142,7 +138,9 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         for part in PARTS:
             getattr(vae.taesd, part).load_state_dict(model.part(part).state_dict())
         vae.eval()
-        return vae.to(device=device, dtype=torch_dtype) if device is not None or torch_dtype is not None else vae
+        if device is None and torch_dtype is None:
+            return vae
+        return vae.to(device=device, dtype=torch_dtype)
 
     # ------------------------------------------------------------ saving: AutoencoderTiny's keys
 
@@ -157,7 +155,8 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         return {prefix + k: t for k, t in out.items()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        ours = {f"taesd.{p}.{k}": t for p, sd in from_diffusers_keys(state_dict).items() for k, t in sd.items()}
+        ours = {f"taesd.{p}.{k}": t
+                for p, sd in from_diffusers_keys(state_dict).items() for k, t in sd.items()}
         ours.update({k: t for k, t in state_dict.items() if not k.startswith(("encoder.", "decoder."))})
         self._executor_ready = False
         return super().load_state_dict(ours, strict=strict, assign=assign)
@@ -204,10 +203,12 @@ class TaesdVAE(ModelMixin, ConfigMixin):
     def _frames_in(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, bool]:
         if x.ndim == 5:
             if x.shape[2] != 1:
-                raise TaesdError(f"{what} with {x.shape[2]} frames are video; TAESD handles one frame (N x C x 1 x h x w)")
+                raise TaesdError(f"{what} with {x.shape[2]} frames are video; "
+                                 f"TAESD handles one frame (N x C x 1 x h x w)")
             return x[:, :, 0], True
         if x.ndim != 4:
-            raise TaesdError(f"{what} must be N x C x h x w (or N x C x 1 x h x w), got shape {tuple(x.shape)}")
+            raise TaesdError(f"{what} must be N x C x h x w (or N x C x 1 x h x w), "
+                             f"got shape {tuple(x.shape)}")
         return x, False
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
@@ -215,7 +216,8 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         x4, frames = self._frames_in(x, "images")
         model = self._model()
         tile = self.tile_size if self.use_tiling else None
-        z = torch.cat([model.encode(b.to(model.dtype).add(1).div(2), tile_size=tile) for b in self._batches(x4)])
+        z = torch.cat([model.encode(b.to(model.dtype).add(1).div(2), tile_size=tile)
+                       for b in self._batches(x4)])
         z = z.to(x.dtype if x.is_floating_point() else model.dtype)
         z = z[:, :, None] if frames else z
         return TaesdEncoderOutput(latents=z) if return_dict else (z,)

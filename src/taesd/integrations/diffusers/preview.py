@@ -175,7 +175,8 @@ class PreviewCallback:
 
     def _model(self, device):
         own = getattr(getattr(self._pipe, "vae", None), "taesd", None)   # the pipeline's TaesdVAE
-        if self.taesd is None and getattr(getattr(own, "variant", None), "name", None) == self.contract.variant:
+        own_variant = getattr(getattr(own, "variant", None), "name", None)
+        if self.taesd is None and own_variant == self.contract.variant:
             self.taesd = own
         if self.taesd is None:
             from taesd.loader import load
