@@ -127,7 +127,8 @@ class TaesdVAE(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, taesd_variant: str | None = None,
                         subfolder: str | None = None, torch_dtype=None, device=None,
-                        revision: str | None = None, executor: str | None = None, **_) -> "TaesdVAE":
+                        revision: str | None = None, executor: str | None = None, dtype=None,
+                        **_) -> "TaesdVAE":
         """Load from a TaesdVAE or AutoencoderTiny folder, a weight file, a folder of per-part files,
         or a hub repo of any of those. Other diffusers loading options are accepted and ignored."""
         from taesd.integrations.diffusers.layouts import locate
@@ -138,6 +139,7 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         for part in PARTS:
             getattr(vae.taesd, part).load_state_dict(model.part(part).state_dict())
         vae.eval()
+        torch_dtype = torch_dtype if torch_dtype is not None else dtype   # diffusers passes torch_dtype
         if device is None and torch_dtype is None:
             return vae
         return vae.to(device=device, dtype=torch_dtype)
