@@ -15,11 +15,17 @@ from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 from diffusers import Flux2Pipeline, FluxPipeline  # noqa: E402
 
 from taesd import TaesdError  # noqa: E402
+from taesd.registry import VARIANTS  # noqa: E402
 from taesd.integrations.diffusers.contracts import contract_for, pipeline_to_raw, pipeline_to_taesd  # noqa: E402
 from taesd.integrations.diffusers.vae import use_taesd_vae  # noqa: E402
 from taesd.integrations.diffusers.preview import PreviewCallback  # noqa: E402
 
-FAMILIES = list(pc.BUILDERS)  # taesd (SD 1.x), taesdxl, taesd3, taef1, taef2
+FAMILIES = list(pc.BUILDERS)  # taesd (SD 1.x), taesdxl, taesd3, taef1, taef2, taef2-klein, taesana, taeqi2_1
+
+
+def shape_of(family: str, batch: int = 1) -> tuple:
+    size = pc.size_of(family)
+    return (batch, VARIANTS[pc.variant_of(family)].image_channels, size, size)
 
 
 def run(pipe, variant, callback=None, **overrides):
@@ -36,34 +42,36 @@ def run(pipe, variant, callback=None, **overrides):
 
 @pytest.mark.parametrize("variant", FAMILIES)
 def test_previews_of_a_real_pipeline_follow_its_own_decode_path(variant, tmp_path, weights):
-    pipe = pc.shared(variant)
-    model = pc.preview_model(variant, weights)
+    family, size = variant, pc.size_of(variant)
+    pipe = pc.shared(family)
+    model = pc.preview_model(family, weights)
     given_to_vae = []  # what the pipeline itself hands its big VAE's decoder
     decode = pipe.vae.decode
     pipe.vae.decode = lambda z, *a, **k: (given_to_vae.append(z.detach().clone()), decode(z, *a, **k))[1]
     frames = []
     try:
         with PreviewCallback(pipe, model, out_dir=tmp_path, on_preview=frames.append) as preview:
-            images, seen = run(pipe, variant, preview)
+            images, seen = run(pipe, family, preview)
     finally:
         del pipe.vae.decode
-    assert images.shape == (1, 3, pc.SIZE, pc.SIZE)
+    assert images.shape == shape_of(family)
 
     assert [f.step for f in frames] == [0, 1]
     for f in frames:
-        assert f.image.size == (pc.SIZE, pc.SIZE)
-        assert f.images.shape == (1, 3, pc.SIZE, pc.SIZE)
+        assert f.image.size == (size, size)
+        assert f.images.shape == shape_of(family)
         assert torch.isfinite(f.images).all()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["contact_sheet.png", "frame_000_step_000.png", "frame_001_step_001.png", "preview.webp"]
     with Image.open(tmp_path / "preview.webp") as anim:
-        assert anim.n_frames == 2 and anim.size == (pc.SIZE, pc.SIZE)
+        assert anim.n_frames == 2 and anim.size == (size, size)
 
-    # The contract reproduces the pipeline's own latents -> VAE path (scale, shift, FLUX.2 BatchNorm).
+    # The contract reproduces the pipeline's own latents -> VAE path (scale, shift, FLUX.2 BatchNorm,
+    # Qwen 2.1's mean/std and frame axis).
     contract = contract_for(pipe)
-    assert torch.allclose(pipeline_to_raw(seen[-1], contract, pc.SIZE, pc.SIZE), given_to_vae[0], atol=1e-5)
+    assert torch.allclose(pipeline_to_raw(seen[-1], contract, size, size), given_to_vae[0], atol=1e-5)
     # The previews are TAESD's decode of what the pipeline carries, converted by the contract.
-    z = pipeline_to_taesd(seen[-1], contract, pc.SIZE, pc.SIZE)
+    z = pipeline_to_taesd(seen[-1], contract, size, size)
     assert torch.allclose(frames[-1].images, model.decode(z), atol=1e-5)
     assert preview.cost()["previews"] == 2 and preview.cost()["median_s"] > 0
 
@@ -105,22 +113,91 @@ def test_x0_previews_show_the_schedulers_prediction(variant, weights):
     assert torch.allclose(frames[-1].images, model.decode(final), atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", FAMILIES)
-def test_a_pipeline_with_taesd_as_its_vae_makes_the_image(variant, weights):
-    pipe = pc.shared(variant)
-    model = pc.preview_model(variant, weights)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pipeline_with_taesd_as_its_vae_makes_the_image(family, weights):
+    variant, size = pc.variant_of(family), pc.size_of(family)
+    pipe = pc.shared(family)
     big_vae = pipe.vae
     try:
-        use_taesd_vae(pipe, model)
-        images, seen = run(pipe, variant)
+        use_taesd_vae(pipe, pc.preview_model(family, weights))
+        assert type(pipe.vae).__name__ == "TaesdVAE" and pipe.vae.config.taesd_variant == variant
+        given = []  # what the pipeline's own unpack/normalise code hands the VAE
+        decode = pipe.vae.decode
+        pipe.vae.decode = lambda z, *a, **k: (given.append(z.detach().clone()), decode(z, *a, **k))[1]
+        try:
+            images, seen = run(pipe, family)
+        finally:
+            del pipe.vae.decode
+        vae = pipe.vae
     finally:
         pipe.vae = big_vae
-    assert images.shape == (1, 3, pc.SIZE, pc.SIZE)
+    assert images.shape == shape_of(family)
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
-    # The pipeline's image is TAESD's decode of its final latents: the config makes its
-    # scaling, shift and (FLUX.2) BatchNorm inverse the identity.
-    expected = model.decode(pipeline_to_taesd(seen[-1], contract_for(variant), pc.SIZE, pc.SIZE))
+    # The oracle is the pipeline's own conversion: with TaesdVAE's config it must land exactly on
+    # the family contract's TAESD latents (scale/shift, FLUX.2's BatchNorm, Qwen's mean/std: identity).
+    expected_z = pipeline_to_taesd(seen[-1], contract_for(variant), size, size)
+    handed = given[0][:, :, 0] if variant == "taeqi2_1" else given[0]
+    assert given[0].ndim == (5 if variant == "taeqi2_1" else 4)
+    assert torch.allclose(handed, expected_z, atol=1e-6, rtol=1e-6)
+    # The pipeline's image is TAESD's decode of its final latents.
+    expected = vae.taesd.decode(expected_z)
     assert torch.allclose(images, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pipeline_holding_taesd_vae_saves_and_loads_back(family, weights, tmp_path):
+    import json
+
+    from diffusers import DiffusionPipeline
+    pipe = pc.shared(family)
+    big_vae = pipe.vae
+    try:
+        use_taesd_vae(pipe, pc.preview_model(family, weights))
+        images, _ = run(pipe, family, generator=torch.Generator().manual_seed(0))
+        pipe.save_pretrained(tmp_path / "pipe")
+    finally:
+        pipe.vae = big_vae
+    index_path = tmp_path / "pipe" / "model_index.json"
+    # diffusers records a non-diffusers class by its module path, which imports without diffusers' help.
+    assert json.loads(index_path.read_text())["vae"] == ["taesd.integrations.diffusers.model", "TaesdVAE"]
+    extra = {k: None for k, v in pipe.components.items() if v is None}  # diffusers wants absent parts named
+    if family == "taeqi2_1":  # a test-only processor subclass (no torchvision here): pass it back in,
+        extra["processor"] = pipe.processor   # recorded as the real pipeline records its processor
+        index = json.loads(index_path.read_text())
+        index["processor"] = ["transformers", "Qwen3VLProcessor"]
+        index_path.write_text(json.dumps(index))
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", **extra)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == type(pipe).__name__ and type(loaded.vae).__name__ == "TaesdVAE"
+    again, _ = run(loaded, family, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, images)
+    if family == "taef2":  # a hand-written ["taesd", "TaesdVAE"] entry resolves too (lazy taesd.TaesdVAE)
+        index = json.loads(index_path.read_text())
+        index["vae"] = ["taesd", "TaesdVAE"]
+        index_path.write_text(json.dumps(index))
+        loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", **extra)
+        loaded.set_progress_bar_config(disable=True)
+        assert torch.equal(run(loaded, family, generator=torch.Generator().manual_seed(0))[0], images)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_previews_of_a_pipeline_with_taesd_vae(family, weights):
+    pipe = pc.shared(family)
+    big_vae = pipe.vae
+    frames = []
+    try:
+        use_taesd_vae(pipe, pc.preview_model(family, weights))
+        # No decoder given: the callback previews with the pipeline's own TaesdVAE (nothing loaded).
+        with PreviewCallback(pipe, on_preview=frames.append) as preview:
+            images, _ = run(pipe, family, preview)
+        assert preview.taesd is pipe.vae.taesd
+    finally:
+        pipe.vae = big_vae
+    assert [f.step for f in frames] == [0, 1] and preview.error is None
+    assert all(torch.isfinite(f.images).all() and f.images.shape == shape_of(family) for f in frames)
+    assert not torch.equal(frames[0].images, frames[1].images)
+    # The last preview is the final image: the same latents, the same decoder.
+    assert torch.allclose(frames[-1].images, images, atol=1e-5)
 
 
 def test_taesd_vae_gives_a_pil_image_end_to_end():
@@ -141,6 +218,10 @@ def test_a_taesd_of_the_wrong_family_is_refused():
     with pytest.raises(TaesdError, match="not taesd3"):    # same channels, another latent space
         use_taesd_vae(pipe, pc.preview_model("taesd3"))
     assert type(pipe.vae).__name__ == "AutoencoderKL"
+    for family, wrong in [("taesana", "taef2"), ("taeqi2_1", "taesana"), ("taef2-klein", "taef1")]:
+        with pytest.raises(TaesdError, match=f"not {wrong} ones") as err:
+            use_taesd_vae(pc.shared(family), pc.preview_model(wrong))
+        assert "\n" not in str(err.value)
 
 
 def test_the_example_script_generates_with_previews(tmp_path, capsys):

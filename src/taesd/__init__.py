@@ -26,3 +26,13 @@ from taesd.version import __version__
 __all__ = ["TAESD", "TaesdError", "VARIANTS", "Variant", "count_parameters", "create", "get_variant",
            "list_variants", "load", "load_image", "load_latents", "pad_to_multiple", "save_image",
            "save_latents", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy, so a core install (no diffusers) imports taesd; diffusers resolves a pipeline component
+    # saved as ["taesd", "TaesdVAE"] in model_index.json by getattr(import_module("taesd"), "TaesdVAE"),
+    # and picks its load method by looking up its base class there too (getattr(taesd, "ModelMixin")).
+    if name in ("TaesdVAE", "TaesdEncoderOutput", "ModelMixin"):
+        import importlib
+        return getattr(importlib.import_module("taesd.integrations.diffusers.model"), name)
+    raise AttributeError(f"module 'taesd' has no attribute {name!r}")

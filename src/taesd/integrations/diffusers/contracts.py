@@ -87,6 +87,9 @@ def variant_for(pipe) -> str:
     if matches:
         return max(matches)[1]
     vae = getattr(pipe, "vae", pipe)
+    named = getattr(getattr(vae, "config", None), "taesd_variant", None)
+    if named in VARIANTS:  # a TaesdVAE says which variant it is
+        return named
     by_class = [v.name for v in VARIANTS.values() if type(vae).__name__ in v.vae_classes]
     if by_class:
         return by_class[0]

@@ -47,7 +47,8 @@ class PreviewCallback:
 
     pipe: the pipeline (recommended at construction: it lets the callback see the scheduler's
       predicted clean image and the transformer's position ids from the first step on).
-    taesd: a loaded TAESD decoder (default: ``taesd.load`` of the pipeline family's variant).
+    taesd: a loaded TAESD decoder (default: the pipeline's own ``TaesdVAE`` when it has one, else
+      ``taesd.load`` of the pipeline family's variant).
     every: preview every N steps (the last step is always previewed).
     batch: "first" (the first image) or "all" (the whole batch as a grid).
     max_size: longest side of a preview frame in pixels (None: TAESD's full size).
@@ -173,6 +174,10 @@ class PreviewCallback:
         self._finished, self._x0 = False, None
 
     def _model(self, device):
+        own = getattr(getattr(self._pipe, "vae", None), "taesd", None)   # the pipeline's TaesdVAE
+        own_variant = getattr(getattr(own, "variant", None), "name", None)
+        if self.taesd is None and own_variant == self.contract.variant:
+            self.taesd = own
         if self.taesd is None:
             from taesd.loader import load
             self.taesd = load(self.contract.variant, parts="decoder", device=device)
