@@ -724,10 +724,10 @@ def bench(args) -> int:
                   dynamic_ncols=True) as bar:
             for op, size, batch, cfg_names in plan:
                 left = deadline - time.time()
-                if "diffusers-compile" in cfg_names and left < args.compile_reserve_s:
+                if rows and "diffusers-compile" in cfg_names and left < args.compile_reserve_s:
                     cfg_names = [n for n in cfg_names if n != "diffusers-compile"]
                     notes.append(f"{op} {size}² x{batch}: diffusers-compile left out (time budget)")
-                if left < args.config_reserve_s:
+                if rows and left < args.config_reserve_s:   # the first configuration always runs
                     notes.append(f"{op} {size}² x{batch}: not run (time budget of {args.budget_s:.0f} s spent)")
                     bar.update(args.rounds * len(cfg_names))
                     continue

@@ -63,7 +63,7 @@ if [ "$mode" = smoke ]; then
     "$PY" benchmarks/bench_gpu.py accuracy --device cpu --weights "$weights" --size 32 -o "$acc" || status=1
   fi
   "$PY" benchmarks/bench_gpu.py --device cpu --sizes 32 --batches 1 2 --rounds 1 --per-turn 2 --warmup 2 \
-    --competitors taesd taesd-eager taesd-bounded plain --bound 1MiB --budget-s 25 \
+    --competitors taesd taesd-eager taesd-bounded plain --bound 1MiB --budget-s 30 --config-reserve-s 5 \
     ${weights:+--accuracy "$acc"} -o "$output" || status=1
   echo "cpu smoke: $(elapsed) s, exit $status"
   exit $status

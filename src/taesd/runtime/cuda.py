@@ -298,10 +298,18 @@ def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor, fused:
 
 # ---------------------------------------------------------------- modules
 
+def _autograd(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether this call records a graph for backward (in-place shortcuts would break it)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 class CudaClamp(Clamp):
-    """``tanh(x / 3) * 3`` in place on one temporary (the input is left alone)."""
+    """``tanh(x / 3) * 3`` in place on one temporary (the input is left alone); autograd gets the
+    plain forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
         return x.mul(1 / 3).tanh_().mul_(3)
 
 
@@ -310,7 +318,7 @@ class CudaBlock(Block):
     autograd gets the plain forward. Same submodules and state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.conv[0].weight.requires_grad):
+        if _autograd(x, self):
             return super().forward(x)
         if self.pool is not None:
             x = x + self.pool(x)
