@@ -5,6 +5,7 @@ the memory planner with an injected mem_get_info, the executor's eager code (fp3
 plain network, fp16/bf16 PSNR against fp32 on the real taef2 weights), and the whole GPU check script
 in its CPU smoke mode. The tests marked for CUDA run where a GPU is visible (benchmarks/gpu_check.sh).
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,17 +25,20 @@ from taesd.runtime import tiling
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = os.environ.get("TAESD_WEIGHTS")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-needs_weights = pytest.mark.skipif(not (WEIGHTS and Path(WEIGHTS, "taef2_decoder.pth").is_file()),
-                                   reason="needs the taef2 weights ($TAESD_WEIGHTS)")
+needs_weights = pytest.mark.skipif(
+    not (WEIGHTS and Path(WEIGHTS, "taef2_decoder.pth").is_file()),
+    reason="needs the taef2 weights ($TAESD_WEIGHTS)",
+)
 
 
 # ---------------------------------------------------------------- dtype and device rules
+
 
 def test_default_dtype_rule():
     assert cuda.default_dtype("cpu") == torch.float32
     assert cuda.default_dtype("cuda", capability=(9, 0)) == torch.float16
     assert cuda.default_dtype("cuda", capability=(7, 0)) == torch.float16
-    assert cuda.default_dtype("cuda", capability=(6, 1)) == torch.float32   # no tensor cores
+    assert cuda.default_dtype("cuda", capability=(6, 1)) == torch.float32  # no tensor cores
     assert cuda.default_dtype("cuda", "fp32", capability=(9, 0)) == torch.float32
     assert cuda.default_dtype("cuda", "bf16", capability=(9, 0)) == torch.bfloat16
     assert cuda.default_dtype("cpu", torch.float16) == torch.float16
@@ -51,11 +55,12 @@ def test_load_on_cpu_keeps_fp32_and_the_cpu_executor():
 
 def test_with_executor_picks_by_device():
     model = with_executor(taesd.create("taesd", seed=0), "fast")
-    assert type(model.decoder).__name__ == "FastSequential"   # CPU: the CPU fast executor
+    assert type(model.decoder).__name__ == "FastSequential"  # CPU: the CPU fast executor
     assert not isinstance(model.decoder, cuda.CudaSequential)
 
 
 # ---------------------------------------------------------------- graph cache policy (fake capture)
+
 
 class FakeCapture:
     """Stands in for CUDA graph capture: a static buffer, a recorded call, a replay that reruns."""
@@ -73,6 +78,7 @@ class FakeCapture:
             self.replays += 1
             static.copy_(y)
             return fn(static).clone()
+
         return replay
 
 
@@ -84,30 +90,35 @@ def test_cache_captures_on_repeat_and_replays():
     cap = FakeCapture()
     cache = cuda.GraphCache(cap, capacity=2, repeats=2)
     x = torch.ones(1, 2, 3, 3)
-    assert torch.equal(cache.run("a", x, _double), x * 2) and cap.captured == []    # first sight: eager
-    assert torch.equal(cache.run("a", x + 1, _double), (x + 1) * 2)               # second: capture + run
+    assert torch.equal(cache.run("a", x, _double), x * 2) and cap.captured == []  # first sight: eager
+    assert torch.equal(cache.run("a", x + 1, _double), (x + 1) * 2)  # second: capture + run
     assert cap.captured == [(1, 2, 3, 3)] and cap.replays == 1
-    assert torch.equal(cache.run("a", x + 2, _double), (x + 2) * 2)               # replay, new data
+    assert torch.equal(cache.run("a", x + 2, _double), (x + 2) * 2)  # replay, new data
     assert cache.stats.captures == 1 and cache.stats.replays == 1 and cache.stats.eager == 1
 
 
 def test_cache_lru_eviction():
     cache = cuda.GraphCache(FakeCapture(), capacity=2, repeats=1)
     x = torch.zeros(1)
-    for key in ("a", "b", "a", "c"):   # "b" is least recently used when "c" arrives
+    for key in ("a", "b", "a", "c"):  # "b" is least recently used when "c" arrives
         cache.run(key, x, _double)
     assert cache.keys == ["a", "c"] and cache.stats.evictions == 1
 
 
 def test_cache_memory_budget_and_failures():
     held = []
-    cache = cuda.GraphCache(FakeCapture(fail_on={(1, 1)}), capacity=8, repeats=1,
-                            nbytes=lambda key, x: x.numel() * 100, budget=lambda h: held.append(h) or 250)
-    cache.run("small", torch.zeros(2), _double)     # 200 bytes: fits
+    cache = cuda.GraphCache(
+        FakeCapture(fail_on={(1, 1)}),
+        capacity=8,
+        repeats=1,
+        nbytes=lambda key, x: x.numel() * 100,
+        budget=lambda h: held.append(h) or 250,
+    )
+    cache.run("small", torch.zeros(2), _double)  # 200 bytes: fits
     assert cache.keys == ["small"] and cache.held_bytes == 200
-    cache.run("big", torch.zeros(5), _double)       # 500 bytes: over the budget, eager for good
+    cache.run("big", torch.zeros(5), _double)  # 500 bytes: over the budget, eager for good
     assert "big" not in cache.keys and "memory budget" in cache.why_eager("big")
-    cache.run("other", torch.zeros(1), _double)     # 200 + 100 > 250: the older graph goes
+    cache.run("other", torch.zeros(1), _double)  # 200 + 100 > 250: the older graph goes
     assert cache.keys == ["other"] and cache.stats.evictions == 1 and held[-1] == 200
     out = cache.run("bad", torch.ones(1, 1), _double)  # capture refused: eager, remembered
     assert torch.equal(out, torch.full((1, 1), 2.0)) and "capture failed" in cache.why_eager("bad")
@@ -115,17 +126,17 @@ def test_cache_memory_budget_and_failures():
 
 
 def test_graph_memory_reads_injected_mem_get_info():
-    gib = 2 ** 30
+    gib = 2**30
     memory = cuda.GraphMemory("cuda", mem_get_info=lambda d: (8 * gib, 80 * gib))
-    assert memory.budget() == 2 * gib                   # a quarter of free
-    assert memory.budget(held=4 * gib) == 3 * gib       # what graphs hold can be given back
+    assert memory.budget() == 2 * gib  # a quarter of free
+    assert memory.budget(held=4 * gib) == 3 * gib  # what graphs hold can be given back
     assert cuda.GraphMemory("cuda", lambda d: (100 * gib, 141 * gib)).budget() == cuda.GRAPH_MEMORY_CAP
 
 
 def test_model_with_fake_capture_replays_repeated_shapes():
     ref = taesd.create("taesd", seed=0)
     cap = FakeCapture()
-    model = cuda.make_cuda(copy.deepcopy(ref), capture=cap, mem_get_info=lambda d: (2 ** 34, 2 ** 34))
+    model = cuda.make_cuda(copy.deepcopy(ref), capture=cap, mem_get_info=lambda d: (2**34, 2**34))
     z = torch.randn(1, 4, 8, 8)
     outs = [model.decode(z) for _ in range(3)]
     assert cap.captured == [(1, 4, 8, 8)]
@@ -134,14 +145,15 @@ def test_model_with_fake_capture_replays_repeated_shapes():
     for out in outs:
         torch.testing.assert_close(out, ref.decode(z), atol=1e-5, rtol=1e-5)
         assert out.is_contiguous()
-    model.decode(torch.randn(2, 4, 8, 8))   # a new shape runs eager first
+    model.decode(torch.randn(2, 4, 8, 8))  # a new shape runs eager first
     assert cap.captured == [(1, 4, 8, 8)]
-    with torch.no_grad():                    # outside inference mode: the modules, never a graph
+    with torch.no_grad():  # outside inference mode: the modules, never a graph
         model.decoder(z)
     assert cache.stats.replays == 1
 
 
 # ---------------------------------------------------------------- the executor's eager code on the CPU
+
 
 def test_cuda_executor_fp32_matches_plain_and_keeps_state_dict():
     ref = taesd.create("taef2", seed=1)
@@ -176,9 +188,9 @@ def test_memory_estimate_uses_the_run_dtype():
     est = cuda.graph_bytes(model, "decoder")(None, torch.zeros(16, 4, 128, 128, dtype=torch.float16))
     assert est == fp16
     # The stated bound: batch 16 at 1024² in fp16, untiled ~9 GiB; with max_memory the plan stays under it.
-    assert 8 * 2 ** 30 < fp16 < 10 * 2 ** 30
+    assert 8 * 2**30 < fp16 < 10 * 2**30
     p = tiling.plan(an, 16, 128, 128, 2, 3, max_memory="2GiB")
-    assert p.tiled and p.estimate <= 2 * 2 ** 30
+    assert p.tiled and p.estimate <= 2 * 2**30
 
 
 @needs_weights
@@ -187,17 +199,21 @@ def test_reduced_precision_psnr_on_real_photos():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_gpu
     from taesd.evaluation.metrics import psnr
+
     x = bench_gpu.photos(48)
     ref = load("taef2", WEIGHTS, device="cpu", dtype="fp32", executor="plain")
     z = ref.encode(x)
     y = ref.decode(z)
     for dtype in ("fp16", "bf16"):
-        model = cuda.make_cuda(load("taef2", WEIGHTS, device="cpu", dtype=dtype, executor="plain"), graphs=False)
+        model = cuda.make_cuda(
+            load("taef2", WEIGHTS, device="cpu", dtype=dtype, executor="plain"), graphs=False
+        )
         assert psnr(model.decode(z).float(), y).min() >= 40
         assert psnr(ref.decode(model.encode(x).float()), y).min() >= 40
 
 
 # ---------------------------------------------------------------- on a GPU (gpu_check.sh runs these)
+
 
 @needs_cuda
 def test_load_on_cuda_defaults_to_fp16_graphs_and_matches_eager():
@@ -222,17 +238,26 @@ def test_fusion_probe_result_is_consistent_on_cuda():
 
 # ---------------------------------------------------------------- the one script, CPU smoke mode
 
+
 @pytest.mark.slow
 def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "GPU.md"
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--output", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--output", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
     for heading in ("## Machine", "## Targets (issue 15)", "## Speed", "## Accuracy", "## Notes"):
         assert heading in text
-    assert "| decode | 32² | 1 | taesd | float32 |" in text and "| decode | 32² | 1 | plain | float32 |" in text
+    assert (
+        "| decode | 32² | 1 | taesd | float32 |" in text and "| decode | 32² | 1 | plain | float32 |" in text
+    )
     assert "measured here: copy" in text
     if WEIGHTS:
         assert "Accuracy check: passed" in text

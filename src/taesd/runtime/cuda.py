@@ -27,6 +27,7 @@ Every piece is device-agnostic Python around torch ops, so the eager path, the f
 cache policy (``GraphCache`` with an injected capture function) and the memory planner (an injected
 ``mem_get_info``) run and are tested on the CPU. Outputs are fresh tensors in the standard layout.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,12 +47,12 @@ from taesd.runtime.dtypes import resolve_dtype
 
 GRAPHS_ENV = "TAESD_CUDA_GRAPHS"
 CUDNN_BENCHMARK_ENV = "TAESD_CUDNN_BENCHMARK"
-TENSOR_CORE_CAPABILITY = (7, 0)   # Volta: the first GPUs with fp16 tensor cores
-GRAPH_CAPACITY = 8                # captured shapes kept per part
-GRAPH_REPEATS = 2                 # a shape is captured on its second call
-GRAPH_MEMORY_CAP = 4 << 30        # bytes all captured graphs of one cache may hold
-GRAPH_MEMORY_FRACTION = 0.25      # ... and at most this share of the device's free memory
-WARMUP_RUNS = 2                   # eager runs before a capture: cuDNN picks its algorithms here
+TENSOR_CORE_CAPABILITY = (7, 0)  # Volta: the first GPUs with fp16 tensor cores
+GRAPH_CAPACITY = 8  # captured shapes kept per part
+GRAPH_REPEATS = 2  # a shape is captured on its second call
+GRAPH_MEMORY_CAP = 4 << 30  # bytes all captured graphs of one cache may hold
+GRAPH_MEMORY_FRACTION = 0.25  # ... and at most this share of the device's free memory
+WARMUP_RUNS = 2  # eager runs before a capture: cuDNN picks its algorithms here
 
 
 def _env_off(name: str) -> bool:
@@ -59,6 +60,7 @@ def _env_off(name: str) -> bool:
 
 
 # ---------------------------------------------------------------- precision and device rules
+
 
 def default_dtype(device, dtype=None, capability: "tuple[int, int] | None" = None) -> torch.dtype:
     """The dtype a model on ``device`` runs in: ``dtype`` when given (a name or torch dtype), else
@@ -80,13 +82,19 @@ def is_cuda(model: TAESD) -> bool:
 
 # ---------------------------------------------------------------- graph memory planner
 
+
 class GraphMemory:
     """How many bytes captured graphs may hold on ``device``: ``min(cap, fraction x (free + held))``,
     where free comes from ``mem_get_info`` (``torch.cuda.mem_get_info`` unless injected: a function
     device -> (free, total) bytes) and held is what the cache's graphs hold already (theirs to give back)."""
 
-    def __init__(self, device, mem_get_info: "Callable | None" = None, cap: int = GRAPH_MEMORY_CAP,
-                 fraction: float = GRAPH_MEMORY_FRACTION):
+    def __init__(
+        self,
+        device,
+        mem_get_info: "Callable | None" = None,
+        cap: int = GRAPH_MEMORY_CAP,
+        fraction: float = GRAPH_MEMORY_FRACTION,
+    ):
         self.device = torch.device(device)
         self.mem_get_info = mem_get_info or torch.cuda.mem_get_info
         self.cap, self.fraction = cap, fraction
@@ -98,9 +106,10 @@ class GraphMemory:
 
 # ---------------------------------------------------------------- graph cache (pure policy)
 
+
 @dataclass
 class CacheStats:
-    eager: int = 0       # calls run eager (first sight of a shape, too big, capture failed)
+    eager: int = 0  # calls run eager (first sight of a shape, too big, capture failed)
     captures: int = 0
     replays: int = 0
     evictions: int = 0
@@ -122,13 +131,14 @@ class GraphCache:
     if its estimated bytes (``nbytes(key, x)``) fit the budget (``budget(held) -> bytes``), evicting the
     least recently used graphs to stay within ``capacity`` and the budget. A capture that raises marks
     the key eager for good. Keys of shapes seen once are remembered up to ``max_seen``."""
+
     capture: Callable
     capacity: int = GRAPH_CAPACITY
     repeats: int = GRAPH_REPEATS
     nbytes: "Callable | None" = None
     budget: "Callable | None" = None
     max_seen: int = 256
-    devices: tuple = ("cuda",)   # device types whose calls may be captured
+    devices: tuple = ("cuda",)  # device types whose calls may be captured
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self):
@@ -180,17 +190,19 @@ class GraphCache:
         size = int(self.nbytes(key, x)) if self.nbytes else 0
         limit = self.budget(self.held_bytes) if self.budget else None
         if limit is not None and size > limit:
-            self._mark_eager(key, f"needs ~{size / 2**20:.0f} MiB, over the graph memory budget "
-                                  f"of {limit / 2**20:.0f} MiB")
+            self._mark_eager(
+                key, f"needs ~{size / 2**20:.0f} MiB, over the graph memory budget of {limit / 2**20:.0f} MiB"
+            )
             self.stats.eager += 1
             return fn(x)
-        while self._entries and (len(self._entries) >= self.capacity or (
-                limit is not None and self.held_bytes + size > limit)):
+        while self._entries and (
+            len(self._entries) >= self.capacity or (limit is not None and self.held_bytes + size > limit)
+        ):
             self._entries.popitem(last=False)
             self.stats.evictions += 1
         try:
             runner = self.capture(fn, x)
-        except RuntimeError as e:   # capture refused (an op that cannot be captured, ...): eager
+        except RuntimeError as e:  # capture refused (an op that cannot be captured, ...): eager
             self._mark_eager(key, f"capture failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             self.stats.failures += 1
             self.stats.eager += 1
@@ -201,6 +213,7 @@ class GraphCache:
 
 
 # ---------------------------------------------------------------- CUDA graph capture
+
 
 class CapturedRun:
     """One captured forward: copy the input into the static buffer, replay, hand out a copy of the
@@ -241,13 +254,18 @@ def capture_cuda_graph(fn: Callable, x: torch.Tensor) -> CapturedRun:
 def graphable(x: torch.Tensor, devices: tuple = ("cuda",)) -> bool:
     """Whether a call may use a captured graph: a tensor on ``devices`` (CUDA) under inference mode,
     not traced, exported or compiled (those need the modules)."""
-    return (x.device.type in devices and torch.is_inference_mode_enabled() and not torch.jit.is_tracing()
-            and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling())
+    return (
+        x.device.type in devices
+        and torch.is_inference_mode_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
+    )
 
 
 # ---------------------------------------------------------------- fused cuDNN kernels
 
-_fusion_ok: dict[tuple, bool] = {}   # (device, dtype) -> do the fused cuDNN kernels work here?
+_fusion_ok: dict[tuple, bool] = {}  # (device, dtype) -> do the fused cuDNN kernels work here?
 
 
 def _conv_args(conv: nn.Conv2d) -> tuple:
@@ -280,8 +298,10 @@ def _probe_fusion(device: torch.device, dtype: torch.dtype) -> bool:
             return False
         ref = conv(x)
         tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
-        return bool(torch.allclose(fused.float(), (ref + x).relu().float(), atol=tol, rtol=tol)
-                    and torch.allclose(fused_relu.float(), ref.relu().float(), atol=tol, rtol=tol))
+        return bool(
+            torch.allclose(fused.float(), (ref + x).relu().float(), atol=tol, rtol=tol)
+            and torch.allclose(fused_relu.float(), ref.relu().float(), atol=tol, rtol=tol)
+        )
 
 
 def _conv_relu(conv: nn.Conv2d, x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -297,6 +317,7 @@ def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor, fused:
 
 
 # ---------------------------------------------------------------- modules
+
 
 def _autograd(x: torch.Tensor, module: nn.Module) -> bool:
     """Whether this call records a graph for backward (in-place shortcuts would break it)."""
@@ -352,7 +373,7 @@ class CudaSequential(nn.Sequential):
         key = (self.__dict__.get("_part"), tuple(x.shape), x.dtype, x.device)
         return cache.run(key, x, self.eager).contiguous()
 
-    def __getstate__(self):   # copies and pickles carry no captured graph
+    def __getstate__(self):  # copies and pickles carry no captured graph
         state = super().__getstate__()
         state.pop("_graph_cache", None)
         return state
@@ -360,19 +381,28 @@ class CudaSequential(nn.Sequential):
 
 # ---------------------------------------------------------------- transforming a model
 
+
 def graph_bytes(model: TAESD, part: str) -> Callable:
     """key, x -> estimated peak activation bytes of an untiled pass of ``part`` on ``x`` (what a
     captured graph's memory pool keeps): the tiling planner's estimate at x's element size."""
+
     def estimate(_key, x: torch.Tensor) -> int:
         an = tiling.analyse(model, part)
         h, w = x.shape[-2] // an.in_per_latent, x.shape[-1] // an.in_per_latent
         return tiling.estimate_peak(an, x.shape[0], h, w, h, w, x.element_size(), an.layers[-1].out_channels)
+
     return estimate
 
 
-def make_cuda(model: TAESD, graphs: "bool | None" = None, fuse: bool = True, capacity: int = GRAPH_CAPACITY,
-              repeats: int = GRAPH_REPEATS, mem_get_info: "Callable | None" = None,
-              capture: "Callable | None" = None) -> TAESD:
+def make_cuda(
+    model: TAESD,
+    graphs: "bool | None" = None,
+    fuse: bool = True,
+    capacity: int = GRAPH_CAPACITY,
+    repeats: int = GRAPH_REPEATS,
+    mem_get_info: "Callable | None" = None,
+    capture: "Callable | None" = None,
+) -> TAESD:
     """Transform ``model`` in place for GPU inference and return it (see the module docstring).
     ``graphs``: capture repeated shapes (default: on unless ``TAESD_CUDA_GRAPHS=0``); ``fuse``: use
     the fused cuDNN kernels where they work; ``mem_get_info``/``capture``: injected for tests."""
@@ -387,7 +417,7 @@ def make_cuda(model: TAESD, graphs: "bool | None" = None, fuse: bool = True, cap
         module.to(memory_format=torch.channels_last)
         if type(module) is nn.Sequential:
             module.__class__ = CudaSequential
-        for sub in module.modules():   # same attributes, new forward
+        for sub in module.modules():  # same attributes, new forward
             if type(sub) is Block:
                 sub.__class__ = CudaBlock
             elif type(sub) is Clamp:
@@ -400,9 +430,13 @@ def make_cuda(model: TAESD, graphs: "bool | None" = None, fuse: bool = True, cap
             if graphs:
                 memory = GraphMemory(model.device, mem_get_info) if (is_cuda(model) or mem_get_info) else None
                 module.__dict__["_graph_cache"] = GraphCache(
-                    capture or capture_cuda_graph, capacity=capacity, repeats=repeats,
-                    nbytes=graph_bytes(model, part), budget=memory.budget if memory else None,
-                    devices=("cuda",) if capture is None else ("cuda", model.device.type))
+                    capture or capture_cuda_graph,
+                    capacity=capacity,
+                    repeats=repeats,
+                    nbytes=graph_bytes(model, part),
+                    budget=memory.budget if memory else None,
+                    devices=("cuda",) if capture is None else ("cuda", model.device.type),
+                )
     return model
 
 
