@@ -105,6 +105,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--device=cuda" in argv or " ".join(argv).find("--device cuda") >= 0:
+        import bench_gpu   # `taesd bench --device cuda`: the GPU table (benchmarks/bench_gpu.py)
+        return bench_gpu.main(argv)
     args = build_parser().parse_args(argv)
     try:
         return run(args)

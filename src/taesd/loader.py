@@ -17,6 +17,7 @@ from taesd.io.weights.formats import WeightSource, read_source
 from taesd.io.weights.resolve import find_weights, load_part
 from taesd.model import TAESD
 from taesd.registry import PARTS, Variant, get_variant, normalize_parts
+from taesd.runtime import cuda as cuda_executor
 from taesd.runtime import fast as fast_executor
 from taesd.runtime.dtypes import resolve_dtype
 
@@ -39,8 +40,14 @@ def load(variant: str | Variant, weights=None, device=None, dtype=None, parts=No
         read from its tensor shapes. Exported .onnx files select the onnxruntime executor.
       parts: "encoder", "decoder" or both (default: both, or what the given files hold).
       revision: hub revision to pin (the published files were replaced in place between versions).
-      executor: "fast" (default: Winograd 3x3 convolutions, channels_last, fused oneDNN kernels,
-        glibc allocator setting; docs/performance.md), "plain" (the published modules as they are),
+      device: default "cuda" when a GPU is visible, else "cpu".
+      dtype: "fp32", "fp16", "bf16" or a torch dtype. Default (None): fp16 on a CUDA GPU with tensor
+        cores (compute capability 7.0+), fp32 on older GPUs and on the CPU
+        (``taesd.runtime.cuda.default_dtype``). Ask for dtype="fp32" to get fp32 on a GPU.
+      executor: "fast" (default; on the CPU: Winograd 3x3 convolutions, channels_last, fused oneDNN
+        kernels, glibc allocator setting, docs/performance.md; on CUDA: the CUDA executor, fp16,
+        channels_last, cuDNN autotuning and fused kernels, CUDA graphs for repeated shapes,
+        docs/gpu.md), "plain" (the published modules as they are),
         "compile" (torch.compile per part; the first call per shape compiles) or "onnxruntime".
       fast, compile, backend: the older switches for the same choice (fast=False is "plain",
         compile=True is "compile", backend="onnxruntime" is "onnxruntime").
@@ -55,7 +62,8 @@ def load(variant: str | Variant, weights=None, device=None, dtype=None, parts=No
     v = get_variant(variant)
     sources = resolve(v, weights, parts, revision)
     model = build(v, sources)
-    model.to(device=device if device is not None else default_device(), dtype=resolve_dtype(dtype))
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device=device, dtype=cuda_executor.default_dtype(device, dtype))
     model.eval().requires_grad_(False)
     return with_executor(model, executor)
 
@@ -119,11 +127,14 @@ def build(v: Variant, sources: dict[str, WeightSource]) -> TAESD:
 
 
 def with_executor(model: TAESD, executor: str) -> TAESD:
-    """``model`` set up to run with ``executor`` ("fast", "plain" or "compile")."""
+    """``model`` set up to run with ``executor`` ("fast", "plain" or "compile"); "fast" is the CUDA
+    executor when the model is on a CUDA device, the CPU fast executor elsewhere."""
     if executor == "compile":
         return fast_executor.compile_model(model)
     if executor == "plain":
         return model
+    if model.device.type == "cuda":
+        return cuda_executor.make_cuda(model)
     if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16) \
             and not fast_executor.fused_available(torch.zeros(1, dtype=model.dtype)):
         warnings.warn(f"{str(model.dtype).removeprefix('torch.')} has no native kernels on this CPU (it needs "
