@@ -148,13 +148,13 @@ def _record(path: Path, sha256: str, url: str) -> None:
 def _expected(src: WeightFile, path: Path) -> tuple[str | None, str]:
     """(expected digest, what it is): the registry's sha256, the hub blob's ETag, or the record."""
     if src.sha256:
-        return src.sha256, "sha256 (registry)"
+        return src.sha256, "the registry's sha256"
     blob = Path(path).resolve().name
     if src.host == "hub" and re.fullmatch(r"[0-9a-f]{64}", blob):
-        return blob, "sha256 (hub ETag)"
+        return blob, "the hub's ETag (sha256)"
     if src.host == "hub" and re.fullmatch(r"[0-9a-f]{40}", blob):
-        return blob, "git blob id (hub ETag)"
-    return recorded_sha256(path), "sha256 (recorded at download)"
+        return blob, "the hub's ETag (git blob id)"
+    return recorded_sha256(path), "the sha256 recorded at the first download"
 
 
 def verify(src: WeightFile, path: Path, url: str, record: bool = True) -> str:
@@ -166,13 +166,13 @@ def verify(src: WeightFile, path: Path, url: str, record: bool = True) -> str:
         raise TaesdError(f"{url} gave {size:,} bytes, not the published {src.size:,}: refused (truncated or "
                          f"another file)")
     expected, what = _expected(src, path)
-    got = _git_blob_sha1(path) if what.startswith("git") else digest
+    got = _git_blob_sha1(path) if "git blob" in what else digest
     if expected is None:
         if record:
             _record(path, digest, url)
     elif got != expected:
-        raise TaesdError(f"{url} has {what.split(' ')[0]} {got[:16]}..., expected {expected[:16]}... "
-                         f"({what}): refused (corrupted or replaced)")
+        raise TaesdError(f"{url} hashes to {got[:16]}..., not {expected[:16]}... ({what}): refused "
+                         f"(corrupted or replaced)")
     return digest
 
 
