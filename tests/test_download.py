@@ -202,3 +202,31 @@ def test_convert_to_and_from_the_combined_layout(tmp_path, weights, capsys):
         assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     assert main(["convert", str(weights / "taef2_encoder.pth"), "--to", "combined", "-o", str(tmp_path / "x")]) == 2
     assert "holds both parts" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_run_sh_end_to_end_in_a_fresh_copy_downloads_taef2(net, tmp_path):
+    """The README's main command on a machine without TAESD_WEIGHTS: taef2 comes from its hub layout,
+    verified and cached; the second round trip of run.sh asks nothing more."""
+    import shutil
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    (clone / ".venv").symlink_to(ROOT / ".venv")   # the checkout's venv, with the copy's code on the path
+    env = {k: v for k, v in os.environ.items() if k not in ("TAESD_WEIGHTS", "HF_HUB_OFFLINE", "TAESD_OFFLINE")}
+    env.update(HF_ENDPOINT=net.url, TAESD_GITHUB_URL=net.url, HF_HUB_CACHE=str(net.caches[1]),
+               TAESD_CACHE_DIR=str(net.caches[0]), PYTHONPATH=str(clone / "src"), TAESD_SETUP_REUSE_VENV="1")
+    r = subprocess.run(["bash", "run.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((clone / "out" / "roundtrip").glob("*.png"))) == 5
+    assert len(list((clone / "out" / "roundtrip-8bit").glob("*.png"))) >= 5
+    assert weight_requests(net) == [("HEAD", "/madebyollin/taef2/resolve/main/taef2.safetensors"),
+                                    ("GET", "/madebyollin/taef2/resolve/main/taef2.safetensors")]
+    blob = next((net.caches[1] / "models--madebyollin--taef2" / "blobs").iterdir())
+    import hashlib
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name   # verified against the ETag
+    assert str(blob) in (net.caches[0] / "weights" / "sha256.json").read_text()

@@ -35,7 +35,7 @@ GROUPS = {
         "steps": "optimizer steps", "batch": "images per process per micro-batch",
         "grad_accum": "micro-batches per optimizer step", "lr": "Adam learning rate",
         "betas": "Adam betas", "warmup": "linear learning-rate warm-up steps",
-        "lr_decay": "none, or cosine decay to 10% of --lr at the last step",
+        "lr_decay": "none, or cosine decay to 10%% of --lr at the last step",
         "grad_clip": "clip the student's gradient norm (0: off)",
         "ema": "EMA decay of the student, e.g. 0.999 (0: off); the saved student is the EMA",
         "mixed_precision": "no, fp16 or bf16", "cpu": "run on the CPU even if a GPU is present",
