@@ -120,8 +120,8 @@ class LoopbackHub:
                     key = f"/{owner}/{repo}/raw/{commit}/{name}"
                 elif "/raw/" in self.path:
                     owner, repo, _, commit, name = self.path.split("/")[1:6]
-                    return self._send(302, b"", {"Location": f"/raw.githubusercontent.com/{owner}/{repo}/{commit}/{name}"},
-                                      body)
+                    target = f"/raw.githubusercontent.com/{owner}/{repo}/{commit}/{name}"
+                    return self._send(302, b"", {"Location": target}, body)
                 else:
                     key = hub._lookup(self.path)
                 if key is None or key not in hub.files:
@@ -130,7 +130,8 @@ class LoopbackHub:
                 data, fault = self._faulty(key, published)
                 headers = {"Accept-Ranges": "bytes"}
                 if "/resolve/" in key:   # what huggingface_hub reads from its HEAD request
-                    etag = git_blob_id(published) if key.endswith(".json") else hashlib.sha256(published).hexdigest()
+                    lfs = not key.endswith(".json")   # weights are LFS files (sha256), config.json is git
+                    etag = hashlib.sha256(published).hexdigest() if lfs else git_blob_id(published)
                     headers.update({"X-Repo-Commit": HUB_COMMIT, "ETag": f'"{etag}"'})
                 start = self._range_start()
                 if start and fault != "drop":

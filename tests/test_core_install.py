@@ -19,7 +19,8 @@ HIDE = f"import sys; sys.modules.update(dict.fromkeys({OPTIONAL!r}))\n"
 
 
 def run_core(code: str, tmp_path, weights) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TAESD_WEIGHTS": str(weights), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TAESD_WEIGHTS": str(weights),
+           "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", HIDE + code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -60,7 +61,7 @@ print("optional loaded:", loaded)
 
 @pytest.mark.parametrize("argv,extra", [
     (["export", "onnx", "--variant", "taef2", "-o", "onnx"], "onnx"),
-    (["encode", "chelsea.png", "--variant", "taef2", "--backend", "onnxruntime", "-o", "x.safetensors"], "onnx"),
+    (["encode", "chelsea.png", "-v", "taef2", "--backend", "onnxruntime", "-o", "x.safetensors"], "onnx"),
 ])
 def test_optional_features_name_their_extra_in_one_line(tmp_path, weights, photo_file, argv, extra):
     r = run_core(f"import sys; from taesd.cli import main; sys.exit(main({argv!r}))", tmp_path, weights)
@@ -79,6 +80,7 @@ def test_core_dependencies_are_declared_and_pinned():
             for d in project["dependencies"]}
     assert core >= {"torch", "safetensors", "huggingface-hub", "pillow", "numpy", "tqdm"}
     assert not core & {m.replace("_", "-") for m in OPTIONAL}
-    pins = {line.split("==")[0].lower().replace("_", "-") for line in (ROOT / "constraints.txt").read_text().splitlines()
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    pins = {line.split("==")[0].lower().replace("_", "-") for line in lines
             if "==" in line and not line.startswith("#")}
     assert core <= pins, core - pins

@@ -18,6 +18,7 @@ from taesd.registry import TAESD_GITHUB_COMMIT
 from conftest import ROOT
 from loopback_hub import HUB_COMMIT, LoopbackHub, combined_taef2
 
+UNSET = ("TAESD_WEIGHTS", "HF_HUB_OFFLINE", "TAESD_OFFLINE")   # a user's machine: none of these set
 PUBLISHED = {"encoder": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
              "decoder": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"}
 
@@ -26,7 +27,7 @@ PUBLISHED = {"encoder": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1
 def net(tmp_path, monkeypatch, weights):
     """The loopback hub + GitHub, and empty caches, for this process (HF constants set as the env would)."""
     hub = LoopbackHub(weights, TAESD_GITHUB_COMMIT).start()
-    for var in ("TAESD_WEIGHTS", "HF_HUB_OFFLINE", "TAESD_OFFLINE"):
+    for var in UNSET:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("TAESD_GITHUB_URL", hub.url)
@@ -34,7 +35,8 @@ def net(tmp_path, monkeypatch, weights):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     # what huggingface_hub computed from HF_ENDPOINT at import: nothing may leave this machine
     monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     hub.caches = (tmp_path / "taesd-cache", tmp_path / "hf-cache")
     yield hub
@@ -108,8 +110,8 @@ def test_bad_responses_are_refused_and_leave_nothing(net, host, fault, weights):
     path = net.hub_path("madebyollin/taef2", "taef2.safetensors") if host == "hub" \
         else net.github_path("taef2_encoder.pth")
     # swap: well-formed bytes of the same length that are another file (the decoder's, cut to size)
-    net.faults[path] = (weights / "taef2_decoder.pth").read_bytes()[:len(net.files[path])] if fault == "swap" \
-        else fault
+    other = (weights / "taef2_decoder.pth").read_bytes()[:len(net.files[path])]
+    net.faults[path] = other if fault == "swap" else fault
     with pytest.raises(taesd.TaesdError) as e:
         taesd.load("taef2", device="cpu", source=host)
     message = str(e.value)
@@ -126,7 +128,8 @@ def test_hub_download_resumes_after_one_dropped_connection(net, weights):
     net.faults[path] = "drop_once"
     model = taesd.load("taef2", device="cpu", fast=False)
     assert same_weights(model, published(weights))
-    assert [m for m, _ in weight_requests(net)] == ["HEAD", "GET", "GET"]   # the dropped one, then the rest (Range)
+    # the dropped one, then the rest (Range)
+    assert [m for m, _ in weight_requests(net)] == ["HEAD", "GET", "GET"]
 
 
 def test_a_cached_file_that_changed_is_refused(net):
@@ -141,7 +144,8 @@ def test_a_cached_file_that_changed_is_refused(net):
     data[len(data) // 2] ^= 1
     cached.write_bytes(bytes(data))
     n = len(net.requests)
-    with pytest.raises(taesd.TaesdError, match=r"cached .* not 0a44a31e1ae59eb9.*recorded.*delete .*taef2_decoder.pth"):
+    expected = r"cached .* not 0a44a31e1ae59eb9.*recorded.*delete .*taef2_decoder.pth"
+    with pytest.raises(taesd.TaesdError, match=expected):
         taesd.load("taef2", device="cpu", parts="decoder", source="github", revision=other)
     assert len(net.requests) == n
 
@@ -165,7 +169,7 @@ def test_offline_names_the_file_and_the_folder(net, monkeypatch, weights):
 
 def test_cli_in_a_process_with_the_env_set(net, tmp_path):
     """HF_ENDPOINT/HF_HUB_OFFLINE as huggingface_hub reads them at import, in a fresh process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TAESD_WEIGHTS", "HF_HUB_OFFLINE", "TAESD_OFFLINE")}
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
     env.update(HF_HUB_CACHE=str(net.caches[1]), PYTHONPATH=str(ROOT / "src"))
     cli = [sys.executable, "-m", "taesd"]
     r = subprocess.run([*cli, "download", "taef2"], env=env, capture_output=True, text=True, timeout=120)
@@ -179,7 +183,8 @@ def test_cli_in_a_process_with_the_env_set(net, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "hub    madebyollin/taef2@main taef2.safetensors (combined: encoder+decoder)" in r.stdout
-    assert f"cached {net.caches[1]}" in r.stdout and PUBLISHED["decoder"] in r.stdout and "not cached" in r.stdout
+    assert f"cached {net.caches[1]}" in r.stdout and "not cached" in r.stdout
+    assert PUBLISHED["decoder"] in r.stdout
     assert "32-channel encoder (taef2)" in r.stdout
     r = subprocess.run([*cli, "download", "taesana"], env={**env, "HF_HUB_OFFLINE": "1"},
                        capture_output=True, text=True, timeout=120)
@@ -196,11 +201,13 @@ def test_convert_to_and_from_the_combined_layout(tmp_path, weights, capsys):
     assert ours.keys() == hubs.keys() and all(torch.equal(ours[k], hubs[k]) for k in ours)
     assert "decoder.layers.0.weight" in ours and "encoder.layers.0.weight" in ours   # no Clamp in diffusers
     assert read_source(tmp_path / "taef2.safetensors").format == "combined"
-    assert main(["convert", str(tmp_path / "taef2.safetensors"), "--to", "pth", "-o", str(tmp_path / "pth")]) == 0
+    combined = str(tmp_path / "taef2.safetensors")
+    assert main(["convert", combined, "--to", "pth", "-o", str(tmp_path / "pth")]) == 0
     for part, sd in published(weights).items():
         back = torch.load(tmp_path / "pth" / f"taef2_{part}.pth", weights_only=True)
         assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
-    assert main(["convert", str(weights / "taef2_encoder.pth"), "--to", "combined", "-o", str(tmp_path / "x")]) == 2
+    encoder_only = str(weights / "taef2_encoder.pth")
+    assert main(["convert", encoder_only, "--to", "combined", "-o", str(tmp_path / "x")]) == 2
     assert "holds both parts" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -217,7 +224,7 @@ def test_run_sh_end_to_end_in_a_fresh_copy_downloads_taef2(net, tmp_path):
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, clone / name)
     (clone / ".venv").symlink_to(ROOT / ".venv")   # the checkout's venv, with the copy's code on the path
-    env = {k: v for k, v in os.environ.items() if k not in ("TAESD_WEIGHTS", "HF_HUB_OFFLINE", "TAESD_OFFLINE")}
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
     env.update(HF_ENDPOINT=net.url, TAESD_GITHUB_URL=net.url, HF_HUB_CACHE=str(net.caches[1]),
                TAESD_CACHE_DIR=str(net.caches[0]), PYTHONPATH=str(clone / "src"), TAESD_SETUP_REUSE_VENV="1")
     r = subprocess.run(["bash", "run.sh"], cwd=clone, env=env, capture_output=True, text=True, timeout=900)

@@ -115,7 +115,8 @@ GITHUB_SHA256 = {
     "taesana_encoder.pth": "858f4e4cc293f88efaf58107f4154b960b9ced0cb5d9c050dad11f926b618c1f",
     "taesana_decoder.pth": "3eb733ab918dd5840fa6e6309642edb49359bd1c7624d9e5884f92438aa07c36",
 }
-GITHUB_SIZE = {"taef2_encoder.pth": 2_704_692, "taef2_decoder.pth": 2_704_756, "taesana_encoder.pth": 2_537_004}
+GITHUB_SIZE = {"taef2_encoder.pth": 2_704_692, "taef2_decoder.pth": 2_704_756,
+               "taesana_encoder.pth": 2_537_004}
 
 
 def _github(name: str, revision: str = TAESD_GITHUB_COMMIT) -> tuple[WeightFile, ...]:

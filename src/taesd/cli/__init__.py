@@ -8,7 +8,8 @@ import sys
 from taesd.errors import TaesdError
 
 # Each name is a module taesd.cli.<name> with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["encode", "decode", "roundtrip", "info", "download", "convert", "export", "bench", "train", "eval"]
+COMMANDS = ["encode", "decode", "roundtrip", "info", "download", "convert", "export", "bench", "train",
+            "eval"]
 
 # Optional packages -> the extra that installs them: a missing one is one line naming the extra.
 EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "diffusers": "diffusers",

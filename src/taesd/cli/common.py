@@ -22,7 +22,8 @@ def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True)
                    help=f"TAESD variant: {', '.join(VARIANTS)}")
     g.add_argument("--weights", "-w", action="append", metavar="PATH",
                    help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, the cache, a download)")
-    g.add_argument("--source", choices=["hub", "github"], help="download only from there (default: hub first)")
+    g.add_argument("--source", choices=["hub", "github"],
+                   help="download only from there (default: the registry's order, hub first)")
     g.add_argument("--revision", help="revision to pin when downloading (hub commit; GitHub commit with "
                    "--source github)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")

@@ -17,12 +17,15 @@ def add_parser(sub):
                        "Fetch the published weight files of VARIANT from the Hugging Face hub ($HF_ENDPOINT, "
                        "into the Hugging Face cache) or GitHub ($TAESD_GITHUB_URL, into $TAESD_CACHE_DIR/"
                        "weights), show progress, check each file's sha256 (against the registry, the hub's "
-                       "ETag, or the hash recorded at an earlier download) and print it with the cached path. "
+                       "ETag, or the hash recorded at an earlier download) and print it with the cached "
+                       "path. "
                        "Later loads use the cache without asking the network. A failed or unverified "
                        "download leaves nothing behind.")
-    p.add_argument("variant", choices=list(VARIANTS), metavar="VARIANT", help=f"one of: {', '.join(VARIANTS)}")
+    p.add_argument("variant", choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"one of: {', '.join(VARIANTS)}")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="default: both")
-    p.add_argument("--source", choices=SOURCES, help="download only from there (default: the first that works)")
+    p.add_argument("--source", choices=SOURCES,
+                   help="download only from there (default: the first that works)")
     p.add_argument("--revision", help="pin the source's revision (a hub commit, or a GitHub commit with "
                    "--source github); default: the registry's pin")
     p.set_defaults(run=run)

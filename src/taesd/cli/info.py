@@ -64,7 +64,8 @@ def sources_table(variant: str, revision: str | None = None, source: str | None 
         known = "registry" if src.sha256 else "recorded at download" if digest else \
             "checked against the hub's ETag" if src.host == "hub" else "recorded at the first download"
         size = f", {src.size:,} bytes" if src.size else ""
-        lines += [f"  {src.host:6} {src.repo}@{src.revision} {src.filename} ({src.layout}: {'+'.join(src.parts)})",
+        what = f"{src.layout}: {'+'.join(src.parts)}"
+        lines += [f"  {src.host:6} {src.repo}@{src.revision} {src.filename} ({what})",
                   f"         {download.url_of(src)}",
                   f"         sha256 {digest or '-'} ({known}{size})", f"         {state}"]
     return "\n".join(lines)

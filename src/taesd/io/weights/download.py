@@ -315,10 +315,11 @@ def _hf_download(src: WeightFile, name: str, progress: bool) -> str:
     if not progress:
         disable_progress_bars()
     try:
-        return huggingface_hub.hf_hub_download(src.repo, name, revision=src.revision, cache_dir=str(hub_cache()),
-                                               endpoint=_hub_endpoint())
+        return huggingface_hub.hf_hub_download(src.repo, name, revision=src.revision,
+                                               cache_dir=str(hub_cache()), endpoint=_hub_endpoint())
     except Exception as e:   # every huggingface_hub/httpx error: say which file and why, in one line
-        raise DownloadFailed(f"downloading {url_of(src, name)} failed: {_short(e)}; nothing was kept") from None
+        raise DownloadFailed(f"downloading {url_of(src, name)} failed: {_short(e)}; "
+                             f"nothing was kept") from None
     finally:
         if not progress and not was_disabled:
             enable_progress_bars()

@@ -6,8 +6,8 @@ Formats (all hold state dicts keyed like the flat ``nn.Sequential`` in ``model.p
   diffusers    a folder with ``config.json`` + ``diffusion_pytorch_model.safetensors``
                (``encoder.layers.N``, ``decoder.layers.N-1``: diffusers' decoder has no Clamp layer)
   comfyui      one file holding ``taesd_encoder.N`` / ``taesd_decoder.N`` (+ ``vae_scale``/``vae_shift``)
-  combined     one ``.safetensors`` file holding both parts in diffusers' keys, any architecture (the hub's
-               ``madebyollin/taef2`` ``taef2.safetensors`` and ``madebyollin/taeqi2_1`` ``taeqi2_1.safetensors``)
+  combined     one ``.safetensors`` file holding both parts in diffusers' keys, any architecture (the
+               hub's ``taef2.safetensors`` in madebyollin/taef2, ``taeqi2_1.safetensors`` in madebyollin/taeqi2_1)
 """
 from __future__ import annotations
 
