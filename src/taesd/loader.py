@@ -30,16 +30,19 @@ def default_device() -> torch.device:
 
 def load(variant: str | Variant, weights=None, device=None, dtype=None, parts=None,
          revision: str | None = None, fast: bool = True, compile: bool = False,
-         backend: str = "torch", executor: str | None = None) -> TAESD:
+         backend: str = "torch", executor: str | None = None, source: str | None = None) -> TAESD:
     """Load a TAESD variant with its published weights.
 
     Args:
       variant: a registry name ("taef2") or a ``Variant``.
-      weights: None (look in $TAESD_WEIGHTS, then the Hugging Face hub), a file or folder, a list of
+      weights: None ($TAESD_WEIGHTS, then the download cache, then a verified download from the
+        variant's published sources: the Hugging Face hub, GitHub), a file or folder, a list of
         files, or {"encoder": path, "decoder": path}. Any supported format; what a file holds is
         read from its tensor shapes. Exported .onnx files select the onnxruntime executor.
       parts: "encoder", "decoder" or both (default: both, or what the given files hold).
-      revision: hub revision to pin (the published files were replaced in place between versions).
+      revision: revision to pin (a hub commit, or a GitHub commit with source="github"): the published
+        files were replaced in place between versions.
+      source: "hub" or "github": download only from there (default: the registry's order).
       device: default "cuda" when a GPU is visible, else "cpu".
       dtype: "fp32", "fp16", "bf16" or a torch dtype. Default (None): fp16 on a CUDA GPU with tensor
         cores (compute capability 7.0+), fp32 on older GPUs and on the CPU
@@ -58,9 +61,9 @@ def load(variant: str | Variant, weights=None, device=None, dtype=None, parts=No
     """
     executor = _executor(executor, fast, compile, backend, weights)
     if executor == "onnxruntime":
-        return _load_onnxruntime(variant, weights, device, dtype, parts, revision)
+        return _load_onnxruntime(variant, weights, device, dtype, parts, revision, source)
     v = get_variant(variant)
-    sources = resolve(v, weights, parts, revision)
+    sources = resolve(v, weights, parts, revision, source)
     model = build(v, sources)
     device = torch.device(device) if device is not None else default_device()
     model.to(device=device, dtype=cuda_executor.default_dtype(device, dtype))
@@ -86,8 +89,9 @@ def _mentions_onnx(weights) -> bool:
     return any(str(p).endswith(".onnx") for p in items)
 
 
-def resolve(v: Variant, weights=None, parts=None, revision: str | None = None) -> dict[str, WeightSource]:
-    """{part: the read WeightSource holding it}, in the order explicit weights -> $TAESD_WEIGHTS -> hub."""
+def resolve(v: Variant, weights=None, parts=None, revision: str | None = None,
+            source: str | None = None) -> dict[str, WeightSource]:
+    """{part: the read WeightSource holding it}: explicit weights -> $TAESD_WEIGHTS -> cache -> download."""
     given: dict[str, WeightSource] = {}
     if isinstance(weights, (list, tuple)):
         for w in weights:
@@ -109,7 +113,7 @@ def resolve(v: Variant, weights=None, parts=None, revision: str | None = None) -
             continue
         if isinstance(weights, (list, tuple)):
             raise TaesdError(f"none of the given files holds the {v.name} {part}")
-        path = find_weights(v, part, weights, revision)
+        path = find_weights(v, part, weights, revision, source)
         out[part] = by_path.setdefault(path, read_source(path))
     return out
 
@@ -143,7 +147,7 @@ def with_executor(model: TAESD, executor: str) -> TAESD:
     return fast_executor.make_fast(model)
 
 
-def _load_onnxruntime(variant, weights, device, dtype, parts, revision):
+def _load_onnxruntime(variant, weights, device, dtype, parts, revision, source=None):
     """Exported .onnx files as they are, or the torch weights exported in memory (fp16 export when
     dtype is fp16, else fp32)."""
     from taesd.runtime import onnx_runtime   # onnx and onnxruntime are optional: imported when asked
@@ -155,5 +159,5 @@ def _load_onnxruntime(variant, weights, device, dtype, parts, revision):
         raise TaesdError("onnxruntime runs fp32 or fp16 exports; use --dtype fp32 or fp16")
     onnx_runtime.providers_for(device)   # a missing provider fails before the export
     torch_model = load(variant, weights, device="cpu", dtype="fp32", parts=parts, revision=revision,
-                       executor="plain")
+                       executor="plain", source=source)
     return onnx_runtime.from_torch(torch_model, fp16=fp16, device=device)

@@ -7,7 +7,7 @@ constants.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from taesd.errors import TaesdError
@@ -48,6 +48,17 @@ class WeightFile:
     sha256: str | None = None          # None: recorded at the first download, re-checked later
     size: int | None = None            # bytes, where known
 
+    @property
+    def companions(self) -> tuple[str, ...]:
+        """Files fetched beside this one: a diffusers folder's config.json."""
+        return ("config.json",) if self.layout == "diffusers" else ()
+
+    def at(self, revision: str | None) -> WeightFile:
+        """This file at another revision (its recorded sha256 and size then no longer apply)."""
+        if not revision or revision == self.revision:
+            return self
+        return replace(self, revision=revision, sha256=None, size=None)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Variant:
@@ -83,22 +94,47 @@ class Variant:
 
 
 TAESD_GITHUB = "madebyollin/taesd"
+# The commit of madebyollin/taesd that added FLUX.2 (5cccb12, "Add support for FLUX.2 VAE"): the newest one
+# holding every published .pth but taeqi2_1's; each file's last change is at or before it (TAEF1 1.1: 899155b,
+# TAESD 1.3: 7f572ca). A pinned commit pins the bytes: files were replaced in place between versions.
+TAESD_GITHUB_COMMIT = "5cccb12dc72074a4be35680c3b108548a7c69978"
+
+# sha256 of the .pth files at that commit. taef2 and the taesana encoder: ../shared/weights/SHA256SUMS. The
+# others: a public Nix manifest of the raw/main files, which agrees with SHA256SUMS on all three of those.
+GITHUB_SHA256 = {
+    "taesd_encoder.pth": "15bc6128f0ac51c673d3427216082ebfa62402ffc89763af74edfe259b32d49d",
+    "taesd_decoder.pth": "02873377c3f4659cd9f9adb2f718dcb434ba4c7bba3af3ee7bb95cbdabe2d3cf",
+    "taesdxl_encoder.pth": "a5648de089aba6b641e505c0f132b2dc7ff70ab6070c31be5e624e807e711c5e",
+    "taesdxl_decoder.pth": "a3956b8a7a763f251c7357aad6375dacdb6d971121c73e97a3069fc33a94fe1e",
+    "taesd3_encoder.pth": "b8fefa64b92a867df673c7f22fb2cbc6ae144070e22e7a0b3af0f21de2f43f92",
+    "taesd3_decoder.pth": "178fbb90c8c3bab4fe5e30dcba3b85d8bd2c9a203f71239c3a3223720c310b58",
+    "taef1_encoder.pth": "1d1ad34546aea0edd99dc2db9411d870319f428ced5065c6464582c17c070536",
+    "taef1_decoder.pth": "beae86f2eeaf0cea884dc8ffe639fb297dac8c984441bb53420f07d767785104",
+    "taef2_encoder.pth": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+    "taef2_decoder.pth": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
+    "taesana_encoder.pth": "858f4e4cc293f88efaf58107f4154b960b9ced0cb5d9c050dad11f926b618c1f",
+    "taesana_decoder.pth": "3eb733ab918dd5840fa6e6309642edb49359bd1c7624d9e5884f92438aa07c36",
+}
+GITHUB_SIZE = {"taef2_encoder.pth": 2_704_692, "taef2_decoder.pth": 2_704_756,
+               "taesana_encoder.pth": 2_537_004}
 
 
-def _github(name: str, sha256: dict[str, str] | None = None, size: dict[str, int] | None = None,
-            parts: tuple[str, ...] = PARTS) -> tuple[WeightFile, ...]:
+def _github(name: str, revision: str = TAESD_GITHUB_COMMIT) -> tuple[WeightFile, ...]:
     """The published ``<name>_<part>.pth`` files of the GitHub repository."""
-    sha256, size = sha256 or {}, size or {}
-    return tuple(WeightFile(host="github", repo=TAESD_GITHUB, filename=f"{name}_{p}.pth", layout="pth",
-                            parts=(p,), sha256=sha256.get(p), size=size.get(p)) for p in parts)
+    files = [f"{name}_{p}.pth" for p in PARTS]
+    return tuple(WeightFile(host="github", repo=TAESD_GITHUB, filename=f, layout="pth", parts=(p,),
+                            revision=revision, sha256=GITHUB_SHA256.get(f) if revision == TAESD_GITHUB_COMMIT
+                            else None, size=GITHUB_SIZE.get(f)) for p, f in zip(PARTS, files))
 
 
 def _hub_diffusers(name: str) -> WeightFile:
+    """An AutoencoderTiny folder on the hub (config.json beside the weights)."""
     return WeightFile(host="hub", repo=f"madebyollin/{name}", filename="diffusion_pytorch_model.safetensors",
                       layout="diffusers", parts=PARTS)
 
 
 def _hub_combined(name: str) -> WeightFile:
+    """One safetensors file on the hub with both parts in diffusers-style keys."""
     return WeightFile(host="hub", repo=f"madebyollin/{name}", filename=f"{name}.safetensors",
                       layout="combined", parts=PARTS)
 
@@ -124,22 +160,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant(name="taef2", family="FLUX.2", description="FLUX.2 (BatchNorm-normalised, unpatchified latents)",
             arch=Arch.BASE_POOL, latent_channels=32, normalization="batchnorm", packing="flux2",
             pipelines=("Flux2",), vae_classes=("AutoencoderKLFlux2",),
-            sources=(_hub_combined("taef2"), *_github("taef2", sha256={
-                "encoder": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
-                "decoder": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"},
-                size={"encoder": 2704692, "decoder": 2704756}))),
+            sources=(_hub_combined("taef2"), *_github("taef2"))),
     # Sana's DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers) scales by 0.41407; the
     # published taesana encoder's latents have unit spread (std ~0.9 on photos): the scaled latent.
     Variant(name="taesana", family="Sana (DC-AE f32c32)", description="Sana's DC-AE f32c32",
             arch=Arch.F32, latent_channels=32, downscale=32, vae_scale=0.41407,
             pipelines=("Sana",), vae_classes=("AutoencoderDC",),
-            sources=_github("taesana", sha256={
-                "encoder": "858f4e4cc293f88efaf58107f4154b960b9ced0cb5d9c050dad11f926b618c1f"},
-                size={"encoder": 2537004})),
+            sources=_github("taesana")),   # the GitHub files are the only home of the taesana decoder
     Variant(name="taeqi2_1", family="Qwen Image 2.1", description="Qwen Image 2.1 (RGBA images)",
             arch=Arch.F16, latent_channels=64, image_channels=4, downscale=16, normalization="mean_std",
             packing="sequence", pipelines=("QwenImage21",), vae_classes=("AutoencoderKLQwenImage21",),
-            sources=(_hub_combined("taeqi2_1"), *_github("taeqi2_1"))),
+            # Its .pth files came after the pinned commit: unpinned ("main"), hashed at the first download.
+            sources=(_hub_combined("taeqi2_1"), *_github("taeqi2_1", revision="main"))),
 ]}
 
 

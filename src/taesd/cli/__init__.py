@@ -8,7 +8,13 @@ import sys
 from taesd.errors import TaesdError
 
 # Each name is a module taesd.cli.<name> with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ["encode", "decode", "roundtrip", "info", "convert", "export", "bench", "train", "eval"]
+COMMANDS = ["encode", "decode", "roundtrip", "info", "download", "convert", "export", "bench", "train",
+            "eval"]
+
+# Optional packages -> the extra that installs them: a missing one is one line naming the extra.
+EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "diffusers": "diffusers",
+          "transformers": "diffusers", "accelerate": "train", "tensorboard": "train", "matplotlib": "train",
+          "skimage": "train", "psutil": "test", "pytest": "test"}
 
 EXAMPLES = """examples:
   taesd roundtrip photo.jpg --variant taef2             # encode + decode, print PSNR/SSIM
@@ -16,8 +22,11 @@ EXAMPLES = """examples:
   taesd decode latents/ -o decoded/                     # latent files -> PNG images
   taesd info                                            # the variants table
   taesd info taef2_decoder.pth                          # what a weight file holds
+  taesd info --variant taef2                            # its published sources, what is cached
+  taesd download taef2                                  # fetch into the cache, verified
   taesd convert taef2 --to safetensors -o weights/      # between weight formats
-Weights come from --weights, else the folder in $TAESD_WEIGHTS, else the Hugging Face hub."""
+Weights come from --weights, else the folder in $TAESD_WEIGHTS, else the download cache, else a
+verified download (Hugging Face hub, GitHub). Offline: TAESD_WEIGHTS=DIR with the .pth files."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +52,13 @@ def main(argv=None) -> int:
         return int(args.run(args) or 0)
     except TaesdError as e:
         print(f"taesd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"taesd {args.command}: error: this needs {e.name}, which is not installed: "
+              f"pip install 'taesd[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"taesd {args.command}: interrupted", file=sys.stderr)

@@ -21,8 +21,11 @@ def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True)
     g.add_argument("--variant", "-v", required=variant_required, choices=list(VARIANTS), metavar="NAME",
                    help=f"TAESD variant: {', '.join(VARIANTS)}")
     g.add_argument("--weights", "-w", action="append", metavar="PATH",
-                   help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, then the hub)")
-    g.add_argument("--revision", help="hub revision to pin when downloading")
+                   help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, the cache, a download)")
+    g.add_argument("--source", choices=["hub", "github"],
+                   help="download only from there (default: the registry's order, hub first)")
+    g.add_argument("--revision", help="revision to pin when downloading (hub commit; GitHub commit with "
+                   "--source github)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="compute precision")
     g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
@@ -48,7 +51,7 @@ def open_model(args, parts):
     if weights is not None and len(weights) == 1:
         weights = weights[0]
     return load(args.variant, weights=weights, device=args.device, dtype=args.dtype, parts=parts,
-                revision=args.revision, backend=args.backend)
+                revision=args.revision, backend=args.backend, source=getattr(args, "source", None))
 
 
 def output_path(out: "str | None", src: Path, suffix: str, single: bool) -> Path:

@@ -15,8 +15,10 @@ def add_parser(sub):
                        "inputs, outputs, metadata and the operator set with counts.")
     p.add_argument("files", nargs="*", help="weight files, diffusers folders or exported .onnx files")
     p.add_argument("--variant", "-v", metavar="NAME",
-                   help="show which weight files this variant resolves to ($TAESD_WEIGHTS, then the hub)")
-    p.add_argument("--revision", help="hub revision to resolve with --variant")
+                   help="list this variant's published sources (what is cached, sha256) and the files it "
+                        "resolves to ($TAESD_WEIGHTS, then the cache; nothing is downloaded)")
+    p.add_argument("--source", choices=["hub", "github"], help="with --variant: only that host's files")
+    p.add_argument("--revision", help="with --variant: the revision to resolve (pins the first source)")
     p.set_defaults(run=run)
 
 
@@ -45,15 +47,39 @@ def describe_file(path: Path) -> str:
     return "\n".join(lines)
 
 
-def resolved(variant: str, revision: str | None) -> str:
-    """Which file each part of ``variant`` resolves to, with its sha256."""
+def sources_table(variant: str, revision: str | None = None, source: str | None = None) -> str:
+    """Every published file of ``variant``: where, layout, parts, the sha256 known, what is cached."""
+    from taesd.errors import TaesdError
+    from taesd.io.weights import download
+    from taesd.io.weights.resolve import sources_for
+    lines = [f"{variant} sources, preferred first:"]
+    pinned = sources_for(variant, None, source, revision)
+    for src in (pinned if revision else sources_for(variant, None, source)):
+        try:
+            path = download.cached(src)
+            state = f"cached {download.location(src, path)}" if path else "not cached"
+        except TaesdError as e:
+            state = f"cache damaged: {e}"
+        digest = src.sha256 or (download.recorded_sha256(path) if path else None)
+        known = "registry" if src.sha256 else "recorded at download" if digest else \
+            "checked against the hub's ETag" if src.host == "hub" else "recorded at the first download"
+        size = f", {src.size:,} bytes" if src.size else ""
+        what = f"{src.layout}: {'+'.join(src.parts)}"
+        lines += [f"  {src.host:6} {src.repo}@{src.revision} {src.filename} ({what})",
+                  f"         {download.url_of(src)}",
+                  f"         sha256 {digest or '-'} ({known}{size})", f"         {state}"]
+    return "\n".join(lines)
+
+
+def resolved(variant: str, revision: str | None, source: str | None = None) -> str:
+    """Which file each part of ``variant`` resolves to, with its sha256 (no download)."""
     from taesd.errors import TaesdError
     from taesd.io.weights.resolve import find_weights
     from taesd.registry import PARTS
-    lines = [f"{variant}:"]
+    lines = [f"{variant} resolves to:"]
     for part in PARTS:
         try:
-            path = find_weights(variant, part, revision=revision)
+            path = find_weights(variant, part, revision=revision, source=source, fetch=False)
         except TaesdError as e:
             lines.append(f"  {part}: not found ({e})")
             continue
@@ -63,7 +89,8 @@ def resolved(variant: str, revision: str | None) -> str:
 
 def run(args) -> int:
     if args.variant:
-        print(resolved(args.variant, args.revision))
+        print(sources_table(args.variant, args.revision, args.source))
+        print(resolved(args.variant, args.revision, args.source))
         return 0
     if not args.files:
         print(variants_table())

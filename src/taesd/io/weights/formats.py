@@ -6,6 +6,8 @@ Formats (all hold state dicts keyed like the flat ``nn.Sequential`` in ``model.p
   diffusers    a folder with ``config.json`` + ``diffusion_pytorch_model.safetensors``
                (``encoder.layers.N``, ``decoder.layers.N-1``: diffusers' decoder has no Clamp layer)
   comfyui      one file holding ``taesd_encoder.N`` / ``taesd_decoder.N`` (+ ``vae_scale``/``vae_shift``)
+  combined     one ``.safetensors`` file holding both parts in diffusers' keys, any architecture (the
+               hub's ``taef2.safetensors`` in madebyollin/taef2, ``taeqi2_1.safetensors`` in madebyollin/taeqi2_1)
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from taesd.io.files import atomic_path
 from taesd.io.weights.identify import describe, identify
 from taesd.registry import PARTS, Arch, Variant, get_variant
 
-FORMATS = ("pth", "safetensors", "diffusers", "comfyui")
+FORMATS = ("pth", "safetensors", "diffusers", "comfyui", "combined")
 WEIGHTS_ENV = "TAESD_WEIGHTS"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PUBLISHED_AT = "https://github.com/madebyollin/taesd"
@@ -148,6 +150,8 @@ def read_source(path: str | os.PathLike) -> WeightSource:
                              f"the file is damaged or of another model")
     if fmt == "combined":
         fmt = "safetensors"
+    elif fmt == "diffusers" and path.is_file() and path.name != DIFFUSERS_WEIGHTS:
+        fmt = "combined"   # diffusers' keys in a file of its own, not an AutoencoderTiny folder
     real = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
     return WeightSource(path, fmt, parts, extras, sha256_of(real))
 
@@ -238,7 +242,22 @@ def save_weights(parts: dict[str, StateDict], variant: str | Variant, fmt: str, 
             tensors[k] = torch.tensor(val, dtype=torch.float32)
         _save_safetensors(tensors, out, meta)
         return [out]
+    if fmt == "combined":
+        return [save_combined(parts, v, out)]
     raise TaesdError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def save_combined(parts: dict[str, StateDict], variant: str | Variant, out: str | os.PathLike) -> Path:
+    """Both parts in one safetensors file with diffusers' keys (the hub's ``<name>.safetensors``);
+    ``out`` is that file or a folder for ``<name>.safetensors``."""
+    v = get_variant(variant)
+    if set(parts) != set(PARTS):
+        raise TaesdError("the combined format holds both parts: pass an encoder and a decoder")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out / f"{v.name}.safetensors"
+    _save_safetensors(to_diffusers_keys(parts), out, {"variant": v.name, "format": "pt"})
+    return out
 
 
 def state_dicts(model) -> dict[str, StateDict]:

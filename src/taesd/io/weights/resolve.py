@@ -1,5 +1,10 @@
-"""Where a variant's weights come from, in order: an explicit path -> the folder in
-``$TAESD_WEIGHTS`` -> the Hugging Face hub; and the checked state dict of one part."""
+"""Where a variant's weights come from, in order: an explicit path -> the folder in ``$TAESD_WEIGHTS``
+-> the download cache -> a download from the variant's published sources (preferred first; the hub's
+diffusers folders and combined files, the GitHub .pth files); and the checked state dict of one part.
+
+``source`` ("hub" | "github") keeps only that host's files; ``revision`` pins the first remaining
+source (a hub revision, or a GitHub commit), and then only that one is tried.
+"""
 from __future__ import annotations
 
 import json
@@ -7,9 +12,12 @@ import os
 from pathlib import Path
 
 from taesd.errors import TaesdError
-from taesd.io.weights.formats import DIFFUSERS_WEIGHTS, PUBLISHED_AT, WEIGHTS_ENV, StateDict, WeightSource, read_source
+from taesd.io.weights import download
+from taesd.io.weights.formats import DIFFUSERS_WEIGHTS, WEIGHTS_ENV, StateDict, WeightSource, read_source
 from taesd.io.weights.identify import describe, identify
-from taesd.registry import Variant, get_variant
+from taesd.registry import Variant, WeightFile, get_variant
+
+SOURCES = ("hub", "github")
 
 
 def _candidates(folder: Path, v: Variant, part: str) -> list[Path]:
@@ -35,53 +43,85 @@ def _folder_is_variant(folder: Path, v: Variant) -> bool:
     return int(cfg.get("latent_channels", v.latent_channels)) == v.latent_channels
 
 
-def _hub_source(v: Variant):
-    return next((s for s in v.sources if s.host == "hub"), None)
+def sources_for(variant: str | Variant, part: str | None = None, source: str | None = None,
+                revision: str | None = None) -> list[WeightFile]:
+    """The published files of ``variant`` (holding ``part``) on ``source``, preferred first; with a
+    ``revision``, the first of them pinned to it."""
+    v = get_variant(variant)
+    if source is not None and source not in SOURCES:
+        raise TaesdError(f"unknown source {source!r}; use 'hub' or 'github'")
+    found = [s for s in v.sources if (part is None or part in s.parts) and source in (None, s.host)]
+    if not found and source is not None:
+        hosts = sorted({s.host for s in v.sources if part is None or part in s.parts})
+        raise TaesdError(f"{v.name} has no {part or 'weights'} on the {source}; its sources: "
+                         f"{', '.join(hosts) or 'none'}")
+    return [found[0].at(revision)] if revision and found else found
 
 
-def _from_hub(v: Variant, revision: str | None) -> Path | None:
-    src = _hub_source(v)
-    if src is None:
-        return None
-    try:
-        from huggingface_hub import hf_hub_download
-        extra = ["config.json"] if src.layout == "diffusers" else []
-        paths = [hf_hub_download(src.repo, f, revision=revision or src.revision) for f in [src.filename, *extra]]
-    except Exception:
-        return None
-    return Path(paths[0]).parent if src.layout == "diffusers" else Path(paths[0])
-
-
-def find_weights(variant: str | Variant, part: str, weights=None, revision: str | None = None) -> Path:
-    """Where the weights of one part come from, in order: explicit path -> $TAESD_WEIGHTS -> hub."""
+def find_weights(variant: str | Variant, part: str, weights=None, revision: str | None = None,
+                 source: str | None = None, fetch: bool = True) -> Path:
+    """Where the weights of one part come from: explicit path -> $TAESD_WEIGHTS -> cache -> download
+    (``fetch=False``: no download)."""
     v = get_variant(variant)
     if weights is not None:
-        if isinstance(weights, dict):
-            weights = weights.get(part)
-            if weights is None:
-                raise TaesdError(f"no {part} weights given for {v.name}")
-        p = Path(weights)
-        if not p.exists():
-            raise TaesdError(f"weights path {p} does not exist")
-        if p.is_dir():
-            found = _from_folder(p, v, part)
-            if found is None:
-                raise TaesdError(f"no {v.name} {part} weights in {p}: expected {v.name}_{part}.pth "
-                                 f"(or .safetensors, or a diffusers folder {v.name}/)")
-            return found
-        return p
+        return _explicit(v, part, weights)
     env = os.environ.get(WEIGHTS_ENV)
     if env:
         found = _from_folder(Path(env), v, part)
         if found is not None:
             return found
-    found = _from_hub(v, revision)
-    if found is not None:
+    candidates = sources_for(v, part, source, revision)
+    for src in candidates:
+        path = download.cached(src)
+        if path is not None:
+            return download.location(src, path)
+    if not fetch or download.offline() or not candidates:
+        raise not_found(v, part, env, candidates, None if fetch else "not downloaded")
+    failures = []
+    for src in candidates:
+        try:
+            return download.location(src, download.fetch(src))
+        except download.DownloadFailed as e:   # a network failure: the next source may work
+            failures.append(str(e))
+    raise TaesdError(f"no weights found for the {v.name} {part}: " + "; then ".join(failures))
+
+
+def _explicit(v: Variant, part: str, weights) -> Path:
+    if isinstance(weights, dict):
+        weights = weights.get(part)
+        if weights is None:
+            raise TaesdError(f"no {part} weights given for {v.name}")
+    p = Path(weights)
+    if not p.exists():
+        raise TaesdError(f"weights path {p} does not exist")
+    if p.is_dir():
+        found = _from_folder(p, v, part)
+        if found is None:
+            raise TaesdError(f"no {v.name} {part} weights in {p}: expected {v.name}_{part}.pth "
+                             f"(or .safetensors, or a diffusers folder {v.name}/)")
         return found
-    where = f"${WEIGHTS_ENV} ({env})" if env else f"a folder and set {WEIGHTS_ENV} to it"
-    hub = f", or allow the download from {_hub_source(v).repo}" if _hub_source(v) else ""
-    raise TaesdError(f"no weights found for the {v.name} {part}: put {v.encoder_file if part == 'encoder' else v.decoder_file} "
-                     f"(from {PUBLISHED_AT}) in {where}, or pass weights=PATH{hub}")
+    return p
+
+
+def not_found(v: Variant, part: str, env: str | None, candidates: list[WeightFile],
+              why: str | None = None) -> TaesdError:
+    """One line: the file to fetch and the folder to put it in."""
+    why = why or (f"downloads are off ({download.offline()})" if download.offline() else "it has no source")
+    name = v.part_file(part)
+    github = next((s for s in candidates if s.host == "github"), None)
+    if github is not None:
+        fetch, folder = download.url_of(github), download.folder_for(github)
+        name = github.filename
+    elif candidates:
+        fetch, folder = download.url_of(candidates[0]), None
+        name = candidates[0].filename
+    else:
+        fetch, folder = None, None
+    where = [str(folder)] if folder else []
+    where.append(f"${WEIGHTS_ENV} ({env})" if env else f"a folder named by ${WEIGHTS_ENV}")
+    src = f" ({fetch})" if fetch else ""
+    return TaesdError(f"no weights found for the {v.name} {part}: put {name}{src} in {' or '.join(where)}, "
+                      f"or pass weights=PATH; {why}")
 
 
 def load_part(variant: str | Variant, part: str, path: Path, source: WeightSource | None = None

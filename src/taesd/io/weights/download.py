@@ -1,0 +1,325 @@
+"""Published weight files fetched from where users get them, verified and cached.
+
+Contract:
+- Hub files (``WeightFile.host == "hub"``) go through huggingface_hub into the Hugging Face cache
+  (``HF_HUB_CACHE``/``HF_HOME``), from ``$HF_ENDPOINT`` (read at each call). GitHub files come from
+  ``$TAESD_GITHUB_URL/<repo>/raw/<revision>/<file>`` (default https://github.com) into
+  ``$TAESD_CACHE_DIR/weights/github/<repo>/<revision>/`` (default ``~/.cache/taesd``).
+- A file is visible under its final name only once it is whole and verified: the sha256 the
+  registry knows, else the hub's ETag where it is a sha256 (LFS) or a git blob id, else the hash
+  recorded at the first download (``weights/sha256.json``), re-checked at every later use. Any failure
+  (HTTP error, dropped connection, truncated or wrong bytes) leaves no file behind and raises a
+  one-line ``TaesdError``; network failures raise ``DownloadFailed`` (the caller may try another source).
+- ``TAESD_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: nothing is fetched (``offline()`` says which is set).
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import constants as hf_constants
+from tqdm import tqdm
+
+from taesd.errors import TaesdError
+from taesd.io.files import atomic_path
+from taesd.registry import WeightFile
+from taesd.version import __version__
+
+GITHUB_URL_ENV = "TAESD_GITHUB_URL"
+CACHE_ENV = "TAESD_CACHE_DIR"
+OFFLINE_ENV = "TAESD_OFFLINE"
+DEFAULT_GITHUB_URL = "https://github.com"
+DEFAULT_HUB_URL = "https://huggingface.co"
+RECORDS = "sha256.json"
+_CHUNK = 1 << 16
+
+
+class DownloadFailed(TaesdError):
+    """The file could not be fetched (network, HTTP status, dropped connection): nothing was kept."""
+
+
+# ---------------------------------------------------------------- settings and places
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def offline() -> str | None:
+    """The setting that switches downloads off ("TAESD_OFFLINE=1", "HF_HUB_OFFLINE=1"), or None."""
+    if _truthy(os.environ.get(OFFLINE_ENV)):
+        return f"{OFFLINE_ENV}=1"
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or hf_constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1"
+    return None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "taesd")
+
+
+def weights_cache() -> Path:
+    """The taesd cache of downloaded weights (GitHub files and the recorded hashes)."""
+    return cache_root() / "weights"
+
+
+def hub_cache() -> Path:
+    return Path(hf_constants.HF_HUB_CACHE)
+
+
+def _hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT or DEFAULT_HUB_URL).rstrip("/")
+
+
+def url_of(src: WeightFile, filename: str | None = None) -> str:
+    """Where ``src`` is fetched from (its companion ``filename`` if given)."""
+    name = filename or src.filename
+    if src.host == "hub":
+        return f"{_hub_endpoint()}/{src.repo}/resolve/{src.revision}/{name}"
+    base = (os.environ.get(GITHUB_URL_ENV) or DEFAULT_GITHUB_URL).rstrip("/")
+    return f"{base}/{src.repo}/raw/{src.revision}/{name}"
+
+
+def github_path(src: WeightFile) -> Path:
+    return weights_cache() / "github" / src.repo / src.revision / src.filename
+
+
+def _hub_storage(src: WeightFile) -> Path:
+    return hub_cache() / ("models--" + src.repo.replace("/", "--"))
+
+
+def folder_for(src: WeightFile) -> Path:
+    """The folder a user can put ``src``'s file in by hand so that it is found offline."""
+    if src.host == "github":
+        return github_path(src).parent
+    return _hub_storage(src)
+
+
+def location(src: WeightFile, path: Path) -> Path:
+    """What the loader reads: the file, or the folder of a diffusers layout."""
+    return path.parent if src.layout == "diffusers" else path
+
+
+# ---------------------------------------------------------------- hashes
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _records() -> dict[str, dict]:
+    try:
+        return json.loads((weights_cache() / RECORDS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def recorded_sha256(path: Path) -> str | None:
+    return _records().get(str(Path(path).resolve()), {}).get("sha256")
+
+
+def _record(path: Path, sha256: str, url: str) -> None:
+    records = {k: r for k, r in _records().items() if Path(k).exists()}   # forget deleted files
+    records[str(Path(path).resolve())] = {"sha256": sha256, "url": url}
+    target = weights_cache() / RECORDS
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+
+
+def _expected(src: WeightFile, path: Path) -> tuple[str | None, str]:
+    """(expected digest, what it is): the registry's sha256, the hub blob's ETag, or the record."""
+    if src.sha256:
+        return src.sha256, "the registry's sha256"
+    blob = Path(path).resolve().name
+    if src.host == "hub" and re.fullmatch(r"[0-9a-f]{64}", blob):
+        return blob, "the hub's ETag (sha256)"
+    if src.host == "hub" and re.fullmatch(r"[0-9a-f]{40}", blob):
+        return blob, "the hub's ETag (git blob id)"
+    return recorded_sha256(path), "the sha256 recorded at the first download"
+
+
+def verify(src: WeightFile, path: Path, url: str, record: bool = True) -> str:
+    """The sha256 of ``path``, checked against what is known of ``src``; where nothing is known yet,
+    recorded now (``record``) so that later uses re-check it."""
+    digest = sha256_of(path)
+    size = Path(path).stat().st_size
+    if src.size is not None and size != src.size:
+        raise TaesdError(f"{url} gave {size:,} bytes, not the published {src.size:,}: refused (truncated or "
+                         f"another file)")
+    expected, what = _expected(src, path)
+    got = _git_blob_sha1(path) if "git blob" in what else digest
+    if expected is None:
+        if record:
+            _record(path, digest, url)
+    elif got != expected:
+        raise TaesdError(f"{url} hashes to {got[:16]}..., not {expected[:16]}... ({what}): refused "
+                         f"(corrupted or replaced)")
+    return digest
+
+
+# ---------------------------------------------------------------- the cache, without the network
+
+def cached(src: WeightFile) -> Path | None:
+    """The verified cached copy of ``src`` (no network), or None. A cached file that no longer
+    matches its hash raises, naming the file to delete."""
+    if src.host == "github":
+        path = github_path(src)
+        if not path.is_file():
+            return None
+    else:
+        found = [huggingface_hub.try_to_load_from_cache(src.repo, f, revision=src.revision,
+                                                        cache_dir=str(hub_cache()))
+                 for f in (src.filename, *src.companions)]
+        if not all(isinstance(f, str) for f in found):
+            return None
+        path = Path(found[0])
+    try:
+        verify(src, path, str(path))
+    except TaesdError as e:
+        raise TaesdError(f"cached {e}; delete {path} and run `taesd download` again") from None
+    return path
+
+
+# ---------------------------------------------------------------- downloads
+
+def fetch(src: WeightFile, progress: bool = True) -> Path:
+    """Download ``src`` (and its companions) unless the cache holds it; verify; return its path."""
+    if offline():
+        raise DownloadFailed(f"downloads are off ({offline()}): fetch {url_of(src)} into {folder_for(src)}")
+    if src.host == "github":
+        path = github_path(src)
+        if path.is_file():
+            verify(src, path, url_of(src))
+            return path
+        return _fetch_github(src, path, progress)
+    return _fetch_hub(src, progress)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def _fetch_github(src: WeightFile, path: Path, progress: bool) -> Path:
+    url = url_of(src)
+    request = urllib.request.Request(url, headers={"User-Agent": f"taesd/{__version__}"})
+    made = _missing_parents(path.parent)
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response, open(tmp, "wb") as out:
+                    total = response.length
+                    received = _copy(response, out, total, src.filename, progress)
+            except urllib.error.HTTPError as e:
+                raise DownloadFailed(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+                raise DownloadFailed(f"downloading {url} failed: {_short(e)}; nothing was kept") from None
+            if total is not None and received != total:
+                raise DownloadFailed(f"downloading {url} failed: {received:,} of {total:,} bytes arrived")
+            digest = verify(src, tmp, url, record=False)
+        _record(path, digest, url)
+        return path
+    except BaseException:
+        _prune(made)
+        raise
+
+
+def _copy(response, out, total: int | None, name: str, progress: bool) -> int:
+    received = 0
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        while chunk := response.read(_CHUNK):
+            out.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """The folders up to ``folder`` that do not exist yet, deepest first (to remove after a failure)."""
+    made = []
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    return made
+
+
+def _prune(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()} if root.exists() else set()
+
+
+def _fetch_hub(src: WeightFile, progress: bool) -> Path:
+    """hf_hub_download of the file and its companions; on any failure, every file this call added to
+    the Hugging Face cache (blob, snapshot link, ref, lock) is removed again."""
+    storage = _hub_storage(src)
+    locks = hub_cache() / ".locks" / storage.name
+    made = _missing_parents(storage)
+    before = _files_under(storage) | _files_under(locks)
+    try:
+        paths = []
+        for name in (src.filename, *src.companions):
+            paths.append(Path(_hf_download(src, name, progress)))
+        _record(paths[0], verify(src, paths[0], url_of(src), record=False), url_of(src))
+        return paths[0]
+    except BaseException:
+        for p in sorted((_files_under(storage) | _files_under(locks)) - before, reverse=True):
+            p.unlink(missing_ok=True)
+        for root in (storage, locks):
+            _prune_tree(root)
+        if hub_cache() in made:   # the whole cache is this call's: its tag and lock folder too
+            (hub_cache() / "CACHEDIR.TAG").unlink(missing_ok=True)
+            _prune([locks.parent])
+        _prune(made)
+        raise
+
+
+def _prune_tree(root: Path) -> None:
+    """Remove the empty folders under ``root`` (deepest first) and ``root`` itself if it is empty."""
+    if not root.exists():
+        return
+    for d in sorted((d for d in root.rglob("*") if d.is_dir() and not d.is_symlink()), reverse=True):
+        _prune([d])
+    _prune([root])
+
+
+def _hf_download(src: WeightFile, name: str, progress: bool) -> str:
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
+    was_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        return huggingface_hub.hf_hub_download(src.repo, name, revision=src.revision,
+                                               cache_dir=str(hub_cache()), endpoint=_hub_endpoint())
+    except Exception as e:   # every huggingface_hub/httpx error: say which file and why, in one line
+        raise DownloadFailed(f"downloading {url_of(src, name)} failed: {_short(e)}; "
+                             f"nothing was kept") from None
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
