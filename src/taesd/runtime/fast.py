@@ -40,7 +40,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from taesd.runtime import winograd
+from taesd.runtime import tiling, winograd
 from taesd.model import TAESD
 from taesd.nn.layers import Block
 
@@ -132,7 +132,9 @@ class FastConv2d(nn.Conv2d):
     def winograd_tile(self, x: torch.Tensor, upsample: bool = False) -> int:
         """The Winograd tile size m to run this call with, 0 for oneDNN's direct convolution."""
         m = getattr(self, "winograd", 0)
-        return m if m and winograd.supports(self, x, upsample) and winograd.available() else 0
+        # A tile decides as the untiled map would: the same algorithm gives the same rounding.
+        pixels = tiling.untiled_pixels.get()
+        return m if m and winograd.supports(self, x, upsample, pixels) and winograd.available() else 0
 
     def __getstate__(self):  # copies and pickles carry no packed (oneDNN-only) tensor
         state = super().__getstate__()

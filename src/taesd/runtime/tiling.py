@@ -19,8 +19,8 @@ Two executors:
 """
 from __future__ import annotations
 
+import contextvars
 import math
-import os
 import re
 import weakref
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from taesd.errors import TaesdError
 from taesd.nn.layers import Block, Clamp
+from taesd.runtime.memory import available_bytes
 
 # Layers that act on each pixel alone: no spatial reach.
 POINTWISE = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity, nn.Dropout)
@@ -41,6 +42,12 @@ MIN_TILE = 8          # latent pixels; smaller tiles spend most of their time on
 OVERHEAD = 1.1
 SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
               "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+# While a tile runs layer by layer: the output pixels per image that the layer being run has in the
+# untiled pass. An executor that picks its algorithm by map size (the fast executor's Winograd
+# threshold) decides from this, so a tile uses the same algorithm, and rounds the same, as the whole.
+untiled_pixels: "contextvars.ContextVar[int | None]" = contextvars.ContextVar("untiled_pixels", default=None)
 
 
 class GlobalLayer(Exception):
@@ -70,6 +77,9 @@ def needed_interval(m: nn.Module, a: int, b: int) -> tuple[int, int]:
         k, s, p, d = m.kernel_size[0], m.stride[0], m.padding[0], m.dilation[0]
         if isinstance(m.padding, str) or m.kernel_size[0] != m.kernel_size[1] or m.stride[0] != m.stride[1]:
             raise TaesdError(f"cannot tile {m}: only square kernels with numeric padding are analysed")
+        t = winograd_tile(m)
+        if t:  # a Winograd tile's rounding depends on its whole input window: produce whole tiles
+            a, b = (a // t) * t, -(-b // t) * t
         return a * s - p, (b - 1) * s - p + d * (k - 1) + 1
     if isinstance(m, nn.Upsample):
         f = _upsample_factor(m)
@@ -114,6 +124,27 @@ def scale_of(m: nn.Module) -> tuple[int, int]:
     if isinstance(m, Block):
         return scale_of(m.conv)
     return 1, 1
+
+
+def winograd_tile(conv: nn.Module) -> int:
+    """The output tile size m of a convolution an executor runs as Winograd F(m x m, 3x3) (its
+    ``winograd`` attribute, set by the fast executor), else 0. Outputs come in m x m tiles laid
+    from the map's origin, and each tile's rounding depends on its whole (m+2)^2 input window."""
+    m = getattr(conv, "winograd", 0) or 0
+    if m and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1):
+        return int(m)
+    return 0
+
+
+def input_alignment(layer: nn.Module) -> int:
+    """Multiple a crop start must have at this layer's input so that every Winograd convolution
+    inside it (stride 1, at the input's resolution) lays its tiles on the untiled pass's grid."""
+    al = 1
+    for sub in layer.modules():
+        t = winograd_tile(sub)
+        if t:
+            al = al * t // math.gcd(al, t)
+    return al
 
 
 def is_global(m: nn.Module) -> bool:
@@ -167,7 +198,8 @@ class PartAnalysis:
         self.align = [1] * (len(self.layers) + 1)
         for i in reversed(range(len(self.layers))):
             nxt, info = self.align[i + 1], self.layers[i]
-            self.align[i] = info.down * (nxt // math.gcd(nxt, info.up))
+            al, own = info.down * (nxt // math.gcd(nxt, info.up)), input_alignment(module[i])
+            self.align[i] = al * own // math.gcd(al, own)
         globals_ = [i.index for i in self.layers if i.is_global]
         self.global_span = (globals_[0], globals_[-1] + 1) if globals_ else None
 
@@ -231,19 +263,23 @@ def _probe(module: nn.Sequential, in_channels: int, in_per_latent: int) -> list[
     return infos
 
 
-_ANALYSES: "weakref.WeakKeyDictionary[nn.Module, PartAnalysis]" = weakref.WeakKeyDictionary()
+_ANALYSES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def analyse(model, part: str) -> PartAnalysis:
-    """The (cached) analysis of ``model.encoder`` or ``model.decoder``."""
+    """The (cached) analysis of ``model.encoder`` or ``model.decoder``; redone when an executor
+    changes how its convolutions run (Winograd tiles change the alignment)."""
     module = model.part(part)
-    if module not in _ANALYSES:
+    key = tuple(winograd_tile(m) for m in module.modules() if isinstance(m, nn.Conv2d))
+    cached = _ANALYSES.get(module)
+    if cached is None or cached[0] != key:
         v = model.variant
         if part == "encoder":
-            _ANALYSES[module] = PartAnalysis(module, v.image_channels, v.downscale)
+            an = PartAnalysis(module, v.image_channels, v.downscale)
         else:
-            _ANALYSES[module] = PartAnalysis(module, v.latent_channels, 1)
-    return _ANALYSES[module]
+            an = PartAnalysis(module, v.latent_channels, 1)
+        _ANALYSES[module] = cached = (key, an)
+    return cached[1]
 
 
 # ---------------------------------------------------------------- tile planning and memory
@@ -355,17 +391,11 @@ def _tile_pair(tile_size) -> tuple[int, int]:
 
 
 def available_memory(device: torch.device) -> int:
-    """Free bytes for activations: the GPU's free memory, or the host's available memory."""
+    """Free bytes for activations: the GPU's free memory, or what this process may still allocate
+    on the host (the host's available memory, capped by its memory cgroup: taesd.runtime.memory)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:   # Linux: what the kernel says can be allocated without swapping
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_bytes()
 
 
 # ---------------------------------------------------------------- execution
@@ -418,7 +448,11 @@ def _run_stages(an: PartAnalysis, x: torch.Tensor, p: Plan) -> torch.Tensor:
             y = x[b0:b1, :, sh[start][0]:sh[start][1], sw[start][0]:sw[start][1]]
             at_h, at_w = sh[start][0], sw[start][0]
             for i in range(start, stop):
-                y = an.module[i](y)
+                token = untiled_pixels.set(lat_h * lat_w * an.per_latent[i + 1] ** 2)
+                try:
+                    y = an.module[i](y)
+                finally:
+                    untiled_pixels.reset(token)
                 info = an.layers[i]
                 at_h, at_w = at_h * info.up // info.down, at_w * info.up // info.down
                 # Trim to what the output tile needs, so later layers skip the spent margin.
