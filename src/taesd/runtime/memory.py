@@ -10,7 +10,11 @@ a folder of fake files; an operator at a parent cgroup).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
+import threading
 from pathlib import Path
 
 CGROUP_ENV = "TAESD_CGROUP_DIR"
@@ -104,3 +108,62 @@ def available_bytes() -> int:
     host = host_available()
     room = cgroup_available()
     return host if room is None else min(host, room)
+
+
+# ---------------------------------------------------------------- glibc allocator thresholds
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+# Under a memory budget, blocks from this size on get their own mmap, returned to the kernel when
+# freed: a heap that keeps freed activations for reuse fragments (tiles of a new size do not fit
+# the holes) and held ~45% more than was live at once (docs/tiling.md).
+BUDGET_MMAP_THRESHOLD = 4 << 20
+
+_lock = threading.Lock()
+_tuned: "dict[int, int]" = {}     # the process's tuned settings (param -> value); empty: glibc's own
+_budget_users = 0
+
+
+def _mallopt():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):   # not glibc (musl, ...)
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def set_allocator(settings: "dict[int, int]") -> bool:
+    """Apply mallopt settings for the whole process and remember them; False where not glibc."""
+    fn = _mallopt()
+    if fn is None:
+        return False
+    with _lock:
+        ok = all(fn(param, value) == 1 for param, value in settings.items())
+        if ok:
+            _tuned.update(settings)
+    return ok
+
+
+@contextlib.contextmanager
+def budgeted_allocations():
+    """While inside (any thread): big blocks are mmapped and unmapped on free, so the process's
+    resident memory follows what is live. A no-op unless the allocator was tuned to keep blocks."""
+    global _budget_users
+    fn = _mallopt() if _tuned else None
+    if fn is None:
+        yield
+        return
+    with _lock:
+        _budget_users += 1
+        if _budget_users == 1:
+            fn(M_MMAP_THRESHOLD, BUDGET_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        with _lock:
+            _budget_users -= 1
+            if _budget_users == 0 and M_MMAP_THRESHOLD in _tuned:
+                fn(M_MMAP_THRESHOLD, _tuned[M_MMAP_THRESHOLD])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import os
 import re
 import weakref
 from dataclasses import dataclass
@@ -31,15 +32,17 @@ from tqdm import tqdm
 
 from taesd.errors import TaesdError
 from taesd.nn.layers import Block, Clamp
-from taesd.runtime.memory import available_bytes
+from taesd.runtime.memory import available_bytes, budgeted_allocations
 
 # Layers that act on each pixel alone: no spatial reach.
 POINTWISE = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity, nn.Dropout)
 # Layers whose output depends on every pixel of their input.
 GLOBAL = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.AdaptiveAvgPool2d)
 MIN_TILE = 8          # latent pixels; smaller tiles spend most of their time on margins
-# Measured peak RSS ran up to ~8% above the counted activations (allocator, oneDNN scratch).
-OVERHEAD = 1.1
+# Peak RSS over the counted activations (measured: benchmarks/bench_memory.py, docs/tiling.md).
+# oneDNN's direct convolutions hold more beside their input and output than the Winograd kernel.
+OVERHEAD = float(os.environ.get("TAESD_TILE_OVERHEAD", 1.15))
+OVERHEAD_DIRECT = float(os.environ.get("TAESD_TILE_OVERHEAD_DIRECT", 1.2))
 SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
               "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -200,6 +203,8 @@ class PartAnalysis:
             nxt, info = self.align[i + 1], self.layers[i]
             al, own = info.down * (nxt // math.gcd(nxt, info.up)), input_alignment(module[i])
             self.align[i] = al * own // math.gcd(al, own)
+        winograd = any(winograd_tile(m) for m in module.modules())
+        self.overhead = OVERHEAD if winograd else OVERHEAD_DIRECT
         globals_ = [i.index for i in self.layers if i.is_global]
         self.global_span = (globals_[0], globals_[-1] + 1) if globals_ else None
 
@@ -332,7 +337,7 @@ def estimate_peak(an: PartAnalysis, batch: int, h: int, w: int, tile_h: int, til
         peak = max(peak, held + stage_peak(an, start, stop, batch, th, tw, h, w, esize))
         if stop < len(an.layers):  # the stage output is kept for the next stage
             held = batch * an.layers[stop - 1].out_channels * h * w * an.per_latent[stop] ** 2 * esize
-    return int(out_bytes + peak * OVERHEAD)   # + the preallocated output (tiled) or clamped copy (untiled)
+    return int(out_bytes + peak * an.overhead)   # + the preallocated output (tiled) or clamped copy (untiled)
 
 
 def plan(an: PartAnalysis, batch: int, h: int, w: int, esize: int, out_channels: int,
@@ -354,16 +359,24 @@ def plan(an: PartAnalysis, batch: int, h: int, w: int, esize: int, out_channels:
     # Largest square tile (within the user's) that fits, preferring the full batch per call; fall
     # back to smaller batch chunks only when tiles would get too small to be efficient.
     chunk = batch
+
+    def tiles_of(t: int) -> tuple[int, int]:   # the size ``splits`` really cuts with a limit of t
+        return _split_size(h, min(t, th)), _split_size(w, min(t, tw))
+
     while True:
-        t = _largest_fitting(lambda t: estimate_peak(an, chunk, h, w, min(t, th), min(t, tw), esize,
-                                                     out_channels) + _other_chunks(batch, chunk, h, w, an, esize, out_channels) <= budget,
+        t = _largest_fitting(lambda t: estimate_peak(an, chunk, h, w, *tiles_of(t), esize, out_channels)
+                             + _other_chunks(batch, chunk, h, w, an, esize, out_channels) <= budget,
                              max(th, tw))
         if t >= min(MIN_TILE, h, w) or chunk == 1:
-            t = max(t, 1)
-            th, tw = min(t, th), min(t, tw)
+            th, tw = tiles_of(max(t, 1))
             est = estimate_peak(an, chunk, h, w, th, tw, esize, out_channels)
             return Plan((th, tw), chunk, est, True)
         chunk = max(1, chunk // 2)
+
+
+def _split_size(size: int, tile: int) -> int:
+    """The largest piece ``splits(size, tile)`` makes."""
+    return max(b - a for a, b in splits(size, tile))
 
 
 def _other_chunks(batch, chunk, h, w, an, esize, out_channels) -> int:
@@ -411,10 +424,11 @@ def run(model, part: str, x: torch.Tensor, tile_size=None, max_memory=None) -> t
     if not p.tiled:
         y = model.run_part(part, x)
         return y.clamp(0, 1) if part == "decoder" else y
-    if an.global_span is None and not model.layerwise:
-        out = _run_part_tiles(model, part, an, x, p)
-    else:
-        out = _run_stages(an, x, p)
+    with budgeted_allocations():   # resident memory follows live memory (taesd.runtime.memory)
+        if an.global_span is None and not model.layerwise:
+            out = _run_part_tiles(model, part, an, x, p)
+        else:
+            out = _run_stages(an, x, p)
     return out.clamp_(0, 1) if part == "decoder" else out
 
 
@@ -458,12 +472,20 @@ def _run_stages(an: PartAnalysis, x: torch.Tensor, p: Plan) -> torch.Tensor:
                 # Trim to what the output tile needs, so later layers skip the spent margin.
                 (nh0, nh1), (nw0, nw1) = sh[i + 1], sw[i + 1]
                 if (nh0, nh1, nw0, nw1) != (at_h, at_h + y.shape[-2], at_w, at_w + y.shape[-1]):
-                    y = y[..., nh0 - at_h:nh1 - at_h, nw0 - at_w:nw1 - at_w]
+                    # A copy, not a view: the view would keep the whole untrimmed map alive while
+                    # the next layer makes its own contiguous copy (one activation too many).
+                    y = y[..., nh0 - at_h:nh1 - at_h, nw0 - at_w:nw1 - at_w].contiguous(
+                        memory_format=_layout(y))
                     at_h, at_w = nh0, nw0
             out[b0:b1, :, h0 * fo:h1 * fo, w0 * fo:w1 * fo] = y
             del y
         x = out
     return x
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 \
+        else torch.contiguous_format
 
 
 def _run_part_tiles(model, part: str, an: PartAnalysis, x: torch.Tensor, p: Plan) -> torch.Tensor:
