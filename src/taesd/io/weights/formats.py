@@ -143,6 +143,7 @@ def read_source(path: str | os.PathLike) -> WeightSource:
         parts = {found[0].split(":")[1]: sd}
         fmt = "safetensors" if path.suffix == ".safetensors" else "pth"
     for part, sd in parts.items():
+        check_tensors(path, sd)
         if not identify(sd, part):
             raise TaesdError(f"{path} holds {len(sd)} {part} tensors that match no TAESD variant; "
                              f"the file is damaged or of another model")
@@ -150,6 +151,20 @@ def read_source(path: str | os.PathLike) -> WeightSource:
         fmt = "safetensors"
     real = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
     return WeightSource(path, fmt, parts, extras, sha256_of(real))
+
+
+def check_tensors(path: Path, sd: StateDict) -> None:
+    """Weights are floating point and finite: an integer, bool or NaN/Inf tensor is a damaged or
+    foreign file, refused in one line naming the tensor."""
+    for key, t in sd.items():
+        if not t.is_floating_point():
+            raise TaesdError(f"{path}: tensor {key!r} is {str(t.dtype).replace('torch.', '')}, not floating point; "
+                             f"TAESD weights are fp16/fp32, the file is damaged or of another model")
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            n = int((~finite).sum())
+            raise TaesdError(f"{path}: tensor {key!r} holds {n} NaN/infinite value{'s' if n > 1 else ''}; "
+                             f"the weights are damaged, download or train them again")
 
 
 # ---------------------------------------------------------------- diffusers keys
