@@ -28,6 +28,10 @@ from taesd.registry import PARTS, Arch, Variant, get_variant
 FORMATS = ("pth", "safetensors", "diffusers", "comfyui")
 WEIGHTS_ENV = "TAESD_WEIGHTS"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# What diffusers' save_pretrained may write: safetensors or pickle (safe_serialization=False), plain
+# or as the fp16 variant (variant="fp16"); read in this order.
+DIFFUSERS_WEIGHT_NAMES = (DIFFUSERS_WEIGHTS, "diffusion_pytorch_model.fp16.safetensors",
+                          "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 PUBLISHED_AT = "https://github.com/madebyollin/taesd"
 StateDict = dict[str, torch.Tensor]
 
@@ -38,7 +42,8 @@ class WeightSource:
     path: Path
     format: str
     parts: dict[str, StateDict]                 # part -> state dict in original (pth) keys
-    extras: dict[str, float] = field(default_factory=dict)   # comfyui vae_scale / vae_shift
+    # comfyui vae_scale / vae_shift: a float, or one float per latent channel (Qwen Image 2.1)
+    extras: "dict[str, float | list[float]]" = field(default_factory=dict)
     sha256: str = ""
 
 
@@ -98,10 +103,9 @@ def read_file(path: str | os.PathLike) -> StateDict:
     if not path.exists():
         raise TaesdError(f"weight file {path} does not exist")
     if path.is_dir():
-        inner = path / DIFFUSERS_WEIGHTS
-        if not inner.is_file():
-            raise TaesdError(f"{path} is a folder without {DIFFUSERS_WEIGHTS}; "
-                             f"pass a weight file or a diffusers AutoencoderTiny folder")
+        inner = diffusers_weight_file(path)
+        if inner.suffix == ".bin":
+            return _read_torch(inner)
         return _read_safetensors(inner)[0]
     if path.stat().st_size == 0:
         raise TaesdError(f"weight file {path} is empty; download it again")
@@ -112,10 +116,28 @@ def read_file(path: str | os.PathLike) -> StateDict:
     return _read_safetensors(path)[0]
 
 
+def diffusers_weight_file(folder: Path) -> Path:
+    """The weight file of a diffusers folder (any name ``DIFFUSERS_WEIGHT_NAMES`` lists)."""
+    for name in DIFFUSERS_WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise TaesdError(f"{folder} is a folder without {' or '.join(DIFFUSERS_WEIGHT_NAMES)}; "
+                     f"pass a weight file or a diffusers AutoencoderTiny folder")
+
+
+def _extra_value(key: str, t: torch.Tensor) -> "float | list[float]":
+    """A stored vae_scale / vae_shift: a scalar, or per channel (C, C x 1 x 1: ComfyUI's Qwen 2.1)."""
+    if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or t.numel() == 0 \
+            or not (t.numel() == 1 or (t.ndim in (1, 3) and t.shape[1:] in ((), (1, 1)))):
+        raise TaesdError(f"{key} is {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}; expected a finite "
+                         f"float scalar or one value per latent channel (C or C x 1 x 1)")
+    return float(t.reshape(())) if t.numel() == 1 else [float(x) for x in t.flatten()]
+
+
 def split_parts(raw: StateDict) -> tuple[str, dict[str, StateDict], dict[str, float]]:
     """Sort raw tensors into encoder/decoder state dicts in original keys; returns the format too."""
     keys = list(raw)
-    extras = {k: float(raw[k]) for k in ("vae_scale", "vae_shift") if k in raw}
+    extras = {k: _extra_value(k, raw[k]) for k in ("vae_scale", "vae_shift") if k in raw}
     if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys):
         return "diffusers", from_diffusers_keys(raw), extras
     for prefix, fmt in (("taesd_", "comfyui"), ("", "combined")):
@@ -149,7 +171,7 @@ def read_source(path: str | os.PathLike) -> WeightSource:
                              f"the file is damaged or of another model")
     if fmt == "combined":
         fmt = "safetensors"
-    real = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
+    real = diffusers_weight_file(path) if path.is_dir() else path
     return WeightSource(path, fmt, parts, extras, sha256_of(real))
 
 
@@ -244,16 +266,42 @@ def save_weights(parts: dict[str, StateDict], variant: str | Variant, fmt: str, 
             tmp.write_text(json.dumps(config, indent=2) + "\n")
         return [out / "config.json", out / DIFFUSERS_WEIGHTS]
     if fmt == "comfyui":
-        if out.suffix != ".safetensors":
-            out = out / f"{v.name}.safetensors"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"taesd_{part}.{k}": t for part, sd in parts.items() for k, t in sd.items()}
-        extras = extras if extras else {"vae_scale": v.vae_scale, "vae_shift": v.vae_shift}
-        for k, val in extras.items():
-            tensors[k] = torch.tensor(val, dtype=torch.float32)
-        _save_safetensors(tensors, out, meta)
-        return [out]
+        return _save_comfyui(parts, v, out, extras, meta)
     raise TaesdError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+# Architectures ComfyUI's one-file TAESD loader builds right. For the others (taef2's pool branch)
+# it builds the plain network and drops the rest, so they get the per-part files it loads instead.
+COMFYUI_ONE_FILE_ARCHS = (Arch.BASE, Arch.F32, Arch.F16)
+
+
+def _save_comfyui(parts, v: Variant, out: Path, extras, meta: dict) -> list[Path]:
+    if v.arch not in COMFYUI_ONE_FILE_ARCHS:
+        folder = out.parent if out.suffix == ".safetensors" else out
+        warnings.warn(f"ComfyUI reads {v.name} only from per-part files: writing {v.name}_<part>.safetensors "
+                      f"into {folder} (put them in ComfyUI/models/vae_approx)", stacklevel=3)
+        return save_weights(parts, v, "safetensors", folder)
+    if out.suffix != ".safetensors":
+        out = out / f"{v.name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"taesd_{part}.{k}": t for part, sd in parts.items() for k, t in sd.items()}
+    extras = extras if extras else {"vae_scale": v.vae_scale, "vae_shift": v.vae_shift}
+    for k, val in extras.items():
+        tensors[k] = comfyui_extra_tensor(k, val, v)
+    _save_safetensors(tensors, out, meta)
+    return [out]
+
+
+def comfyui_extra_tensor(key: str, value, v: Variant) -> torch.Tensor:
+    """vae_scale / vae_shift as ComfyUI stores it: a scalar, or C x 1 x 1 where its network keeps
+    one value per channel (Qwen Image 2.1: 64 x 1 x 1)."""
+    per_channel = isinstance(value, (list, tuple)) or v.arch == Arch.F16
+    if not per_channel:
+        return torch.tensor(float(value), dtype=torch.float32)
+    values = list(value) if isinstance(value, (list, tuple)) else [float(value)] * v.latent_channels
+    if len(values) != v.latent_channels:
+        raise TaesdError(f"{key} has {len(values)} values; {v.name} latents have {v.latent_channels} channels")
+    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
 
 
 def state_dicts(model) -> dict[str, StateDict]:
