@@ -111,9 +111,12 @@ def test_comfyui_taef2_writes_the_per_part_files(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         written = save_weights(state_dicts(f2), "taef2", "comfyui", tmp_path / "taef2.safetensors")
-    assert [p.name for p in written] == ["taef2_encoder.safetensors", "taef2_decoder.safetensors"]
+    assert [p.name for p in written] == ["taef2_encoder.safetensors", "taef2_decoder.safetensors", "taef2.safetensors"]
     assert any("per-part" in str(w.message) for w in caught)
     assert any(".pool." in k for k in load_file(written[1]))   # the pool branch is kept
+    # the one file is not claimed by ComfyUI's one-file TAESD loader (no taesd_ keys), taesd reads it
+    assert not any(k.startswith("taesd_") for k in load_file(written[2]))
+    assert set(read_source(written[2]).parts) == {"encoder", "decoder"}
 
 
 def test_per_channel_scale_shift_read_and_written(tmp_path):

@@ -276,11 +276,18 @@ COMFYUI_ONE_FILE_ARCHS = (Arch.BASE, Arch.F32, Arch.F16)
 
 
 def _save_comfyui(parts, v: Variant, out: Path, extras, meta: dict) -> list[Path]:
+    if out.suffix != ".safetensors":
+        out = out / f"{v.name}.safetensors"
     if v.arch not in COMFYUI_ONE_FILE_ARCHS:
-        folder = out.parent if out.suffix == ".safetensors" else out
+        # The one file keeps both parts for us, without the taesd_ prefix ComfyUI's one-file loader
+        # claims (it would decode with the wrong network); ComfyUI gets the per-part files.
         warnings.warn(f"ComfyUI reads {v.name} only from per-part files: writing {v.name}_<part>.safetensors "
-                      f"into {folder} (put them in ComfyUI/models/vae_approx)", stacklevel=3)
-        return save_weights(parts, v, "safetensors", folder)
+                      f"into {out.parent} (put them in ComfyUI/models/vae_approx); {out.name} holds both parts "
+                      f"for taesd", stacklevel=3)
+        written = save_weights(parts, v, "safetensors", out.parent)
+        combined = {f"{part}.{k}": t for part, sd in parts.items() for k, t in sd.items()}
+        _save_safetensors(combined, out, meta)
+        return written + [out]
     if out.suffix != ".safetensors":
         out = out / f"{v.name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
