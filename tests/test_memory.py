@@ -33,7 +33,8 @@ def test_cgroup_v2_limit_minus_usage(tmp_path, monkeypatch):
 
 
 def test_cgroup_v1_and_unlimited(tmp_path):
-    v1 = _fake_cgroup(tmp_path, {"memory.limit_in_bytes": str(3 << 30), "memory.usage_in_bytes": str(1 << 30)})
+    v1 = _fake_cgroup(tmp_path, {"memory.limit_in_bytes": str(3 << 30),
+                                 "memory.usage_in_bytes": str(1 << 30)})
     assert memory.cgroup_headroom(v1) == 2 << 30
     (tmp_path / "memory.limit_in_bytes").write_text("9223372036854771712\n")   # v1: no limit
     assert memory.cgroup_headroom(v1) is None

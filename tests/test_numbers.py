@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 import taesd
 from taesd.errors import TaesdError
 from taesd.io.latents import load_latents, save_latents
-from taesd.io.weights.formats import diffusers_config, read_source, save_weights, state_dicts, to_diffusers_keys
+from taesd.io.weights.formats import (diffusers_config, read_source, save_weights, state_dicts,
+                                      to_diffusers_keys)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,8 @@ def test_comfyui_taef2_writes_the_per_part_files(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         written = save_weights(state_dicts(f2), "taef2", "comfyui", tmp_path / "taef2.safetensors")
-    assert [p.name for p in written] == ["taef2_encoder.safetensors", "taef2_decoder.safetensors", "taef2.safetensors"]
+    names = ["taef2_encoder.safetensors", "taef2_decoder.safetensors", "taef2.safetensors"]
+    assert [p.name for p in written] == names
     assert any("per-part" in str(w.message) for w in caught)
     assert any(".pool." in k for k in load_file(written[1]))   # the pool branch is kept
     # the one file is not claimed by ComfyUI's one-file TAESD loader (no taesd_ keys), taesd reads it

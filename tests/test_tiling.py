@@ -213,7 +213,8 @@ def test_taef2_from_onnx_files_tiles(tmp_path):
     from taesd.export.onnx import onnx_filename, save_onnx, to_onnx
     from taesd.runtime.onnx_runtime import from_onnx_files
     model = taesd.create("taef2", seed=0)
-    paths = [save_onnx(to_onnx(model, p), tmp_path / onnx_filename(model.variant, p, False)) for p in model.parts]
+    paths = [save_onnx(to_onnx(model, p), tmp_path / onnx_filename(model.variant, p, False))
+             for p in model.parts]
     onnx_model = from_onnx_files("taef2", paths)
     image = torch.rand(1, 3, 128, 160)
     latents = onnx_model.encode(image)

@@ -91,7 +91,8 @@ class TAESD(nn.Module):
             raise TaesdError(f"{self.variant.name} decodes {want}-channel latents, got {got} channels"
                              f"{_guess_variant_hint(got)}")
         if latents.numel() == 0:
-            raise TaesdError(f"the latents are empty ({'x'.join(map(str, latents.shape))}); nothing to decode")
+            shape = "x".join(map(str, latents.shape))
+            raise TaesdError(f"the latents are empty ({shape}); nothing to decode")
         if not (latents.is_floating_point() and not latents.is_complex()):
             raise TaesdError(f"latents must be floating point, got {latents.dtype}")
         _check_finite(latents, "latents")

@@ -103,7 +103,8 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
         if latents.ndim == 3:
             latents = latents[None]
         if latents.ndim != 4:
-            raise TaesdError(f"{path} holds a {latents.ndim}-dimensional 'latents' tensor; latents are N x C x h x w")
+            raise TaesdError(f"{path} holds a {latents.ndim}-dimensional 'latents' tensor; "
+                             f"latents are N x C x h x w")
     elif suffix == ".png":
         try:
             with Image.open(path) as img:
@@ -121,7 +122,8 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
         raise TaesdError(f"latent files are .safetensors or .png, not {path.name}")
     stored = meta.get("variant")
     if stored is not None and _variant_or_none(stored) is None:
-        raise TaesdError(f"{path} names an unknown variant {stored!r} in its metadata; pass the variant (--variant)")
+        raise TaesdError(f"{path} names an unknown variant {stored!r} in its metadata; "
+                         f"pass the variant (--variant)")
     if variant is None and stored is None:
         raise TaesdError(f"{path} does not say which variant made it; pass the variant (--variant)")
     v = get_variant(variant if variant is not None else stored)
@@ -137,8 +139,9 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
     if "shape" in meta:
         shape = _json_ints(path, meta, "shape")
         if tuple(shape[-3:]) != tuple(latents.shape[-3:]) or len(shape) not in (3, 4):
-            raise TaesdError(f"{path}: its metadata says {stored or v.name} latents of shape {shape}, but it "
-                             f"holds {list(latents.shape[-3:])}; the file was changed or is not a TAESD latent file")
+            raise TaesdError(f"{path}: its metadata says {stored or v.name} latents of shape {shape}, but "
+                             f"it holds {list(latents.shape[-3:])}; the file was changed or is not a "
+                             f"TAESD latent file")
     size = None
     if "image_size" in meta:
         size = tuple(_json_ints(path, meta, "image_size"))
@@ -169,6 +172,7 @@ def check_image_size(path, size: tuple, latent_hw, v: Variant) -> None:
     d = v.downscale
     grid = tuple(int(n) * d for n in latent_hw)
     if len(size) != 2 or any(s <= 0 for s in size) or any(not g - d < s <= g for s, g in zip(size, grid)):
-        raise TaesdError(f"{path}: stored image size {list(size)} does not fit the {latent_hw[0]}x{latent_hw[1]} "
+        raise TaesdError(f"{path}: stored image size {list(size)} does not fit the "
+                         f"{latent_hw[0]}x{latent_hw[1]} "
                          f"latent (images of {grid[0] - d + 1}-{grid[0]} x {grid[1] - d + 1}-{grid[1]} px); "
                          f"the metadata is wrong, remove it or encode again")

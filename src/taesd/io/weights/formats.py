@@ -92,6 +92,15 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
                          f"the file is damaged or truncated, download or convert it again") from e
 
 
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
 def _short(e: Exception) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text[:160]
@@ -171,6 +180,8 @@ def read_source(path: str | os.PathLike) -> WeightSource:
                              f"the file is damaged or of another model")
     if fmt == "combined":
         fmt = "safetensors"
+    if fmt == "safetensors" and _safetensors_metadata(path).get("target") == "comfyui":
+        fmt = "comfyui"   # what the comfyui target writes for taef2 (per-part files, see _save_comfyui)
     real = diffusers_weight_file(path) if path.is_dir() else path
     return WeightSource(path, fmt, parts, extras, sha256_of(real))
 
@@ -180,7 +191,8 @@ def check_tensors(path: Path, sd: StateDict) -> None:
     foreign file, refused in one line naming the tensor."""
     for key, t in sd.items():
         if not t.is_floating_point():
-            raise TaesdError(f"{path}: tensor {key!r} is {str(t.dtype).replace('torch.', '')}, not floating point; "
+            dtype = str(t.dtype).replace("torch.", "")
+            raise TaesdError(f"{path}: tensor {key!r} is {dtype}, not floating point; "
                              f"TAESD weights are fp16/fp32, the file is damaged or of another model")
         finite = torch.isfinite(t)
         if not bool(finite.all()):
@@ -282,11 +294,17 @@ def _save_comfyui(parts, v: Variant, out: Path, extras, meta: dict) -> list[Path
         # The one file keeps both parts for us, without the taesd_ prefix ComfyUI's one-file loader
         # claims (it would decode with the wrong network); ComfyUI gets the per-part files.
         warnings.warn(f"ComfyUI reads {v.name} only from per-part files: writing {v.name}_<part>.safetensors "
-                      f"into {out.parent} (put them in ComfyUI/models/vae_approx); {out.name} holds both parts "
+                      f"into {out.parent} (put them in ComfyUI/models/vae_approx); "
+                      f"{out.name} holds both parts "
                       f"for taesd", stacklevel=3)
-        written = save_weights(parts, v, "safetensors", out.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written = []
+        for part, sd in parts.items():
+            path = out.parent / f"{v.name}_{part}.safetensors"
+            _save_safetensors(sd, path, {**meta, "part": part, "target": "comfyui"})
+            written.append(path)
         combined = {f"{part}.{k}": t for part, sd in parts.items() for k, t in sd.items()}
-        _save_safetensors(combined, out, meta)
+        _save_safetensors(combined, out, {**meta, "target": "comfyui"})
         return written + [out]
     if out.suffix != ".safetensors":
         out = out / f"{v.name}.safetensors"
@@ -307,7 +325,8 @@ def comfyui_extra_tensor(key: str, value, v: Variant) -> torch.Tensor:
         return torch.tensor(float(value), dtype=torch.float32)
     values = list(value) if isinstance(value, (list, tuple)) else [float(value)] * v.latent_channels
     if len(values) != v.latent_channels:
-        raise TaesdError(f"{key} has {len(values)} values; {v.name} latents have {v.latent_channels} channels")
+        raise TaesdError(f"{key} has {len(values)} values; "
+                         f"{v.name} latents have {v.latent_channels} channels")
     return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
 
 

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from taesd.errors import TaesdError
-from taesd.io.weights.formats import DIFFUSERS_WEIGHT_NAMES, PUBLISHED_AT, WEIGHTS_ENV, StateDict, WeightSource, read_source
+from taesd.io.weights.formats import (DIFFUSERS_WEIGHT_NAMES, PUBLISHED_AT, WEIGHTS_ENV, StateDict,
+                                      WeightSource, read_source)
 from taesd.io.weights.identify import describe, identify
 from taesd.registry import Variant, get_variant
 
