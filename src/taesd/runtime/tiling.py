@@ -39,7 +39,7 @@ POINTWISE = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Id
 # Layers whose output depends on every pixel of their input.
 GLOBAL = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.AdaptiveAvgPool2d)
 MIN_TILE = 8          # latent pixels; smaller tiles spend most of their time on margins
-# Peak RSS over the counted activations (measured: benchmarks/bench_memory.py, docs/tiling.md).
+# Peak RSS over the counted activations (measured: docs/tiling.md, checked by tests/test_memory.py).
 # oneDNN's direct convolutions hold more beside their input and output than the Winograd kernel.
 OVERHEAD = float(os.environ.get("TAESD_TILE_OVERHEAD", 1.15))
 OVERHEAD_DIRECT = float(os.environ.get("TAESD_TILE_OVERHEAD_DIRECT", 1.2))
