@@ -152,3 +152,71 @@ def test_cli_roundtrip_and_encode_accept_tiling(tmp_path, weights, capsys):
     assert main(["encode", str(src), *common, "-o", str(tmp_path / "b.safetensors")]) == 0
     a, b = taesd.load_latents(tmp_path / "a.safetensors")[0], taesd.load_latents(tmp_path / "b.safetensors")[0]
     assert max_diff(a, b) <= TOL
+
+
+# ---------------------------------------------------------------- the default (fast, Winograd) path
+
+EXACT = 1e-6
+# Latent sizes whose high-resolution maps reach the Winograd threshold (48 x 48 output pixels,
+# taesd.runtime.winograd.MIN_PIXELS), with tiles much smaller than the maps and odd splits.
+WINOGRAD_SIZES = {8: (13, 19), 16: (7, 9), 32: (4, 5)}
+
+
+def _winograd_runs(model, part, x) -> bool:
+    from taesd.runtime import winograd
+    convs = [m for m in model.part(part).modules() if getattr(m, "winograd", 0)]
+    return bool(convs) and winograd.available()
+
+
+@pytest.mark.parametrize("variant", list(taesd.VARIANTS))
+def test_tiled_equals_untiled_on_the_winograd_path(variant):
+    from taesd.runtime.fast import make_fast
+    model = make_fast(taesd.create(variant, seed=0))
+    v = model.variant
+    if not _winograd_runs(model, "decoder", None):
+        pytest.skip("the Winograd kernel cannot be built here")
+    h, w = WINOGRAD_SIZES[v.downscale]
+    latents = torch.randn(1, v.latent_channels, h, w)
+    whole = model.decode(latents)
+    assert whole.shape[-1] * whole.shape[-2] >= 48 * 48
+    assert max_diff(model.decode(latents, tile_size=(3, 4)), whole) <= EXACT
+    images = torch.rand(1, v.image_channels, h * v.downscale, w * v.downscale)
+    lat = model.encode(images)
+    tile = (-(-h // 2), -(-w // 2))
+    assert max_diff(model.encode(images, tile_size=tile), lat) <= EXACT
+
+
+def test_taef2_real_weights_winograd_tiling_is_seam_exact(taef2):
+    # Before tiles followed the Winograd grid this differed by ~2e-5 (decoder) and 3e-6 (encoder).
+    assert type(taef2.decoder).__name__ == "FastSequential"
+    image = photo("astronaut", 256)[None][..., :256, :320 - 64]
+    latents = taef2.encode(image)
+    for tile in [(5, 7), (11, 13), (16, 16)]:
+        assert max_diff(taef2.encode(image, tile_size=tile), latents) <= EXACT
+    decoded = taef2.decode(latents)
+    for tile in [(5, 7), (11, 13)]:
+        assert max_diff(taef2.decode(latents, tile_size=tile), decoded) <= EXACT
+
+
+def test_alignment_follows_the_winograd_grid(taef2):
+    """Every crop start at a Winograd layer's input is a multiple of its tile size m."""
+    from taesd.runtime.tiling import input_alignment
+    an = analyse(taef2, "decoder")
+    for i, layer in enumerate(an.module):
+        m = input_alignment(layer)
+        assert an.align[i] % m == 0
+    assert max(input_alignment(layer) for layer in an.module) == 4
+
+
+def test_taef2_from_onnx_files_tiles(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from taesd.export.onnx import onnx_filename, save_onnx, to_onnx
+    from taesd.runtime.onnx_runtime import from_onnx_files
+    model = taesd.create("taef2", seed=0)
+    paths = [save_onnx(to_onnx(model, p), tmp_path / onnx_filename(model.variant, p, False))
+             for p in model.parts]
+    onnx_model = from_onnx_files("taef2", paths)
+    image = torch.rand(1, 3, 128, 160)
+    latents = onnx_model.encode(image)
+    assert max_diff(onnx_model.encode(image, tile_size=(5, 7)), latents) <= 1e-5
+    assert max_diff(onnx_model.decode(latents, tile_size=(5, 7)), onnx_model.decode(latents)) <= 1e-5

@@ -74,6 +74,7 @@ class TAESD(nn.Module):
             images = torch.cat([images, torch.ones_like(images[:, :1])], 1)
         elif got != want:
             raise TaesdError(f"{self.variant.name} encodes {want}-channel images, got {got} channels")
+        check_image_values(images)
         d = self.variant.downscale
         if images.shape[-2] % d or images.shape[-1] % d:
             raise TaesdError(f"image size {images.shape[-2]}x{images.shape[-1]} is not a multiple of "
@@ -89,6 +90,12 @@ class TAESD(nn.Module):
         if got != want:
             raise TaesdError(f"{self.variant.name} decodes {want}-channel latents, got {got} channels"
                              f"{_guess_variant_hint(got)}")
+        if latents.numel() == 0:
+            shape = "x".join(map(str, latents.shape))
+            raise TaesdError(f"the latents are empty ({shape}); nothing to decode")
+        if not (latents.is_floating_point() and not latents.is_complex()):
+            raise TaesdError(f"latents must be floating point, got {latents.dtype}")
+        _check_finite(latents, "latents")
         return latents.to(device=self.device, dtype=self.dtype)
 
     def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +120,37 @@ class TAESD(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Round trip: encode then decode (differentiable, for training)."""
         return self.part("decoder")(self.part("encoder")(images))
+
+
+# Images are in [0, 1]; a little outside is rounding or a filter's overshoot, far outside a mistake.
+IMAGE_SLACK = 0.5
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        n = int(bad.sum())
+        kind = "NaN" if bool(torch.isnan(x).any()) else "infinite"
+        raise TaesdError(f"the {what} hold {n} {kind} value{'s' if n > 1 else ''} (first at index "
+                         f"{tuple(int(i) for i in bad.nonzero()[0])}); fix what produced them")
+
+
+def check_image_values(images: torch.Tensor) -> None:
+    """One line for an image batch that is empty, not floating point (a uint8 0-255 batch), not
+    finite, or far outside [0, 1]."""
+    if images.numel() == 0:
+        raise TaesdError(f"the images are empty ({'x'.join(map(str, images.shape))}); nothing to encode")
+    if images.dtype == torch.bool or not images.is_floating_point():
+        raise TaesdError(f"images must be float tensors in [0, 1], got {images.dtype}; "
+                         f"convert with images.float() / 255 for 8-bit (0-255) pixels")
+    _check_finite(images, "images")
+    lo, hi = float(images.min()), float(images.max())
+    if hi > 1 + IMAGE_SLACK:
+        hint = "divide by 255" if hi <= 255 + IMAGE_SLACK else "scale them"
+        raise TaesdError(f"image values reach {hi:g}, but images are in [0, 1]; {hint} first")
+    if lo < -IMAGE_SLACK:
+        raise TaesdError(f"image values go down to {lo:g}, but images are in [0, 1]; "
+                         f"for [-1, 1] images use (images + 1) / 2")
 
 
 def _guess_variant_hint(channels: int) -> str:

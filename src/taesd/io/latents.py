@@ -102,6 +102,9 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
             raise TaesdError(f"cannot read latent file {path}: {str(e).splitlines()[0][:120]}") from None
         if latents.ndim == 3:
             latents = latents[None]
+        if latents.ndim != 4:
+            raise TaesdError(f"{path} holds a {latents.ndim}-dimensional 'latents' tensor; "
+                             f"latents are N x C x h x w")
     elif suffix == ".png":
         try:
             with Image.open(path) as img:
@@ -118,6 +121,9 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
     else:
         raise TaesdError(f"latent files are .safetensors or .png, not {path.name}")
     stored = meta.get("variant")
+    if stored is not None and _variant_or_none(stored) is None:
+        raise TaesdError(f"{path} names an unknown variant {stored!r} in its metadata; "
+                         f"pass the variant (--variant)")
     if variant is None and stored is None:
         raise TaesdError(f"{path} does not say which variant made it; pass the variant (--variant)")
     v = get_variant(variant if variant is not None else stored)
@@ -128,5 +134,45 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
         latents = from_png_array(arr, v.latent_channels)[None]
     if latents.shape[1] != v.latent_channels:
         raise TaesdError(f"{path} holds {latents.shape[1]}-channel latents; {v.name} needs {v.latent_channels}")
-    size = tuple(json.loads(meta["image_size"])) if "image_size" in meta else None
+    if latents.numel() == 0:
+        raise TaesdError(f"{path} holds empty latents ({'x'.join(map(str, latents.shape))})")
+    if "shape" in meta:
+        shape = _json_ints(path, meta, "shape")
+        if tuple(shape[-3:]) != tuple(latents.shape[-3:]) or len(shape) not in (3, 4):
+            raise TaesdError(f"{path}: its metadata says {stored or v.name} latents of shape {shape}, but "
+                             f"it holds {list(latents.shape[-3:])}; the file was changed or is not a "
+                             f"TAESD latent file")
+    size = None
+    if "image_size" in meta:
+        size = tuple(_json_ints(path, meta, "image_size"))
+        check_image_size(path, size, latents.shape[-2:], v)
     return latents, v, size
+
+
+def _variant_or_none(name: str) -> "Variant | None":
+    try:
+        return get_variant(name)
+    except (TaesdError, KeyError, ValueError):
+        return None
+
+
+def _json_ints(path: Path, meta: dict, key: str) -> list[int]:
+    try:
+        value = json.loads(meta[key])
+    except (json.JSONDecodeError, TypeError):
+        value = None
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise TaesdError(f"{path}: malformed {key!r} metadata {str(meta[key])[:60]!r} (expected a list of "
+                         f"whole numbers); remove it or write the file again with `taesd encode`")
+    return value
+
+
+def check_image_size(path, size: tuple, latent_hw, v: Variant) -> None:
+    """The stored original image size must be two positive numbers that pad up to the latent grid."""
+    d = v.downscale
+    grid = tuple(int(n) * d for n in latent_hw)
+    if len(size) != 2 or any(s <= 0 for s in size) or any(not g - d < s <= g for s, g in zip(size, grid)):
+        raise TaesdError(f"{path}: stored image size {list(size)} does not fit the "
+                         f"{latent_hw[0]}x{latent_hw[1]} "
+                         f"latent (images of {grid[0] - d + 1}-{grid[0]} x {grid[1] - d + 1}-{grid[1]} px); "
+                         f"the metadata is wrong, remove it or encode again")

@@ -40,13 +40,12 @@ import sys
 import torch
 import torch.nn as nn
 
-from taesd.runtime import winograd
+from taesd.runtime import memory, tiling, winograd
+from taesd.runtime.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
 from taesd.model import TAESD
 from taesd.nn.layers import Block
 
 ALLOCATOR_ENV = "TAESD_MALLOPT"
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 1 << 30      # blocks below 1 GiB come from the heap, not a fresh mmap
 # Keep up to 2 GiB of freed heap instead of returning it at once: a 1024² encode has ~1 GiB of
 # 256 MiB activations live; with 1 GiB it was trimmed and faulted in again (~300k faults, +25% time).
@@ -65,15 +64,8 @@ def tune_allocator() -> bool:
     _allocator_tuned = False
     if os.environ.get(ALLOCATOR_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _allocator_tuned = all(mallopt(param, value) == 1 for param, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    _allocator_tuned = memory.set_allocator(
+        {M_MMAP_THRESHOLD: MMAP_THRESHOLD, M_TRIM_THRESHOLD: TRIM_THRESHOLD, M_TOP_PAD: TOP_PAD})
     return _allocator_tuned
 
 
@@ -132,7 +124,9 @@ class FastConv2d(nn.Conv2d):
     def winograd_tile(self, x: torch.Tensor, upsample: bool = False) -> int:
         """The Winograd tile size m to run this call with, 0 for oneDNN's direct convolution."""
         m = getattr(self, "winograd", 0)
-        return m if m and winograd.supports(self, x, upsample) and winograd.available() else 0
+        # A tile decides as the untiled map would: the same algorithm gives the same rounding.
+        pixels = tiling.untiled_pixels.get()
+        return m if m and winograd.supports(self, x, upsample, pixels) and winograd.available() else 0
 
     def __getstate__(self):  # copies and pickles carry no packed (oneDNN-only) tensor
         state = super().__getstate__()
@@ -321,6 +315,8 @@ def make_fast(model: TAESD, allocator: bool = True, use_winograd: bool = True) -
     convolution direct (bit-identical to the plain network in fp32)."""
     if allocator and model.device.type == "cpu":
         tune_allocator()
+    # 0 where the kernel cannot run (switched off, no compiler): tiling then plans for direct convs.
+    use_winograd = use_winograd and winograd.available()
     for part in model.parts:
         module = getattr(model, part)
         module.to(memory_format=torch.channels_last)

@@ -7,6 +7,7 @@ CPU; the model's ``dtype`` is the export's (float16 for an fp16 export, else flo
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ import torch
 from taesd.errors import TaesdError
 from taesd.export.onnx import DEFAULT_OPSET, load_onnx_file, read_metadata, to_onnx
 from taesd.model import TAESD
+from taesd.nn.arch import build_part
 from taesd.registry import get_variant, normalize_parts
+from taesd.runtime.tiling import is_global
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
@@ -113,19 +116,63 @@ def from_onnx_files(variant, paths, device=None, parts=None) -> OnnxTAESD:
     v = get_variant(variant)
     providers = providers_for(device)
     found: dict[str, Path] = {}
+    protos = {}
     for path in paths:
-        meta = read_metadata(load_onnx_file(path))
+        proto = load_onnx_file(path)
+        meta = read_metadata(proto)
         if meta.get("taesd.variant") != v.name or meta.get("taesd.part") not in ("encoder", "decoder"):
             what = f"a {meta['taesd.variant']} {meta.get('taesd.part')}" if "taesd.variant" in meta else "no taesd export"
             raise TaesdError(f"{path} holds {what}, not a {v.name} part; export it with `taesd export onnx --variant {v.name}`")
         found[meta["taesd.part"]] = path
+        protos[meta["taesd.part"]] = proto
     wanted = tuple(found) if parts is None else normalize_parts(parts)
     missing = [p for p in wanted if p not in found]
     if missing:
         raise TaesdError(f"no {v.name} {' or '.join(missing)} among the given .onnx files")
-    model = OnnxTAESD(v, {p: OnnxPart(found[p], providers) for p in wanted})
+    # A part with a global layer (taef2's GroupNorm) tiles as a staged plan on the PyTorch layers:
+    # give it the export's own weights, read back from the graph's initializers.
+    weights = {p: state_dict_from_onnx(protos[p], v, p, found[p]) for p in wanted if _has_global(v, p)}
+    model = OnnxTAESD(v, {p: OnnxPart(found[p], providers) for p in wanted}, weights)
     model.weights_info = {p: {"path": str(found[p]), "format": "onnx"} for p in wanted}
     return model
+
+
+def _has_global(variant, part: str) -> bool:
+    with torch.device("meta"):
+        module = build_part(variant, part)
+    return any(is_global(layer) for layer in module)
+
+
+# The exporter writes GroupNorm's affine weight and bias as the second input of the Mul/Add after
+# its InstanceNormalization (initializers of shape C x 1 x 1, shared when equal).
+_AFFINE_NODE = re.compile(r"/(\d+)/pool/pool\.1/(Mul|Add)$")
+
+
+def state_dict_from_onnx(proto, variant, part: str, path) -> dict[str, torch.Tensor]:
+    """The PyTorch state dict of one exported part, read from its initializers (names kept by the
+    exporter; GroupNorm affine parameters found through their nodes). One line when incomplete."""
+    from onnx import numpy_helper
+    inits = {t.name: t for t in proto.graph.initializer}
+    by_output = {}
+    for node in proto.graph.node:
+        for out in node.output:
+            hit = _AFFINE_NODE.match(out.rsplit("_output_0", 1)[0]) if out.endswith("_output_0") else None
+            if hit and len(node.input) == 2 and node.input[1] in inits:
+                key = f"{hit.group(1)}.pool.1.{'weight' if hit.group(2) == 'Mul' else 'bias'}"
+                by_output[key] = node.input[1]
+    with torch.device("meta"):
+        wanted = build_part(variant, part).state_dict()
+    sd = {}
+    for key, meta_t in wanted.items():
+        name = key if key in inits else by_output.get(key)
+        if name is None:
+            raise TaesdError(f"{path}: cannot find weight {key} in the export (needed to tile this part); "
+                             f"export it again with `taesd export onnx`")
+        t = torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
+        if t.numel() != meta_t.numel():
+            raise TaesdError(f"{path}: weight {key} has {tuple(t.shape)}, expected {tuple(meta_t.shape)}")
+        sd[key] = t.reshape(meta_t.shape)
+    return sd
 
 
 def from_torch(torch_model: TAESD, fp16: bool = False, device=None, opset: int | None = None) -> OnnxTAESD:

@@ -19,6 +19,7 @@ Two executors:
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import re
@@ -31,16 +32,25 @@ from tqdm import tqdm
 
 from taesd.errors import TaesdError
 from taesd.nn.layers import Block, Clamp
+from taesd.runtime.memory import available_bytes, budgeted_allocations
 
 # Layers that act on each pixel alone: no spatial reach.
 POINTWISE = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity, nn.Dropout)
 # Layers whose output depends on every pixel of their input.
 GLOBAL = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d, nn.AdaptiveAvgPool2d)
 MIN_TILE = 8          # latent pixels; smaller tiles spend most of their time on margins
-# Measured peak RSS ran up to ~8% above the counted activations (allocator, oneDNN scratch).
-OVERHEAD = 1.1
+# Peak RSS over the counted activations (measured: docs/tiling.md, checked by tests/test_memory.py).
+# oneDNN's direct convolutions hold more beside their input and output than the Winograd kernel.
+OVERHEAD = float(os.environ.get("TAESD_TILE_OVERHEAD", 1.15))
+OVERHEAD_DIRECT = float(os.environ.get("TAESD_TILE_OVERHEAD_DIRECT", 1.2))
 SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
               "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+# While a tile runs layer by layer: the output pixels per image that the layer being run has in the
+# untiled pass. An executor that picks its algorithm by map size (the fast executor's Winograd
+# threshold) decides from this, so a tile uses the same algorithm, and rounds the same, as the whole.
+untiled_pixels: "contextvars.ContextVar[int | None]" = contextvars.ContextVar("untiled_pixels", default=None)
 
 
 class GlobalLayer(Exception):
@@ -70,6 +80,9 @@ def needed_interval(m: nn.Module, a: int, b: int) -> tuple[int, int]:
         k, s, p, d = m.kernel_size[0], m.stride[0], m.padding[0], m.dilation[0]
         if isinstance(m.padding, str) or m.kernel_size[0] != m.kernel_size[1] or m.stride[0] != m.stride[1]:
             raise TaesdError(f"cannot tile {m}: only square kernels with numeric padding are analysed")
+        t = winograd_tile(m)
+        if t:  # a Winograd tile's rounding depends on its whole input window: produce whole tiles
+            a, b = (a // t) * t, -(-b // t) * t
         return a * s - p, (b - 1) * s - p + d * (k - 1) + 1
     if isinstance(m, nn.Upsample):
         f = _upsample_factor(m)
@@ -114,6 +127,27 @@ def scale_of(m: nn.Module) -> tuple[int, int]:
     if isinstance(m, Block):
         return scale_of(m.conv)
     return 1, 1
+
+
+def winograd_tile(conv: nn.Module) -> int:
+    """The output tile size m of a convolution an executor runs as Winograd F(m x m, 3x3) (its
+    ``winograd`` attribute, set by the fast executor), else 0. Outputs come in m x m tiles laid
+    from the map's origin, and each tile's rounding depends on its whole (m+2)^2 input window."""
+    m = getattr(conv, "winograd", 0) or 0
+    if m and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1):
+        return int(m)
+    return 0
+
+
+def input_alignment(layer: nn.Module) -> int:
+    """Multiple a crop start must have at this layer's input so that every Winograd convolution
+    inside it (stride 1, at the input's resolution) lays its tiles on the untiled pass's grid."""
+    al = 1
+    for sub in layer.modules():
+        t = winograd_tile(sub)
+        if t:
+            al = al * t // math.gcd(al, t)
+    return al
 
 
 def is_global(m: nn.Module) -> bool:
@@ -167,7 +201,10 @@ class PartAnalysis:
         self.align = [1] * (len(self.layers) + 1)
         for i in reversed(range(len(self.layers))):
             nxt, info = self.align[i + 1], self.layers[i]
-            self.align[i] = info.down * (nxt // math.gcd(nxt, info.up))
+            al, own = info.down * (nxt // math.gcd(nxt, info.up)), input_alignment(module[i])
+            self.align[i] = al * own // math.gcd(al, own)
+        winograd = any(winograd_tile(m) for m in module.modules())
+        self.overhead = OVERHEAD if winograd else OVERHEAD_DIRECT
         globals_ = [i.index for i in self.layers if i.is_global]
         self.global_span = (globals_[0], globals_[-1] + 1) if globals_ else None
 
@@ -231,19 +268,23 @@ def _probe(module: nn.Sequential, in_channels: int, in_per_latent: int) -> list[
     return infos
 
 
-_ANALYSES: "weakref.WeakKeyDictionary[nn.Module, PartAnalysis]" = weakref.WeakKeyDictionary()
+_ANALYSES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def analyse(model, part: str) -> PartAnalysis:
-    """The (cached) analysis of ``model.encoder`` or ``model.decoder``."""
+    """The (cached) analysis of ``model.encoder`` or ``model.decoder``; redone when an executor
+    changes how its convolutions run (Winograd tiles change the alignment)."""
     module = model.part(part)
-    if module not in _ANALYSES:
+    key = tuple(winograd_tile(m) for m in module.modules() if isinstance(m, nn.Conv2d))
+    cached = _ANALYSES.get(module)
+    if cached is None or cached[0] != key:
         v = model.variant
         if part == "encoder":
-            _ANALYSES[module] = PartAnalysis(module, v.image_channels, v.downscale)
+            an = PartAnalysis(module, v.image_channels, v.downscale)
         else:
-            _ANALYSES[module] = PartAnalysis(module, v.latent_channels, 1)
-    return _ANALYSES[module]
+            an = PartAnalysis(module, v.latent_channels, 1)
+        _ANALYSES[module] = cached = (key, an)
+    return cached[1]
 
 
 # ---------------------------------------------------------------- tile planning and memory
@@ -296,7 +337,7 @@ def estimate_peak(an: PartAnalysis, batch: int, h: int, w: int, tile_h: int, til
         peak = max(peak, held + stage_peak(an, start, stop, batch, th, tw, h, w, esize))
         if stop < len(an.layers):  # the stage output is kept for the next stage
             held = batch * an.layers[stop - 1].out_channels * h * w * an.per_latent[stop] ** 2 * esize
-    return int(out_bytes + peak * OVERHEAD)   # + the preallocated output (tiled) or clamped copy (untiled)
+    return int(out_bytes + peak * an.overhead)   # + the preallocated output (tiled) or clamped copy (untiled)
 
 
 def plan(an: PartAnalysis, batch: int, h: int, w: int, esize: int, out_channels: int,
@@ -318,16 +359,24 @@ def plan(an: PartAnalysis, batch: int, h: int, w: int, esize: int, out_channels:
     # Largest square tile (within the user's) that fits, preferring the full batch per call; fall
     # back to smaller batch chunks only when tiles would get too small to be efficient.
     chunk = batch
+
+    def tiles_of(t: int) -> tuple[int, int]:   # the size ``splits`` really cuts with a limit of t
+        return _split_size(h, min(t, th)), _split_size(w, min(t, tw))
+
     while True:
-        t = _largest_fitting(lambda t: estimate_peak(an, chunk, h, w, min(t, th), min(t, tw), esize,
-                                                     out_channels) + _other_chunks(batch, chunk, h, w, an, esize, out_channels) <= budget,
+        t = _largest_fitting(lambda t: estimate_peak(an, chunk, h, w, *tiles_of(t), esize, out_channels)
+                             + _other_chunks(batch, chunk, h, w, an, esize, out_channels) <= budget,
                              max(th, tw))
         if t >= min(MIN_TILE, h, w) or chunk == 1:
-            t = max(t, 1)
-            th, tw = min(t, th), min(t, tw)
+            th, tw = tiles_of(max(t, 1))
             est = estimate_peak(an, chunk, h, w, th, tw, esize, out_channels)
             return Plan((th, tw), chunk, est, True)
         chunk = max(1, chunk // 2)
+
+
+def _split_size(size: int, tile: int) -> int:
+    """The largest piece ``splits(size, tile)`` makes."""
+    return max(b - a for a, b in splits(size, tile))
 
 
 def _other_chunks(batch, chunk, h, w, an, esize, out_channels) -> int:
@@ -355,17 +404,11 @@ def _tile_pair(tile_size) -> tuple[int, int]:
 
 
 def available_memory(device: torch.device) -> int:
-    """Free bytes for activations: the GPU's free memory, or the host's available memory."""
+    """Free bytes for activations: the GPU's free memory, or what this process may still allocate
+    on the host (the host's available memory, capped by its memory cgroup: taesd.runtime.memory)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:   # Linux: what the kernel says can be allocated without swapping
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_bytes()
 
 
 # ---------------------------------------------------------------- execution
@@ -381,10 +424,11 @@ def run(model, part: str, x: torch.Tensor, tile_size=None, max_memory=None) -> t
     if not p.tiled:
         y = model.run_part(part, x)
         return y.clamp(0, 1) if part == "decoder" else y
-    if an.global_span is None and not model.layerwise:
-        out = _run_part_tiles(model, part, an, x, p)
-    else:
-        out = _run_stages(an, x, p)
+    with budgeted_allocations():   # resident memory follows live memory (taesd.runtime.memory)
+        if an.global_span is None and not model.layerwise:
+            out = _run_part_tiles(model, part, an, x, p)
+        else:
+            out = _run_stages(an, x, p)
     return out.clamp_(0, 1) if part == "decoder" else out
 
 
@@ -418,18 +462,30 @@ def _run_stages(an: PartAnalysis, x: torch.Tensor, p: Plan) -> torch.Tensor:
             y = x[b0:b1, :, sh[start][0]:sh[start][1], sw[start][0]:sw[start][1]]
             at_h, at_w = sh[start][0], sw[start][0]
             for i in range(start, stop):
-                y = an.module[i](y)
+                token = untiled_pixels.set(lat_h * lat_w * an.per_latent[i + 1] ** 2)
+                try:
+                    y = an.module[i](y)
+                finally:
+                    untiled_pixels.reset(token)
                 info = an.layers[i]
                 at_h, at_w = at_h * info.up // info.down, at_w * info.up // info.down
                 # Trim to what the output tile needs, so later layers skip the spent margin.
                 (nh0, nh1), (nw0, nw1) = sh[i + 1], sw[i + 1]
                 if (nh0, nh1, nw0, nw1) != (at_h, at_h + y.shape[-2], at_w, at_w + y.shape[-1]):
-                    y = y[..., nh0 - at_h:nh1 - at_h, nw0 - at_w:nw1 - at_w]
+                    # A copy, not a view: the view would keep the whole untrimmed map alive while
+                    # the next layer makes its own contiguous copy (one activation too many).
+                    y = y[..., nh0 - at_h:nh1 - at_h, nw0 - at_w:nw1 - at_w].contiguous(
+                        memory_format=_layout(y))
                     at_h, at_w = nh0, nw0
             out[b0:b1, :, h0 * fo:h1 * fo, w0 * fo:w1 * fo] = y
             del y
         x = out
     return x
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 \
+        else torch.contiguous_format
 
 
 def _run_part_tiles(model, part: str, an: PartAnalysis, x: torch.Tensor, p: Plan) -> torch.Tensor:

@@ -148,15 +148,19 @@ def transform_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
     return u.reshape(a * a, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
 
 
-def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False) -> bool:
+def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
+             pixels: "int | None" = None) -> bool:
     """This layer and input can run the kernel: fp32 CPU, 3x3 stride 1 padding 1, channels in
     multiples of 8 (in) and 16 (out), and an output map big enough to be worth it (``upsample``:
-    x is read nearest-upsampled 2x)."""
+    x is read nearest-upsampled 2x; ``pixels``: decide by this output size instead of x's, as a
+    tile of a bigger map does)."""
+    if pixels is None:
+        pixels = x.shape[2] * x.shape[3] * (4 if upsample else 1) if x.dim() == 4 else 0
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.in_channels % 8 == 0 and conv.out_channels % 16 == 0
-            and x.shape[2] * x.shape[3] * (4 if upsample else 1) >= MIN_PIXELS)
+            and pixels >= MIN_PIXELS)
 
 
 def conv3x3(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int,

@@ -30,6 +30,10 @@ from taesd.registry import PARTS, Arch, Variant, get_variant
 FORMATS = ("pth", "safetensors", "diffusers", "comfyui", "combined")
 WEIGHTS_ENV = "TAESD_WEIGHTS"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# What diffusers' save_pretrained may write: safetensors or pickle (safe_serialization=False), plain
+# or as the fp16 variant (variant="fp16"); read in this order.
+DIFFUSERS_WEIGHT_NAMES = (DIFFUSERS_WEIGHTS, "diffusion_pytorch_model.fp16.safetensors",
+                          "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 PUBLISHED_AT = "https://github.com/madebyollin/taesd"
 StateDict = dict[str, torch.Tensor]
 
@@ -40,7 +44,8 @@ class WeightSource:
     path: Path
     format: str
     parts: dict[str, StateDict]                 # part -> state dict in original (pth) keys
-    extras: dict[str, float] = field(default_factory=dict)   # comfyui vae_scale / vae_shift
+    # comfyui vae_scale / vae_shift: a float, or one float per latent channel (Qwen Image 2.1)
+    extras: "dict[str, float | list[float]]" = field(default_factory=dict)
     sha256: str = ""
 
 
@@ -89,6 +94,15 @@ def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
                          f"the file is damaged or truncated, download or convert it again") from e
 
 
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
 def _short(e: Exception) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text[:160]
@@ -100,10 +114,9 @@ def read_file(path: str | os.PathLike) -> StateDict:
     if not path.exists():
         raise TaesdError(f"weight file {path} does not exist")
     if path.is_dir():
-        inner = path / DIFFUSERS_WEIGHTS
-        if not inner.is_file():
-            raise TaesdError(f"{path} is a folder without {DIFFUSERS_WEIGHTS}; "
-                             f"pass a weight file or a diffusers AutoencoderTiny folder")
+        inner = diffusers_weight_file(path)
+        if inner.suffix == ".bin":
+            return _read_torch(inner)
         return _read_safetensors(inner)[0]
     if path.stat().st_size == 0:
         raise TaesdError(f"weight file {path} is empty; download it again")
@@ -114,10 +127,28 @@ def read_file(path: str | os.PathLike) -> StateDict:
     return _read_safetensors(path)[0]
 
 
+def diffusers_weight_file(folder: Path) -> Path:
+    """The weight file of a diffusers folder (any name ``DIFFUSERS_WEIGHT_NAMES`` lists)."""
+    for name in DIFFUSERS_WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise TaesdError(f"{folder} is a folder without {' or '.join(DIFFUSERS_WEIGHT_NAMES)}; "
+                     f"pass a weight file or a diffusers AutoencoderTiny folder")
+
+
+def _extra_value(key: str, t: torch.Tensor) -> "float | list[float]":
+    """A stored vae_scale / vae_shift: a scalar, or per channel (C, C x 1 x 1: ComfyUI's Qwen 2.1)."""
+    if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or t.numel() == 0 \
+            or not (t.numel() == 1 or (t.ndim in (1, 3) and t.shape[1:] in ((), (1, 1)))):
+        raise TaesdError(f"{key} is {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}; expected a finite "
+                         f"float scalar or one value per latent channel (C or C x 1 x 1)")
+    return float(t.reshape(())) if t.numel() == 1 else [float(x) for x in t.flatten()]
+
+
 def split_parts(raw: StateDict) -> tuple[str, dict[str, StateDict], dict[str, float]]:
     """Sort raw tensors into encoder/decoder state dicts in original keys; returns the format too."""
     keys = list(raw)
-    extras = {k: float(raw[k]) for k in ("vae_scale", "vae_shift") if k in raw}
+    extras = {k: _extra_value(k, raw[k]) for k in ("vae_scale", "vae_shift") if k in raw}
     if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys):
         return "diffusers", from_diffusers_keys(raw), extras
     for prefix, fmt in (("taesd_", "comfyui"), ("", "combined")):
@@ -145,15 +176,33 @@ def read_source(path: str | os.PathLike) -> WeightSource:
         parts = {found[0].split(":")[1]: sd}
         fmt = "safetensors" if path.suffix == ".safetensors" else "pth"
     for part, sd in parts.items():
+        check_tensors(path, sd)
         if not identify(sd, part):
             raise TaesdError(f"{path} holds {len(sd)} {part} tensors that match no TAESD variant; "
                              f"the file is damaged or of another model")
     if fmt == "combined":
         fmt = "safetensors"
-    elif fmt == "diffusers" and path.is_file() and path.name != DIFFUSERS_WEIGHTS:
+    elif fmt == "diffusers" and path.is_file() and path.name not in DIFFUSERS_WEIGHT_NAMES:
         fmt = "combined"   # diffusers' keys in a file of its own, not an AutoencoderTiny folder
-    real = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
+    if fmt == "safetensors" and _safetensors_metadata(path).get("target") == "comfyui":
+        fmt = "comfyui"   # what the comfyui target writes for taef2 (per-part files, see _save_comfyui)
+    real = diffusers_weight_file(path) if path.is_dir() else path
     return WeightSource(path, fmt, parts, extras, sha256_of(real))
+
+
+def check_tensors(path: Path, sd: StateDict) -> None:
+    """Weights are floating point and finite: an integer, bool or NaN/Inf tensor is a damaged or
+    foreign file, refused in one line naming the tensor."""
+    for key, t in sd.items():
+        if not t.is_floating_point():
+            dtype = str(t.dtype).replace("torch.", "")
+            raise TaesdError(f"{path}: tensor {key!r} is {dtype}, not floating point; "
+                             f"TAESD weights are fp16/fp32, the file is damaged or of another model")
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            n = int((~finite).sum())
+            raise TaesdError(f"{path}: tensor {key!r} holds {n} NaN/infinite value{'s' if n > 1 else ''}; "
+                             f"the weights are damaged, download or train them again")
 
 
 # ---------------------------------------------------------------- diffusers keys
@@ -233,15 +282,7 @@ def save_weights(parts: dict[str, StateDict], variant: str | Variant, fmt: str, 
             tmp.write_text(json.dumps(config, indent=2) + "\n")
         return [out / "config.json", out / DIFFUSERS_WEIGHTS]
     if fmt == "comfyui":
-        if out.suffix != ".safetensors":
-            out = out / f"{v.name}.safetensors"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"taesd_{part}.{k}": t for part, sd in parts.items() for k, t in sd.items()}
-        extras = extras if extras else {"vae_scale": v.vae_scale, "vae_shift": v.vae_shift}
-        for k, val in extras.items():
-            tensors[k] = torch.tensor(val, dtype=torch.float32)
-        _save_safetensors(tensors, out, meta)
-        return [out]
+        return _save_comfyui(parts, v, out, extras, meta)
     if fmt == "combined":
         return [save_combined(parts, v, out)]
     raise TaesdError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -258,6 +299,54 @@ def save_combined(parts: dict[str, StateDict], variant: str | Variant, out: str 
         out = out / f"{v.name}.safetensors"
     _save_safetensors(to_diffusers_keys(parts), out, {"variant": v.name, "format": "pt"})
     return out
+
+
+# Architectures ComfyUI's one-file TAESD loader builds right. For the others (taef2's pool branch)
+# it builds the plain network and drops the rest, so they get the per-part files it loads instead.
+COMFYUI_ONE_FILE_ARCHS = (Arch.BASE, Arch.F32, Arch.F16)
+
+
+def _save_comfyui(parts, v: Variant, out: Path, extras, meta: dict) -> list[Path]:
+    if out.suffix != ".safetensors":
+        out = out / f"{v.name}.safetensors"
+    if v.arch not in COMFYUI_ONE_FILE_ARCHS:
+        # The one file keeps both parts for us, without the taesd_ prefix ComfyUI's one-file loader
+        # claims (it would decode with the wrong network); ComfyUI gets the per-part files.
+        warnings.warn(f"ComfyUI reads {v.name} only from per-part files: writing {v.name}_<part>.safetensors "
+                      f"into {out.parent} (put them in ComfyUI/models/vae_approx); "
+                      f"{out.name} holds both parts "
+                      f"for taesd", stacklevel=3)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        written = []
+        for part, sd in parts.items():
+            path = out.parent / f"{v.name}_{part}.safetensors"
+            _save_safetensors(sd, path, {**meta, "part": part, "target": "comfyui"})
+            written.append(path)
+        combined = {f"{part}.{k}": t for part, sd in parts.items() for k, t in sd.items()}
+        _save_safetensors(combined, out, {**meta, "target": "comfyui"})
+        return written + [out]
+    if out.suffix != ".safetensors":
+        out = out / f"{v.name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"taesd_{part}.{k}": t for part, sd in parts.items() for k, t in sd.items()}
+    extras = extras if extras else {"vae_scale": v.vae_scale, "vae_shift": v.vae_shift}
+    for k, val in extras.items():
+        tensors[k] = comfyui_extra_tensor(k, val, v)
+    _save_safetensors(tensors, out, meta)
+    return [out]
+
+
+def comfyui_extra_tensor(key: str, value, v: Variant) -> torch.Tensor:
+    """vae_scale / vae_shift as ComfyUI stores it: a scalar, or C x 1 x 1 where its network keeps
+    one value per channel (Qwen Image 2.1: 64 x 1 x 1)."""
+    per_channel = isinstance(value, (list, tuple)) or v.arch == Arch.F16
+    if not per_channel:
+        return torch.tensor(float(value), dtype=torch.float32)
+    values = list(value) if isinstance(value, (list, tuple)) else [float(value)] * v.latent_channels
+    if len(values) != v.latent_channels:
+        raise TaesdError(f"{key} has {len(values)} values; "
+                         f"{v.name} latents have {v.latent_channels} channels")
+    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
 
 
 def state_dicts(model) -> dict[str, StateDict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from taesd.errors import TaesdError
 from taesd.io.weights import download
-from taesd.io.weights.formats import DIFFUSERS_WEIGHTS, WEIGHTS_ENV, StateDict, WeightSource, read_source
+from taesd.io.weights.formats import DIFFUSERS_WEIGHT_NAMES, WEIGHTS_ENV, StateDict, WeightSource, read_source
 from taesd.io.weights.identify import describe, identify
 from taesd.registry import Variant, WeightFile, get_variant
 
@@ -27,12 +27,16 @@ def _candidates(folder: Path, v: Variant, part: str) -> list[Path]:
 
 
 def _from_folder(folder: Path, v: Variant, part: str) -> Path | None:
-    if (folder / DIFFUSERS_WEIGHTS).is_file() and _folder_is_variant(folder, v):
+    if _is_diffusers(folder) and _folder_is_variant(folder, v):
         return folder
     for cand in _candidates(folder, v, part):
-        if cand.is_file() or (cand.is_dir() and (cand / DIFFUSERS_WEIGHTS).is_file()):
+        if cand.is_file() or (cand.is_dir() and _is_diffusers(cand)):
             return cand
     return None
+
+
+def _is_diffusers(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in DIFFUSERS_WEIGHT_NAMES)
 
 
 def _folder_is_variant(folder: Path, v: Variant) -> bool:
