@@ -10,6 +10,7 @@ issue 14: 1 outputs that would overwrite each other or the inputs, 2 one bad fil
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import resource
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -74,9 +76,11 @@ def base(tmp_path_factory, weights) -> Path:
     bad_lat = root / "badlat"
     bad_lat.mkdir()
     z = latents.detach().contiguous()
-    save_file({"latents": z}, str(bad_lat / "size.safetensors"), metadata={"variant": "taef2", "image_size": "abc"})
-    save_file({"latents": z}, str(bad_lat / "size2.safetensors"), metadata={"variant": "taef2", "image_size": "[1]"})
-    save_file({"latents": torch.zeros(1, 32, 0, 0)}, str(bad_lat / "empty.safetensors"), metadata={"variant": "taef2"})
+    for name, size in (("size", "abc"), ("size2", "[1]")):
+        save_file({"latents": z}, str(bad_lat / f"{name}.safetensors"),
+                  metadata={"variant": "taef2", "image_size": size})
+    save_file({"latents": torch.zeros(1, 32, 0, 0)}, str(bad_lat / "empty.safetensors"),
+              metadata={"variant": "taef2"})
     info = PngImagePlugin.PngInfo()
     info.add_text("taesd_variant", "taef2")
     info.add_text("taesd_image_size", "{not json")
@@ -86,7 +90,7 @@ def base(tmp_path_factory, weights) -> Path:
     for part in ("encoder", "decoder"):
         shutil.copy(weights / f"taef2_{part}.pth", w)
     (root / "afile").write_text("a file, not a folder\n")
-    (root / "taken.taef2.safetensors").mkdir()                                       # an output name that is a folder
+    (root / "taken.taef2.safetensors").mkdir()                          # an output name that is a folder
     (root / "taken.png").write_bytes((photos / "a" / "x.png").read_bytes())
     return root
 
@@ -109,7 +113,8 @@ def taesd_cli(argv, cwd: Path, env=None, preexec=None, timeout=300) -> subproces
 def _can_mount() -> bool:
     if shutil.which("unshare") is None:
         return False
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /tmp"], capture_output=True)
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /tmp"],
+                       capture_output=True)
     return r.returncode == 0
 
 
@@ -151,153 +156,177 @@ def _setup_rerun(root: Path):
         shutil.copy(root / "lat" / "good8.taef2.png", root / "photos" / f"{rel}.taef2.png")
 
 
-# (id, argv, rc, stderr words, stderr lines, new files, setup, files allowed to change, options)
+@dataclasses.dataclass
+class Case:
+    id: str
+    argv: list
+    rc: int
+    words: tuple = ()          # each must appear in stderr
+    lines: int | None = None   # stderr lines (default: 1 on failure, 0 on success)
+    new: tuple = ()            # files (relative) that must appear; no others may
+    setup: Callable | None = None
+    changes: tuple = ()        # files that must be rewritten; every other file stays byte-identical
+    env: dict | None = None
+    mount: bool = False        # argv starts with a `mounted(...)` prefix
+    fsize: int | None = None   # RLIMIT_FSIZE for the run
+    skip: bool = False
+
+
+ROUNDTRIPS = tuple(f"photos/{r}.taef2.roundtrip.png" for r in ("a/x", "b/x", "photo.v2", "cam"))
+FULL, RO = mounted("full", "full"), mounted("ro", "ro")
+TAESD = [sys.executable, "-m", "taesd"]
+
 CASES = [
     # ---- class 1: outputs never collide, never land on inputs, existing ones are not replaced silently
-    ("encode-folder-keeps-subfolders-and-full-stem", ["encode", "photos", *E, "-o", "out"], 0, [], 0,
-     {"out/a/x.taef2.safetensors", "out/b/x.taef2.safetensors", "out/photo.v2.taef2.safetensors",
-      "out/cam.taef2.safetensors"}, None, (), {}),
-    ("encode-beside-inputs", ["encode", "photos", *E, "--format", "png"], 0, [], 0,
-     {"photos/a/x.taef2.png", "photos/b/x.taef2.png", "photos/photo.v2.taef2.png", "photos/cam.taef2.png"},
-     None, (), {}),
-    ("encode-same-stem-refused", ["encode", "same.png", "same.jpg", *E], 2, ["would both write"], 1, set(),
-     None, (), {}),
-    ("encode-same-name-two-folders-flat-o-refused", ["encode", "photos/a/x.png", "photos/b/x.png", *E, "-o", "o"],
-     2, ["would both write", "o/x.taef2.safetensors"], 1, set(), None, (), {}),
-    ("rerun-skips-own-outputs", ["roundtrip", "photos", *E, "--skip-existing"], 0, ["skipped 8 file(s) that taesd wrote",
-     "skipped 4 input(s) whose output exists"], 2, set(), _setup_rerun, (), {}),
-    ("rerun-refuses-existing", ["roundtrip", "photos", *E], 2, ["exists (and 3 more)", "--overwrite"], 2, set(),
-     _setup_rerun, (), {}),
-    ("rerun-overwrite-replaces-not-results-of-results", ["roundtrip", "photos", *E, "--overwrite"], 0,
-     ["skipped 8"], 1, set(), _setup_rerun,
-     {"photos/a/x.taef2.roundtrip.png", "photos/b/x.taef2.roundtrip.png", "photos/photo.v2.taef2.roundtrip.png",
-      "photos/cam.taef2.roundtrip.png"}, {}),
-    ("encode-onto-input", ["encode", "taken.png", *E, "--format", "png", "-o", "taken.png"], 2,
-     ["a file this run reads"], 1, set(), None, (), {}),
-    ("encode-onto-input-even-with-overwrite", ["encode", "taken.png", *E, "--format", "png", "-o", "taken.png",
-     "--overwrite"], 2, ["a file this run reads"], 1, set(), None, (), {}),
-    ("roundtrip-onto-input", ["roundtrip", "taken.png", *E, "-o", "taken.png"], 2, ["a file this run reads"], 1,
-     set(), None, (), {}),
-    ("decode-onto-input", ["decode", "lat/good8.taef2.png", "-o", "lat/good8.taef2.png"], 2,
-     ["a file this run reads"], 1, set(), None, (), {}),
-    ("decode-onto-weights", ["decode", "lat/good8.taef2.png", "-w", "weights/taef2_decoder.pth",
-     "-o", "weights/taef2_decoder.pth"], 2, ["a file this run reads"], 1, set(), None, (), {}),
-    ("convert-onto-the-folder-it-reads", ["convert", "taef2", "--to", "pth", "-o", "weights"], 2,
-     ["one of the files being converted", "nothing was written"], 1, set(), None, (), {}),
-    ("convert-files-onto-their-folder", ["convert", "weights/taef2_encoder.pth", "weights/taef2_decoder.pth",
-     "--to", "pth", "-o", "weights", "--overwrite"], 2, ["one of the files being converted"], 1, set(), None, (), {}),
-    ("convert-existing-refused", ["convert", "taef2", "--to", "pth", "-o", "cv"], 2, ["cv/taef2_encoder.pth exists"],
-     1, set(), lambda r: shutil.copytree(r / "weights", r / "cv"), (), {}),
-    ("convert-existing-overwrite", ["convert", "taef2", "--to", "safetensors", "-o", "cv", "--overwrite"], 0, [], 0,
-     {"cv/taef2_encoder.safetensors", "cv/taef2_decoder.safetensors"}, None, (), {}),
-    ("export-existing-refused", ["export", "onnx", *E, "-o", "onnx"], 2, ["onnx/taef2_decoder.onnx exists"], 1, set(), _setup_onnx, (), {}),
-    ("eval-existing-results-refused", ["eval", "photos", *E, "-o", "res"], 2, ["res/eval.csv exists"], 1, set(),
-     _setup_out_dir, (), {}),
+    Case("encode-folder-keeps-subfolders-and-full-stem", ["encode", "photos", *E, "-o", "out"], 0,
+         new=("out/a/x.taef2.safetensors", "out/b/x.taef2.safetensors", "out/photo.v2.taef2.safetensors",
+              "out/cam.taef2.safetensors")),
+    Case("encode-beside-inputs", ["encode", "photos", *E, "--format", "png"], 0,
+         new=("photos/a/x.taef2.png", "photos/b/x.taef2.png", "photos/photo.v2.taef2.png",
+              "photos/cam.taef2.png")),
+    Case("encode-same-stem-refused", ["encode", "same.png", "same.jpg", *E], 2, ("would both write",)),
+    Case("encode-same-name-two-folders-flat-o-refused",
+         ["encode", "photos/a/x.png", "photos/b/x.png", *E, "-o", "o"], 2,
+         ("would both write", "o/x.taef2.safetensors")),
+    Case("rerun-skips-own-outputs", ["roundtrip", "photos", *E, "--skip-existing"], 0,
+         ("skipped 8 file(s) that taesd wrote", "skipped 4 input(s) whose output exists"), 2,
+         setup=_setup_rerun),
+    Case("rerun-refuses-existing", ["roundtrip", "photos", *E], 2, ("exists (and 3 more)", "--overwrite"), 2,
+         setup=_setup_rerun),
+    Case("rerun-overwrite-replaces-not-results-of-results", ["roundtrip", "photos", *E, "--overwrite"], 0,
+         ("skipped 8",), 1, setup=_setup_rerun, changes=ROUNDTRIPS),
+    Case("encode-onto-input", ["encode", "taken.png", *E, "--format", "png", "-o", "taken.png"], 2,
+         ("a file this run reads",)),
+    Case("encode-onto-input-even-with-overwrite",
+         ["encode", "taken.png", *E, "--format", "png", "-o", "taken.png", "--overwrite"], 2,
+         ("a file this run reads",)),
+    Case("roundtrip-onto-input", ["roundtrip", "taken.png", *E, "-o", "taken.png"], 2,
+         ("a file this run reads",)),
+    Case("decode-onto-input", ["decode", "lat/good8.taef2.png", "-o", "lat/good8.taef2.png"], 2,
+         ("a file this run reads",)),
+    Case("decode-onto-weights",
+         ["decode", "lat/good8.taef2.png", "-w", "weights/taef2_decoder.pth",
+          "-o", "weights/taef2_decoder.pth"],
+         2, ("a file this run reads",)),
+    Case("convert-onto-the-folder-it-reads", ["convert", "taef2", "--to", "pth", "-o", "weights"], 2,
+         ("one of the files being converted", "nothing was written")),
+    Case("convert-files-onto-their-folder",
+         ["convert", "weights/taef2_encoder.pth", "weights/taef2_decoder.pth", "--to", "pth", "-o", "weights",
+          "--overwrite"], 2, ("one of the files being converted",)),
+    Case("convert-existing-refused", ["convert", "taef2", "--to", "pth", "-o", "cv"], 2,
+         ("cv/taef2_encoder.pth exists",), setup=lambda r: shutil.copytree(r / "weights", r / "cv")),
+    Case("convert-existing-overwrite",
+         ["convert", "taef2", "--to", "safetensors", "-o", "cv", "--overwrite"], 0,
+         new=("cv/taef2_encoder.safetensors", "cv/taef2_decoder.safetensors")),
+    Case("export-existing-refused", ["export", "onnx", *E, "-o", "onnx"], 2,
+         ("onnx/taef2_decoder.onnx exists",),
+         setup=_setup_onnx),
+    Case("eval-existing-results-refused", ["eval", "photos", *E, "-o", "res"], 2, ("res/eval.csv exists",),
+         setup=_setup_out_dir),
     # ---- class 2: one bad file does not stop a batch; every failure one line, exit 2
-    ("encode-batch-goes-on", ["encode", "bad", "bomb.png", *E, "-o", "out"], 2,
-     ["bad/corrupt.png", "bad/empty.png", "bomb.png: ", "decompression bomb", "3 of 5 inputs failed"], 4,
-     {"out/good.taef2.safetensors", "out/tiny.taef2.safetensors"}, None, (), {}),
-    ("encode-batch-fail-fast", ["encode", "bad", *E, "-o", "out", "--fail-fast"], 2, ["bad/corrupt.png"], 1,
-     set(), None, (), {}),
-    ("roundtrip-batch-goes-on", ["roundtrip", "bad", *E, "-o", "out"], 2,
-     ["bad/corrupt.png", "bad/empty.png", "tiny.png: the image is 8x8 pixels; SSIM needs at least 11x11",
-      "3 of 4 inputs failed"], 4, {"out/good.taef2.roundtrip.png"}, None, (), {}),
-    ("eval-batch-goes-on", ["eval", "bad", *E, "-o", "res"], 2,
-     ["bad/corrupt.png", "bad/empty.png", "SSIM needs", "3 of 4 inputs failed"], 4,
-     {"res/eval.csv", "res/eval.json", "res/grid.png"}, None, (), {}),
-    ("decode-checks-every-input-first", ["decode", "lat", "badlat", "-o", "out"], 2,
-     ["lat/photo.png", "badlat/size.safetensors", "badlat/size2.safetensors", "badlat/empty.safetensors",
-      "badlat/meta.png", "5 of 7 inputs failed; nothing was decoded"], 6, set(), None, (), {}),
-    ("decode-folder-works", ["decode", "lat/good.taef2.safetensors", "lat/good8.taef2.png", "-o", "out"], 0, [], 0,
-     {"out/good.decoded.png", "out/good8.decoded.png"}, None, (), {}),
+    Case("encode-batch-goes-on", ["encode", "bad", "bomb.png", *E, "-o", "out"], 2,
+         ("bad/corrupt.png", "bad/empty.png", "bomb.png: ", "decompression bomb", "3 of 5 inputs failed"), 4,
+         new=("out/good.taef2.safetensors", "out/tiny.taef2.safetensors")),
+    Case("encode-batch-fail-fast", ["encode", "bad", *E, "-o", "out", "--fail-fast"], 2,
+         ("bad/corrupt.png",)),
+    Case("roundtrip-batch-goes-on", ["roundtrip", "bad", *E, "-o", "out"], 2,
+         ("bad/corrupt.png", "bad/empty.png", "tiny.png: the image is 8x8 pixels; SSIM needs at least 11x11",
+          "3 of 4 inputs failed"), 4, new=("out/good.taef2.roundtrip.png",)),
+    Case("eval-batch-goes-on", ["eval", "bad", *E, "-o", "res"], 2,
+         ("bad/corrupt.png", "bad/empty.png", "SSIM needs", "3 of 4 inputs failed"), 4,
+         new=("res/eval.csv", "res/eval.json", "res/grid.png")),
+    Case("decode-checks-every-input-first", ["decode", "lat", "badlat", "-o", "out"], 2,
+         ("lat/photo.png", "badlat/size.safetensors", "badlat/size2.safetensors", "badlat/empty.safetensors",
+          "badlat/meta.png", "5 of 7 inputs failed; nothing was decoded"), 6),
+    Case("decode-two-files", ["decode", "lat/good.taef2.safetensors", "lat/good8.taef2.png", "-o", "out"], 0,
+         new=("out/good.decoded.png", "out/good8.decoded.png")),
     # ---- class 5: one line, exit 2, no partial output
-    ("encode-unknown-device", ["encode", "taken.png", *E, "--device", "tpu9"], 2, ["device 'tpu9'"], 1, set(),
-     None, (), {}),
-    ("decode-cuda-missing", ["decode", "lat/good8.taef2.png", "-o", "o.png", "--device", "cuda"], 2,
-     ["--device cuda", "--device cpu"], 1, set(), None, (), {"skip": CUDA}),
-    ("roundtrip-cuda-index-missing", ["roundtrip", "taken.png", *E, "--device", "cuda:7"], 2, ["--device cuda:7"],
-     1, set(), None, (), {}),
-    ("eval-cuda-missing", ["eval", "photos", *E, "--device", "cuda"], 2, ["--device cuda"], 1, set(), None, (),
-     {"skip": CUDA}),
-    ("encode-output-under-a-file", ["encode", "taken.png", *E, "-o", "afile/x.taef2.safetensors"], 2,
-     ["afile is a file, not a folder"], 1, set(), None, (), {}),
-    ("encode-output-is-a-folder", ["encode", "taken.png", *E], 2, ["taken.taef2.safetensors: it is a folder"], 1,
-     set(), None, (), {}),
-    ("convert-output-under-a-file", ["convert", "taef2", "--to", "safetensors", "-o", "afile/w"], 2, ["afile"], 1,
-     set(), None, (), {}),
-    ("export-output-under-a-file", ["export", "onnx", *E, "-o", "afile/onnx"], 2, ["afile is a file"], 1, set(),
-     None, (), {}),
-    ("eval-output-under-a-file", ["eval", "photos", *E, "-o", "afile"], 2, ["afile is a file"], 1, set(), None, (), {}),
-    ("encode-decompression-bomb", ["encode", "bomb.png", *E], 2, ["decompression bomb", "TAESD_MAX_IMAGE_PIXELS"],
-     1, set(), None, (), {}),
-    ("bomb-warning-is-a-note", ["encode", "taken.png", *E, "-o", "o.safetensors"], 0, ["note:", "decompression-bomb"],
-     1, {"o.safetensors"}, None, (), {"env": {"TAESD_MAX_IMAGE_PIXELS": "3000"}}),   # 4096 px: over 3000, under 6000
-    ("bad-pixel-limit", ["encode", "taken.png", *E, "-o", "o.safetensors"], 2, ["TAESD_MAX_IMAGE_PIXELS must be a whole number"], 1,
-     set(), None, (), {"env": {"TAESD_MAX_IMAGE_PIXELS": "lots"}}),
-    ("roundtrip-too-small-for-ssim", ["roundtrip", "bad/tiny.png", *E, "-o", "rt.png"], 2, ["SSIM needs"], 1, set(),
-     None, (), {}),
-    ("roundtrip-empty-image", ["roundtrip", "bad/empty.png", *E], 2, ["is empty"], 1, set(), None, (), {}),
-    ("decode-malformed-metadata", ["decode", "badlat/size.safetensors"], 2, ["malformed"], 1, set(), None, (), {}),
-    ("decode-malformed-png-metadata", ["decode", "badlat/meta.png"], 2, ["badlat/meta.png"], 1, set(), None, (), {}),
-    ("decode-empty-latents", ["decode", "badlat/empty.safetensors"], 2, ["empty"], 1, set(), None, (), {}),
-    ("info-not-weights", ["info", "taken.png"], 2, ["taken.png"], 1, set(), None, (), {}),
-    ("info-folder", ["info", "photos"], 2, ["photos"], 1, set(), None, (), {}),
-    ("info-fake-onnx", ["info", "bad/corrupt.onnx"], 2, ["corrupt.onnx"], 1, set(),
-     lambda r: shutil.copy(r / "bad" / "corrupt.png", r / "bad" / "corrupt.onnx"), (), {}),
-    ("export-bad-opset", ["export", "onnx", *E, "-o", "onnx2", "--opset", "3"], 2, ["opset"], 1, set(), None, (), {}),
-    ("roundtrip-full-disk", [*mounted("full", "full"), sys.executable, "-m", "taesd", "roundtrip", "taken.png", *E,
-     "-o", "full/rt.png"], 2, ["cannot write full/rt.png: the disk is full"], 1, set(), _setup_mount_dirs, (),
-     {"raw": True, "skip": not MOUNT}),
-    ("convert-full-disk", [*mounted("full", "full"), sys.executable, "-m", "taesd", "convert", "taef2", "--to",
-     "safetensors", "-o", "full/w"], 2, ["the disk is full"], 1, set(), _setup_mount_dirs, (),
-     {"raw": True, "skip": not MOUNT}),
-    ("encode-read-only-disk", [*mounted("ro", "ro"), sys.executable, "-m", "taesd", "encode", "photos", *E, "-o",
-     "ro/lat"], 2, ["cannot write ro/lat", "read-only"], 1 + 4, set(), _setup_mount_dirs, (),
-     {"raw": True, "skip": not MOUNT}),
-    ("export-read-only-disk", [*mounted("ro", "ro"), sys.executable, "-m", "taesd", "export", "onnx", *E,
-     "--part", "decoder", "-o", "ro"], 2, ["cannot write ro/taef2_decoder.onnx", "read-only"], 1, set(),
-     _setup_mount_dirs, (), {"raw": True, "skip": not MOUNT}),
-    ("encode-file-size-limit", ["encode", "taken.png", *E, "-o", "big.safetensors"], 2,
-     ["cannot write big.safetensors", "too large"], 1, set(), None, (), {"fsize": 4000}),
+    Case("encode-unknown-device", ["encode", "taken.png", *E, "--device", "tpu9"], 2, ("device 'tpu9'",)),
+    Case("decode-cuda-missing", ["decode", "lat/good8.taef2.png", "-o", "o.png", "--device", "cuda"], 2,
+         ("--device cuda", "--device cpu"), skip=CUDA),
+    Case("roundtrip-cuda-index-missing", ["roundtrip", "taken.png", *E, "--device", "cuda:7"], 2,
+         ("--device cuda:7",)),
+    Case("eval-cuda-missing", ["eval", "photos", *E, "--device", "cuda"], 2, ("--device cuda",), skip=CUDA),
+    Case("encode-bad-memory-budget", ["encode", "photos", *E, "--max-memory", "a lot", "-o", "out"], 2,
+         ("memory size",)),
+    Case("roundtrip-zero-tile-size", ["roundtrip", "photos", *E, "--tile-size", "0"], 2, ("--tile-size",)),
+    Case("encode-output-under-a-file", ["encode", "taken.png", *E, "-o", "afile/x.taef2.safetensors"], 2,
+         ("afile is a file, not a folder",)),
+    Case("encode-output-is-a-folder", ["encode", "taken.png", *E], 2,
+         ("taken.taef2.safetensors: it is a folder",)),
+    Case("convert-output-under-a-file", ["convert", "taef2", "--to", "safetensors", "-o", "afile/w"], 2,
+         ("afile",)),
+    Case("export-output-under-a-file", ["export", "onnx", *E, "-o", "afile/onnx"], 2, ("afile is a file",)),
+    Case("eval-output-under-a-file", ["eval", "photos", *E, "-o", "afile"], 2, ("afile is a file",)),
+    Case("encode-decompression-bomb", ["encode", "bomb.png", *E], 2,
+         ("decompression bomb", "TAESD_MAX_IMAGE_PIXELS")),
+    Case("bomb-warning-is-a-note", ["encode", "taken.png", *E, "-o", "o.safetensors"], 0,
+         ("note:", "decompression-bomb"), 1, new=("o.safetensors",),
+         env={"TAESD_MAX_IMAGE_PIXELS": "3000"}),   # 64 x 64 = 4096 px: over 3000, under 2 x 3000
+    Case("bad-pixel-limit", ["encode", "taken.png", *E, "-o", "o.safetensors"], 2,
+         ("TAESD_MAX_IMAGE_PIXELS must be a whole number",), env={"TAESD_MAX_IMAGE_PIXELS": "lots"}),
+    Case("roundtrip-too-small-for-ssim", ["roundtrip", "bad/tiny.png", *E, "-o", "rt.png"], 2,
+         ("SSIM needs",)),
+    Case("roundtrip-empty-image", ["roundtrip", "bad/empty.png", *E], 2, ("is empty",)),
+    Case("decode-malformed-metadata", ["decode", "badlat/size.safetensors"], 2, ("malformed",)),
+    Case("decode-malformed-png-metadata", ["decode", "badlat/meta.png"], 2, ("badlat/meta.png",)),
+    Case("decode-empty-latents", ["decode", "badlat/empty.safetensors"], 2, ("empty",)),
+    Case("info-not-weights", ["info", "taken.png"], 2, ("taken.png",)),
+    Case("info-folder", ["info", "photos"], 2, ("photos",)),
+    Case("info-fake-onnx", ["info", "bad/corrupt.onnx"], 2, ("corrupt.onnx",),
+         setup=lambda r: shutil.copy(r / "bad" / "corrupt.png", r / "bad" / "corrupt.onnx")),
+    Case("export-bad-opset", ["export", "onnx", *E, "-o", "onnx2", "--opset", "3"], 2, ("opset",)),
+    Case("roundtrip-full-disk", [*FULL, *TAESD, "roundtrip", "taken.png", *E, "-o", "full/rt.png"], 2,
+         ("cannot write full/rt.png: the disk is full",), setup=_setup_mount_dirs, mount=True,
+         skip=not MOUNT),
+    Case("convert-full-disk", [*FULL, *TAESD, "convert", "taef2", "--to", "safetensors", "-o", "full/w"], 2,
+         ("the disk is full",), setup=_setup_mount_dirs, mount=True, skip=not MOUNT),
+    Case("encode-read-only-disk", [*RO, *TAESD, "encode", "photos", *E, "-o", "ro/lat"], 2,
+         ("cannot write ro/lat", "read-only"), 1 + 4, setup=_setup_mount_dirs, mount=True, skip=not MOUNT),
+    Case("export-read-only-disk", [*RO, *TAESD, "export", "onnx", *E, "--part", "decoder", "-o", "ro"], 2,
+         ("cannot write ro/taef2_decoder.onnx", "read-only"), setup=_setup_mount_dirs, mount=True,
+         skip=not MOUNT),
+    Case("encode-file-size-limit", ["encode", "taken.png", *E, "-o", "big.safetensors"], 2,
+         ("cannot write big.safetensors", "too large"), fsize=4000),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_hostile_cli(case, base, tmp_path):
-    name, argv, rc, words, n_lines, new, setup, may_change, opts = case
-    if opts.get("skip"):
-        pytest.skip("needs a machine without CUDA" if "cuda" in name else "needs unshare with mount namespaces")
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_cli(case: Case, base, tmp_path):
+    if case.skip:
+        pytest.skip("needs a machine without CUDA" if "cuda" in case.id
+                    else "needs unshare and mount namespaces")
     work = tmp_path / "w"
     shutil.copytree(base, work, symlinks=True)
-    if setup:
-        setup(work)
+    if case.setup:
+        case.setup(work)
     before = snapshot(work)
-    preexec = None
-    if "fsize" in opts:
-        limit = opts["fsize"]
-        preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # noqa: E731
-    if opts.get("raw"):
-        r = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=300,
+    if case.mount:
+        r = subprocess.run(case.argv, cwd=work, capture_output=True, text=True, timeout=300,
                            env={**ENV, "TAESD_WEIGHTS": str(work / "weights")})
+        command = case.argv[case.argv.index("taesd") + 1]
     else:
-        r = taesd_cli(argv, work, opts.get("env"), preexec)
+        preexec = None
+        if case.fsize:
+            preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (case.fsize, case.fsize))  # noqa: E731
+        r = taesd_cli(case.argv, work, case.env, preexec)
+        command = case.argv[0]
     err = r.stderr.strip().splitlines()
-    assert r.returncode == rc, (name, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, (name, r.stderr[-3000:])
-    assert len(err) == n_lines, (name, err)
-    for w in words:
-        assert w in r.stderr, (name, w, err)
-    assert all(line.startswith(f"taesd {argv[0] if not opts.get('raw') else argv[argv.index('taesd') + 1]}:")
-               for line in err), (name, err)
-    assert temp_files(work) == [], name
+    assert r.returncode == case.rc, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(err) == (case.lines if case.lines is not None else int(case.rc != 0)), err
+    for w in case.words:
+        assert w in r.stderr, (w, err)
+    assert all(line.startswith(f"taesd {command}:") for line in err), err
+    assert temp_files(work) == []
     after = snapshot(work)
     for path, digest in before.items():
-        assert path in after, (name, f"{path} was removed")
-        if path not in may_change:
-            assert after[path] == digest, (name, f"{path} was changed")
-    for path in may_change:
-        assert after[path] != before[path], (name, f"{path} was not rewritten")
-    assert set(after) - set(before) == new, name
+        assert path in after, f"{path} was removed"
+        if path not in case.changes:
+            assert after[path] == digest, f"{path} was changed"
+    for path in case.changes:
+        assert after[path] != before[path], f"{path} was not rewritten"
+    assert set(after) - set(before) == set(case.new)
 
 
 def test_rerun_over_a_folder_takes_no_outputs_for_inputs(base, tmp_path):
@@ -354,7 +383,7 @@ def test_sigterm_mid_write_removes_the_temporary_file(base, tmp_path):
     shutil.copytree(base, work)
     noise = torch.empty(1, 32, 160, 160).uniform_(-3, 3, generator=torch.Generator().manual_seed(0))
     taesd.save_latents(work / "noise.taef2.safetensors", noise, "taef2")        # -> 1280 x 1280 of noise
-    proc = subprocess.Popen([sys.executable, "-m", "taesd", "decode", "noise.taef2.safetensors", "-o", "n.png"],
+    proc = subprocess.Popen([*TAESD, "decode", "noise.taef2.safetensors", "-o", "n.png"],
                             cwd=work, stderr=subprocess.PIPE, text=True,
                             env={**ENV, "TAESD_WEIGHTS": str(work / "weights")})
     seen = _wait_for(lambda: temp_files(work), timeout=240)

@@ -31,7 +31,8 @@ Weights come from --weights, else the folder in $TAESD_WEIGHTS, else the Hugging
 def build_parser() -> argparse.ArgumentParser:
     from taesd.version import __version__
     parser = argparse.ArgumentParser(
-        prog="taesd", description="TAESD, the Tiny AutoEncoder for Stable Diffusion (and FLUX, SD3, Sana, ...).",
+        prog="taesd",
+        description="TAESD, the Tiny AutoEncoder for Stable Diffusion (and FLUX, SD3, Sana, ...).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"taesd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -56,7 +56,8 @@ def add_tiling_options(p: argparse.ArgumentParser) -> None:
                    help="memory budget for activations, e.g. 1GiB or 512MiB (picks the tile size)")
 
 
-def add_output_options(p: argparse.ArgumentParser, skip_existing: bool = True, fail_fast: bool = True) -> None:
+def add_output_options(p: argparse.ArgumentParser, skip_existing: bool = True,
+                       fail_fast: bool = True) -> None:
     g = p.add_argument_group("outputs")
     existing = g.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true",
@@ -74,6 +75,21 @@ def tiling_kwargs(args) -> dict:
     return {"tile_size": args.tile_size, "max_memory": args.max_memory}
 
 
+def check_tiling(args) -> None:
+    """Refuse bad tiling options before any work (not once per input)."""
+    from taesd.runtime.tiling import parse_bytes
+    if getattr(args, "tile_size", None) is not None and args.tile_size < 1:
+        raise TaesdError(f"--tile-size must be at least 1 latent pixel, not {args.tile_size}")
+    if getattr(args, "max_memory", None) is not None:
+        parse_bytes(args.max_memory)
+
+
+def check_options(args) -> None:
+    """The up-front checks every model command makes: device and tiling options."""
+    check_device(getattr(args, "device", None))
+    check_tiling(args)
+
+
 def check_device(name: "str | None") -> None:
     """Refuse, before anything is read, a device this machine does not have."""
     if name is None:
@@ -86,7 +102,8 @@ def check_device(name: "str | None") -> None:
         return
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
             raise TaesdError(f"--device {name}: {why}; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise TaesdError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
@@ -116,7 +133,8 @@ def gather_inputs(args, suffixes: tuple[str, ...], what: str) -> list[InputFile]
     return files
 
 
-def output_path(out: "str | None", src: "InputFile | Path", suffix: str, single: bool, stem: str | None = None) -> Path:
+def output_path(out: "str | None", src: "InputFile | Path", suffix: str, single: bool,
+                stem: str | None = None) -> Path:
     """Where ``src``'s output goes: beside it (no ``-o``); ``-o`` itself when one input is given and
     it has a suffix (and is no folder); else inside the ``-o`` folder, below the same relative folder."""
     src = src if isinstance(src, InputFile) else InputFile(Path(src))

@@ -117,7 +117,8 @@ def _target_check(sources: list[Path], overwrite: bool):
     def check(targets: list[Path]) -> None:
         for t in targets:
             if os.path.realpath(t) in read:
-                raise TaesdError(f"{t} is one of the files being converted; choose another -o (nothing was written)")
+                raise TaesdError(f"{t} is one of the files being converted; choose another -o "
+                                 f"(nothing was written)")
         existing = [t for t in targets if t.exists()]
         if existing and not overwrite:
             raise TaesdError(f"{existing[0]} exists; pass --overwrite to replace it (nothing was written)")

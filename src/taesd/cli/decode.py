@@ -7,7 +7,7 @@ from taesd.errors import TaesdError
 from taesd.io.inputs import LATENT_SUFFIXES
 from taesd.io.images import crop_to, save_image
 from taesd.io.latents import load_latents
-from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_device,
+from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_options,
                               command_parser, describe_failure, gather_inputs, open_model, output_path,
                               plan_outputs, report_failures, run_batch, tiling_kwargs, weight_files)
 
@@ -22,7 +22,8 @@ def add_parser(sub):
                        "beside each input or under -o (keeping subfolders); existing outputs are refused "
                        "unless --overwrite or --skip-existing.")
     p.add_argument("inputs", nargs="+", help="latent files or folders")
-    p.add_argument("-o", "--output", help="output image file (one input) or folder (default: beside each input)")
+    p.add_argument("-o", "--output",
+                   help="output image file (one input) or folder (default: beside each input)")
     add_model_options(p, variant_required=False)
     add_tiling_options(p)
     add_output_options(p)
@@ -50,7 +51,7 @@ def _stem(src, variant: str) -> str:
 
 
 def run(args) -> int:
-    check_device(args.device)
+    check_options(args)
     files = gather_inputs(args, LATENT_SUFFIXES, "latent")
     loaded, failures = [], []
     for f in files:   # read and check everything before any decoding
@@ -64,7 +65,8 @@ def run(args) -> int:
         return report_failures(args, failures, len(files), "nothing was decoded")
     variants = {v.name for _, v, _ in loaded}
     if len(variants) > 1:
-        raise TaesdError(f"the inputs mix latents of {', '.join(sorted(variants))}; decode one variant at a time")
+        raise TaesdError(f"the inputs mix latents of {', '.join(sorted(variants))}; "
+                         f"decode one variant at a time")
     args.variant = variants.pop()
     single = len(files) == 1 and loaded[0][0].shape[0] == 1
     planned = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 from taesd.io.inputs import IMAGE_SUFFIXES, read_image
 from taesd.io.images import pad_to_multiple
 from taesd.io.latents import save_latents
-from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_device,
+from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_options,
                               command_parser, gather_inputs, note, open_model, output_path, plan_outputs,
                               run_batch, tiling_kwargs, weight_files)
 
@@ -29,7 +29,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    check_device(args.device)
+    check_options(args)
     files = gather_inputs(args, IMAGE_SUFFIXES, "image")
     suffix = f".{args.variant}.{args.format}"
     single = len(files) == 1

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from taesd.io.inputs import IMAGE_SUFFIXES, InputFile
 from taesd.registry import VARIANTS
-from taesd.cli.common import (add_output_options, check_device, command_parser, describe_failure, gather_inputs,
-                              plan_outputs, progress, report_failures)
+from taesd.cli.common import (add_output_options, check_device, command_parser, describe_failure,
+                              gather_inputs, plan_outputs, progress, report_failures)
 
 
 def add_parser(sub):
@@ -28,7 +28,8 @@ def add_parser(sub):
     p.add_argument("--teacher", help="teacher: a TAESD variant name or a local diffusers autoencoder folder")
     p.add_argument("--scale", type=float, help="teacher latent scale: taesd = (raw - shift) * scale")
     p.add_argument("--shift", type=float, help="teacher latent shift")
-    p.add_argument("--family", choices=list(VARIANTS), help="take the teacher's scale/shift from this variant")
+    p.add_argument("--family", choices=list(VARIANTS),
+                   help="take the teacher's scale/shift from this variant")
     p.add_argument("-o", "--output", help="folder for eval.csv, eval.json and grid.png")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     add_output_options(p, skip_existing=False)
@@ -36,7 +37,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from taesd.evaluation.evaluate import RESULT_FILES, evaluate_images, format_table, summarize, write_results
+    from taesd.evaluation.evaluate import (RESULT_FILES, evaluate_images, format_table, summarize,
+                                           write_results)
     from taesd.loader import load
     from taesd.training.teachers import load_teacher
     check_device(args.device)
@@ -50,7 +52,8 @@ def run(args) -> int:
         models[spec] = load(name, weights=weights or args.weights, device=args.device)
     teacher = None
     if args.teacher:
-        teacher = load_teacher(args.teacher, args.weights, args.scale, args.shift, args.family, device=args.device)
+        teacher = load_teacher(args.teacher, args.weights, args.scale, args.shift, args.family,
+                               device=args.device)
     failures = None if args.fail_fast else []
     rows, grid = evaluate_images([f.path for f in files], models, teacher,
                                  progress=lambda xs: progress(xs, "eval"), failures=failures)

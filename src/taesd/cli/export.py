@@ -26,7 +26,8 @@ def add_parser(sub):
     o.add_argument("--weights", "-w", action="append", metavar="PATH",
                    help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, then the hub)")
     o.add_argument("--revision", help="hub revision to pin when downloading")
-    o.add_argument("--part", choices=["encoder", "decoder", "both"], default="both", help="what to export (default: both)")
+    o.add_argument("--part", choices=["encoder", "decoder", "both"], default="both",
+                   help="what to export (default: both)")
     o.add_argument("--fp16", action="store_true", help="float16 weights, activations, input and output")
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX operator set version, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
@@ -40,7 +41,8 @@ def run(args) -> int:
     from taesd.loader import load
     check_opset(args.opset)  # before the slow part
     parts = ("encoder", "decoder") if args.part == "both" else (args.part,)
-    targets = [Path(args.output) / onnx_filename(get_variant(args.variant), part, args.fp16) for part in parts]
+    variant = get_variant(args.variant)
+    targets = [Path(args.output) / onnx_filename(variant, part, args.fp16) for part in parts]
     plan_outputs(args, [(InputFile(Path(args.output)), targets)], protected=weight_files(args))
     weights = args.weights[0] if args.weights and len(args.weights) == 1 else args.weights
     model = load(args.variant, weights, device="cpu", dtype="fp32", parts=parts, revision=args.revision)

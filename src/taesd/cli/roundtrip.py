@@ -7,7 +7,7 @@ from taesd.io.inputs import IMAGE_SUFFIXES, read_image
 from taesd.io.images import crop_to, pad_to_multiple, save_image
 from taesd.io.latents import dequantize, quantize
 from taesd.evaluation.metrics import check_ssim_size, psnr, ssim
-from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_device,
+from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_options,
                               command_parser, gather_inputs, note, open_model, output_path, plan_outputs,
                               run_batch, tiling_kwargs, weight_files)
 
@@ -21,7 +21,8 @@ def add_parser(sub):
                        "under -o (keeping subfolders); existing outputs are refused unless --overwrite "
                        "or --skip-existing. A failing input is reported at the end (exit 2), the rest go on.")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("-o", "--output", help="output image file (one input) or folder (default: beside each input)")
+    p.add_argument("-o", "--output",
+                   help="output image file (one input) or folder (default: beside each input)")
     p.add_argument("--latents", choices=["exact", "png"], default="exact",
                    help="keep latents exact, or quantize them to 8 bits like a latent PNG")
     add_model_options(p)
@@ -31,7 +32,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    check_device(args.device)
+    check_options(args)
     files = gather_inputs(args, IMAGE_SUFFIXES, "image")
     suffix = f".{args.variant}.roundtrip.png"
     single = len(files) == 1
@@ -62,5 +63,6 @@ def run(args) -> int:
     code = run_batch(args, jobs, roundtrip_one, "roundtrip")
     if len(rows) > 1:
         ps, ss = [r[1] for r in rows], [r[2] for r in rows]
-        print(f"mean over {len(rows)} images: PSNR {statistics.mean(ps):.2f} dB  SSIM {statistics.mean(ss):.4f}")
+        print(f"mean over {len(rows)} images: PSNR {statistics.mean(ps):.2f} dB  "
+              f"SSIM {statistics.mean(ss):.4f}")
     return code

@@ -33,7 +33,8 @@ METRICS = [("psnr", "PSNR"), ("ssim", "SSIM"), ("psnr_8bit", "PSNR 8-bit latents
            ("ssim_8bit", "SSIM 8-bit latents"), ("latent_mse", "latent MSE vs teacher")]
 
 
-def measure_image(image: torch.Tensor, model, teacher_latents: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+def measure_image(image: torch.Tensor, model, teacher_latents: torch.Tensor | None
+                  ) -> tuple[dict, torch.Tensor]:
     """Numbers for one image (3|4 x H x W) and one TAESD model; also returns its round trip."""
     v = model.variant
     padded, size = pad_to_multiple(image, v.downscale)
@@ -117,7 +118,8 @@ def summarize(rows: list[dict]) -> dict:
         for key, _ in METRICS:
             vals = [r[key] for r in mine if key in r and not math.isnan(r[key])]
             if vals:
-                out[model][key] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
+                out[model][key] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals),
+                                   "n": len(vals)}
     return out
 
 

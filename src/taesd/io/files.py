@@ -61,7 +61,8 @@ def io_failure(e: BaseException) -> "str | None":
     text = str(e)
     m = re.search(r"os error (\d+)", text)
     if m:
-        return os_error_message(OSError(int(m.group(1)), os.strerror(int(m.group(1)))), Path("")).split(": ", 1)[1]
+        code = int(m.group(1))
+        return os_error_message(OSError(code, os.strerror(code)), Path("")).split(": ", 1)[1]
     if isinstance(e, RuntimeError) and ("file write failed" in text or "unexpected pos" in text):
         return "writing failed (is the disk full?)"
     return None

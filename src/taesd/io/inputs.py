@@ -60,7 +60,8 @@ def _has_latent_marker(path: Path) -> bool:
         return False
 
 
-def collect_inputs(paths, suffixes: tuple[str, ...], what: str = "image") -> tuple[list[InputFile], list[Path]]:
+def collect_inputs(paths, suffixes: tuple[str, ...], what: str = "image"
+                   ) -> tuple[list[InputFile], list[Path]]:
     """(inputs, skipped taesd outputs) for file and folder arguments; the same file named twice
     (a folder and a file in it, two overlapping folders) is taken once."""
     out: list[InputFile] = []
