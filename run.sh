@@ -17,5 +17,5 @@ import skimage.data as data
 for name in ["astronaut", "chelsea", "coffee", "rocket", "motorcycle_left"]:
     Image.fromarray(getattr(data, name)() if name != "motorcycle_left" else data.stereo_motorcycle()[0]).save(Path("out/photos") / f"{name}.png")
 PY
-.venv/bin/taesd roundtrip out/photos --variant "$VARIANT" -o out/roundtrip
-.venv/bin/taesd roundtrip out/photos --variant "$VARIANT" --latents png -o out/roundtrip-8bit
+.venv/bin/taesd roundtrip out/photos --variant "$VARIANT" -o out/roundtrip --overwrite
+.venv/bin/taesd roundtrip out/photos --variant "$VARIANT" --latents png -o out/roundtrip-8bit --overwrite

@@ -1,11 +1,30 @@
-"""What several commands share: model options, opening the model, output paths, progress."""
+"""What several commands share: model options, opening the model, planning outputs, running a batch.
+
+Outputs (``plan_outputs``), decided for the whole batch before any work:
+- names keep the input's full stem (``photo.v2.png`` -> ``photo.v2.taef2.png``) and, under ``-o``,
+  its folder below the folder argument (``photos/a/x.png`` -> ``OUT/a/x.taef2.png``);
+- two inputs that would write one output, an output onto an input (or a weight file being read)
+  and an output that can never be a file (a folder, a path under a file) are refused up front;
+- an existing output is refused up front (the first one is named) unless ``--overwrite``
+  (replace) or ``--skip-existing`` (leave it, skip that input, say so) is given.
+Batches (``run_batch``): a failing input is reported and the batch goes on; at the end every
+failure is printed, one line each (``path: reason``), and the exit code is 2. ``--fail-fast``
+stops at the first failure.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
+import torch
 from tqdm import tqdm
 
+from taesd.errors import TaesdError
+from taesd.io.files import check_output_target
+from taesd.io.inputs import InputFile, collect_inputs
 from taesd.registry import VARIANTS
 from taesd.runtime.dtypes import DTYPE_CHOICES
 
@@ -40,13 +59,68 @@ def add_tiling_options(p: argparse.ArgumentParser) -> None:
                    help="memory budget for activations, e.g. 1GiB or 512MiB (picks the tile size)")
 
 
+def add_output_options(p: argparse.ArgumentParser, skip_existing: bool = True,
+                       fail_fast: bool = True) -> None:
+    g = p.add_argument_group("outputs")
+    existing = g.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace existing outputs (default: refuse before doing anything)")
+    if skip_existing:
+        existing.add_argument("--skip-existing", action="store_true",
+                              help="leave existing outputs alone and skip their inputs")
+    if fail_fast:
+        g.add_argument("--fail-fast", action="store_true",
+                       help="stop at the first input that fails (default: go on, report all at the end)")
+
+
 def tiling_kwargs(args) -> dict:
     """The tiling keyword arguments of ``encode``/``decode`` from the parsed options."""
     return {"tile_size": args.tile_size, "max_memory": args.max_memory}
 
 
+def check_tiling(args) -> None:
+    """Refuse bad tiling options before any work (not once per input)."""
+    from taesd.runtime.tiling import parse_bytes
+    if getattr(args, "tile_size", None) is not None and args.tile_size < 1:
+        raise TaesdError(f"--tile-size must be at least 1 latent pixel, not {args.tile_size}")
+    if getattr(args, "max_memory", None) is not None:
+        parse_bytes(args.max_memory)
+
+
+def check_options(args) -> None:
+    """The up-front checks every model command makes: device and tiling options."""
+    check_device(getattr(args, "device", None))
+    check_tiling(args)
+
+
+def check_device(name: "str | None") -> None:
+    """Refuse, before anything is read, a device this machine does not have."""
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise TaesdError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise TaesdError(f"--device {name}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TaesdError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise TaesdError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+        return
+    raise TaesdError(f"--device {name}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
+
+
 def open_model(args, parts):
     from taesd.loader import load
+    check_device(args.device)
     weights = args.weights
     if weights is not None and len(weights) == 1:
         weights = weights[0]
@@ -54,16 +128,102 @@ def open_model(args, parts):
                 revision=args.revision, backend=args.backend, source=getattr(args, "source", None))
 
 
-def output_path(out: "str | None", src: Path, suffix: str, single: bool) -> Path:
-    """``-o`` as a file when one input is given and it has a suffix, else as a folder."""
-    name = src.name.split(".")[0] + suffix
+def gather_inputs(args, suffixes: tuple[str, ...], what: str) -> list[InputFile]:
+    files, skipped = collect_inputs(args.inputs, suffixes, what)
+    if skipped:
+        note(args, f"skipped {len(skipped)} file(s) that taesd wrote (e.g. {skipped[0]}); "
+                   f"name them directly to take them as inputs")
+    return files
+
+
+def output_path(out: "str | None", src: "InputFile | Path", suffix: str, single: bool,
+                stem: str | None = None) -> Path:
+    """Where ``src``'s output goes: beside it (no ``-o``); ``-o`` itself when one input is given and
+    it has a suffix (and is no folder); else inside the ``-o`` folder, below the same relative folder."""
+    src = src if isinstance(src, InputFile) else InputFile(Path(src))
+    name = (stem if stem is not None else src.path.stem) + suffix
     if out is None:
-        return src.parent / name
+        return src.path.parent / name
     o = Path(out)
     if single and o.suffix and not o.is_dir():
         return o
-    return o / name
+    return o / src.relative_folder / name
+
+
+def _key(p: Path) -> str:
+    return os.path.realpath(p)
+
+
+def plan_outputs(args, jobs: "Sequence[tuple[InputFile, list[Path]]]", protected: Sequence[Path] = ()
+                 ) -> list[tuple[InputFile, list[Path]]]:
+    """Check every planned output before any work (see the module docstring); returns the jobs to run."""
+    reading = {_key(f.path): f.path for f, _ in jobs}
+    reading.update({_key(p): p for p in protected if Path(p).is_file()})
+    writers: dict[str, InputFile] = {}
+    for src, dsts in jobs:
+        for dst in dsts:
+            k = _key(dst)
+            if k in reading:
+                raise TaesdError(f"the output for {src.path} would be {dst}, a file this run reads; "
+                                 f"choose another -o")
+            if k in writers:
+                raise TaesdError(f"{writers[k].path} and {src.path} would both write {dst}; rename one "
+                                 f"or write them to different -o folders")
+            writers[k] = src
+            check_output_target(dst)
+    existing = [(src, dsts) for src, dsts in jobs if any(d.exists() for d in dsts)]
+    if not existing or getattr(args, "overwrite", False):
+        return list(jobs)
+    first = next(d for d in existing[0][1] if d.exists())
+    if getattr(args, "skip_existing", False):
+        note(args, f"skipped {len(existing)} input(s) whose output exists (e.g. {first})")
+        return [j for j in jobs if j not in existing]
+    more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+    batch = ", --skip-existing to skip it" if hasattr(args, "skip_existing") else ""
+    raise TaesdError(f"{first} exists{more}; pass --overwrite to replace it{batch}")
+
+
+def describe_failure(path: Path, e: BaseException) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return msg if str(path) in msg else f"{path}: {msg}"
+
+
+def run_batch(args, jobs: list, work: Callable, desc: str) -> int:
+    """Run ``work(job)`` for each job (``job[0]`` an InputFile); failing jobs are collected and
+    reported at the end, one line each; returns the exit code (2 if any failed)."""
+    failures: list[str] = []
+    for job in progress(jobs, desc):
+        try:
+            work(job)
+        except (TaesdError, MemoryError, torch.OutOfMemoryError) as e:
+            if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                e = TaesdError("out of memory; try --max-memory or --tile-size")
+            if getattr(args, "fail_fast", False):
+                raise TaesdError(describe_failure(job[0].path, e)) from None
+            failures.append(describe_failure(job[0].path, e))
+    return report_failures(args, failures, len(jobs), "the others were done") if failures else 0
+
+
+def report_failures(args, failures: list[str], total: int, rest: str) -> int:
+    """Print each failure on one line (and, for batches, how many failed); returns exit code 2."""
+    for line in failures:
+        print(f"taesd {args.command}: error: {line}", file=sys.stderr)
+    if total > 1:
+        print(f"taesd {args.command}: {len(failures)} of {total} inputs failed; {rest}", file=sys.stderr)
+    return 2
+
+
+def note(args, text: str) -> None:
+    print(f"taesd {args.command}: note: {text}", file=sys.stderr)
 
 
 def progress(items, desc: str):
-    return tqdm(items, desc=desc, unit="file", disable=len(items) < 2, dynamic_ncols=True)
+    """A progress bar on a terminal (none when stderr is a file or a pipe: logs stay readable)."""
+    return tqdm(items, desc=desc, unit="file", dynamic_ncols=True,
+                disable=len(items) < 2 or not sys.stderr.isatty())
+
+
+def weight_files(args) -> list[Path]:
+    """The weight files named with --weights: no output may land on them."""
+    w = getattr(args, "weights", None) or []
+    return [Path(p) for p in ([w] if isinstance(w, str) else w)]

@@ -1,17 +1,18 @@
 """taesd convert: weights between the pth, safetensors, diffusers and comfyui formats."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
-import torch
-
 from taesd.errors import TaesdError
+from taesd.io.files import deferred_renames
 from taesd.registry import VARIANTS, get_variant
 from taesd.io.weights.formats import FORMATS, read_source, save_weights
 from taesd.io.weights.identify import identify
 from taesd.io.weights.resolve import find_weights
 from taesd.registry import PARTS
-from taesd.cli.common import command_parser
+from taesd.cli.common import add_output_options, command_parser
 from taesd.runtime.dtypes import DTYPE_CHOICES, resolve_dtype
 
 
@@ -22,7 +23,8 @@ def add_parser(sub):
                        "per part), diffusers (AutoencoderTiny folder; base variants only) and comfyui "
                        "(one combined file). Sources are files/folders, or a variant name to convert "
                        "the weights found in $TAESD_WEIGHTS. Tensors are copied bit-exactly unless "
-                       "--dtype is given.")
+                       "--dtype is given. Nothing is written when a target is one of the files read, or "
+                       "exists (unless --overwrite).")
     p.add_argument("sources", nargs="+", help="weight files/folders, or a variant name")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("-o", "--output", required=True,
@@ -30,6 +32,7 @@ def add_parser(sub):
     p.add_argument("--variant", "-v", choices=list(VARIANTS), metavar="NAME",
                    help="variant, when the tensors fit several (taesd/taesdxl, taesd3/taef1)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast the tensors (default: keep)")
+    add_output_options(p, skip_existing=False, fail_fast=False)
     p.set_defaults(run=run)
 
 
@@ -83,6 +86,40 @@ def run(args) -> int:
     if args.dtype:
         dt = resolve_dtype(args.dtype)
         parts = {p: {k: t.to(dt) for k, t in sd.items()} for p, sd in parts.items()}
-    for path in save_weights(parts, variant, args.to, args.output, extras or None):
+    check = _target_check([Path(n) for n in names], args.overwrite)
+    made = _missing_folders(Path(args.output))
+    try:
+        with deferred_renames(check):
+            written = save_weights(parts, variant, args.to, args.output, extras or None)
+    except BaseException:
+        for folder in made:   # leave no empty folder behind a refused conversion
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its parents that do not exist yet, deepest first."""
+    return [p for p in [out, *out.parents] if not p.exists()]
+
+
+def _target_check(sources: list[Path], overwrite: bool):
+    """Refuse targets that are files being read (a source file, or one inside a source folder) and,
+    without --overwrite, existing files."""
+    read = set()
+    for s in sources:
+        files = [f for f in s.rglob("*") if f.is_file()] if s.is_dir() else [s]
+        read.update(os.path.realpath(f) for f in files)
+
+    def check(targets: list[Path]) -> None:
+        for t in targets:
+            if os.path.realpath(t) in read:
+                raise TaesdError(f"{t} is one of the files being converted; choose another -o "
+                                 f"(nothing was written)")
+        existing = [t for t in targets if t.exists()]
+        if existing and not overwrite:
+            raise TaesdError(f"{existing[0]} exists; pass --overwrite to replace it (nothing was written)")
+    return check

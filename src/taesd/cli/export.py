@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from taesd.registry import VARIANTS
-from taesd.cli.common import command_parser, progress
+from taesd.io.files import deferred_renames
+from taesd.io.inputs import InputFile
+from taesd.registry import VARIANTS, get_variant
+from taesd.cli.common import add_output_options, command_parser, plan_outputs, progress, weight_files
 
 
 def add_parser(sub):
@@ -24,11 +26,13 @@ def add_parser(sub):
     o.add_argument("--weights", "-w", action="append", metavar="PATH",
                    help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, then the hub)")
     o.add_argument("--revision", help="hub revision to pin when downloading")
-    o.add_argument("--part", choices=["encoder", "decoder", "both"], default="both", help="what to export (default: both)")
+    o.add_argument("--part", choices=["encoder", "decoder", "both"], default="both",
+                   help="what to export (default: both)")
     o.add_argument("--fp16", action="store_true", help="float16 weights, activations, input and output")
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX operator set version, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     o.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    add_output_options(o, skip_existing=False, fail_fast=False)
     o.set_defaults(run=run)
 
 
@@ -37,14 +41,20 @@ def run(args) -> int:
     from taesd.loader import load
     check_opset(args.opset)  # before the slow part
     parts = ("encoder", "decoder") if args.part == "both" else (args.part,)
+    variant = get_variant(args.variant)
+    targets = [Path(args.output) / onnx_filename(variant, part, args.fp16) for part in parts]
+    plan_outputs(args, [(InputFile(Path(args.output)), targets)], protected=weight_files(args))
     weights = args.weights[0] if args.weights and len(args.weights) == 1 else args.weights
     model = load(args.variant, weights, device="cpu", dtype="fp32", parts=parts, revision=args.revision)
-    for part in progress(list(parts), "export"):
-        proto = to_onnx(model, part, fp16=args.fp16, opset=args.opset)
-        dst = save_onnx(proto, Path(args.output) / onnx_filename(model.variant, part, args.fp16))
-        counts = op_counts(proto)
-        extra = sorted(set(counts) - allowed_ops(model.variant, part))
-        print(f"{dst}  ({dst.stat().st_size / 1e6:.1f} MB, opset {args.opset})")
-        print(f"  ops: {', '.join(f'{op} x{n}' for op, n in sorted(counts.items()))}"
-              + (f"  (unexpected: {', '.join(extra)})" if extra else ""))
+    lines = []
+    with deferred_renames():   # both files appear together, or neither
+        for part, dst in zip(progress(list(parts), "export"), targets):
+            proto = to_onnx(model, part, fp16=args.fp16, opset=args.opset)
+            save_onnx(proto, dst)
+            counts = op_counts(proto)
+            extra = sorted(set(counts) - allowed_ops(model.variant, part))
+            lines.append(f"{dst}  ({proto.ByteSize() / 1e6:.1f} MB, opset {args.opset})")
+            lines.append(f"  ops: {', '.join(f'{op} x{n}' for op, n in sorted(counts.items()))}"
+                         + (f"  (unexpected: {', '.join(extra)})" if extra else ""))
+    print("\n".join(lines))
     return 0

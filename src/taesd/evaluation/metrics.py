@@ -6,6 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from taesd.errors import TaesdError
+
+SSIM_WINDOW = 11
+
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for batches N x C x H x W (or one image C x H x W)."""
@@ -14,7 +18,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(1 / mse.clamp_min(1e-20))).float()
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def check_ssim_size(x: torch.Tensor) -> None:
+    """SSIM's 11 x 11 window needs images at least that big: refuse smaller ones in one line."""
+    h, w = x.shape[-2:]
+    if h < SSIM_WINDOW or w < SSIM_WINDOW:
+        raise TaesdError(f"the image is {w}x{h} pixels; SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW}")
+
+
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))
     return g / g.sum()
@@ -23,6 +34,7 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image mean SSIM for batches N x C x H x W."""
     a, b = _batch(a).double(), _batch(b).double()
+    check_ssim_size(a)
     n, c = a.shape[:2]
     g = _gaussian_window()
     wx = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
