@@ -223,7 +223,9 @@ def _onnx_runner(op: str, device: str, dtype: torch.dtype):
     """Export the plain published module (fp16 on CUDA), run it with ORT's CUDA provider (CPU
     provider on the CPU), inputs and outputs bound on the device (I/O binding, no host copies)."""
     import tempfile
+
     import onnxruntime as ort
+
     from taesd.model import create
 
     provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
@@ -914,6 +916,7 @@ def accuracy_parser() -> argparse.ArgumentParser:
 
 def bench(args) -> int:
     from tqdm import tqdm
+
     from taesd.errors import TaesdError
 
     if args.device == "cuda" and not torch.cuda.is_available():

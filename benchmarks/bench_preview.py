@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pipeline_configs as pc  # noqa: E402
-
 import taesd  # noqa: E402
 from taesd.integrations.diffusers.contracts import contract_for, pipeline_to_raw, pipeline_to_taesd  # noqa: E402
 from taesd.integrations.diffusers.preview import PreviewCallback  # noqa: E402

@@ -30,6 +30,7 @@ def default_competitors() -> list[str]:
     """All but the compiled mode; bf16 only where this CPU has the fused bf16 kernels (AVX-512 or
     AVX-NE-CONVERT): elsewhere bf16 runs emulated, several times slower than fp32."""
     import torch
+
     from taesd.runtime.fast import fused_available
     bf16_fast = fused_available(torch.zeros(1, dtype=torch.bfloat16))
     return [n for n in DEFAULT_COMPETITORS if n != "taesd-bf16" or bf16_fast]
@@ -107,7 +108,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--device=cuda" in argv or " ".join(argv).find("--device cuda") >= 0:
-        import bench_gpu   # `taesd bench --device cuda`: the GPU table (benchmarks/bench_gpu.py)
+        import bench_gpu  # `taesd bench --device cuda`: the GPU table (benchmarks/bench_gpu.py)
         return bench_gpu.main(argv)
     args = build_parser().parse_args(argv)
     try:

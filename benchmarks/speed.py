@@ -115,6 +115,7 @@ def _make_call(name: str, op: str, size: int, batch: int):
 def _onnx_call(op: str, x: torch.Tensor):
     """Export the plain published module to ONNX (dynamic batch and size), run it with ORT defaults."""
     import onnxruntime as ort
+
     from taesd.model import create
     module = getattr(create(VARIANT), op + "r")
     path = os.path.join(tempfile.mkdtemp(prefix="taesd-bench-"), f"{op}.onnx")
@@ -323,8 +324,9 @@ def accuracy_lines(weights_dir, photos=("astronaut", "coffee", "chelsea"), size=
     import numpy as np
     import skimage.data
     import torch.nn.functional as F
-    from taesd.loader import load
+
     from taesd.evaluation.metrics import psnr
+    from taesd.loader import load
     from taesd.runtime.preview_decode import preview_decode
     plain = load("taef2", weights_dir, device="cpu", fast=False)
     fast = load("taef2", weights_dir, device="cpu")

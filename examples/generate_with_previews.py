@@ -18,8 +18,8 @@ import torch
 
 import taesd
 from taesd.integrations.diffusers.contracts import contract_for
-from taesd.integrations.diffusers.vae import use_taesd_vae
 from taesd.integrations.diffusers.preview import PreviewCallback
+from taesd.integrations.diffusers.vae import use_taesd_vae
 
 
 def parse_args(argv=None) -> argparse.Namespace:

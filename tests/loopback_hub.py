@@ -188,6 +188,7 @@ class LoopbackHub:
 def main() -> None:
     """Serve from the command line (for trying run.sh by hand): python tests/loopback_hub.py WEIGHTS."""
     import sys
+
     from taesd.registry import TAESD_GITHUB_COMMIT
     hub = LoopbackHub(Path(sys.argv[1]), TAESD_GITHUB_COMMIT).start()
     print(json.dumps({"HF_ENDPOINT": hub.url, "TAESD_GITHUB_URL": hub.url}), flush=True)

@@ -140,7 +140,12 @@ def flux1_inputs(batch: int = 1) -> dict:
 
 
 def flux2(tmp: Path):
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Pipeline,
+        Flux2Transformer2DModel,
+    )
     torch.manual_seed(0)
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, out_channels=128, num_layers=1,
                                           num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
@@ -241,8 +246,12 @@ def qwen_processor(folder: Path):
 
 
 def qwen21(tmp: Path):
-    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
-    from diffusers import QwenImage21Transformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
     torch.manual_seed(0)
     transformer = QwenImage21Transformer2DModel(in_channels=64, out_channels=64, num_layers=1,
                                                 attention_head_dim=16, num_attention_heads=2,

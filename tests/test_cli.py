@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import taesd
-from taesd.cli import main
 from conftest import ROOT
+from taesd.cli import main
 
 
 @pytest.fixture(scope="module")

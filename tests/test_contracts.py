@@ -13,8 +13,18 @@ from diffusers import AutoencoderKLFlux2, Flux2Pipeline, FluxPipeline, QwenImage
 
 from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 from taesd import TaesdError  # noqa: E402
-from taesd.integrations.diffusers.contracts import (CONTRACTS, contract_for, contract_table, patchify, pipeline_to_taesd,  # noqa: E402
-                             raw_to_taesd, taesd_to_pipeline, taesd_to_raw, unpatchify, variant_for)
+from taesd.integrations.diffusers.contracts import (  # noqa: E402
+    CONTRACTS,
+    contract_for,
+    contract_table,
+    patchify,
+    pipeline_to_taesd,
+    raw_to_taesd,
+    taesd_to_pipeline,
+    taesd_to_raw,
+    unpatchify,
+    variant_for,
+)
 from taesd.registry import VARIANTS  # noqa: E402
 
 # Published constants (the big VAEs' configs): taesd = (raw - shift) * scale.

@@ -27,8 +27,8 @@ def run_core(code: str, tmp_path, weights) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def photo_file(tmp_path):
-    from PIL import Image
     import skimage.data
+    from PIL import Image
     Image.fromarray(skimage.data.chelsea()[:192, :256]).save(tmp_path / "chelsea.png")
     return tmp_path / "chelsea.png"
 

@@ -19,8 +19,7 @@ import torch
 
 import taesd
 from taesd.loader import load, with_executor
-from taesd.runtime import cuda
-from taesd.runtime import tiling
+from taesd.runtime import cuda, tiling
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = os.environ.get("TAESD_WEIGHTS")

@@ -10,9 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
-
 import taesd  # noqa: E402
+from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 from taesd import TaesdError  # noqa: E402
 from taesd.integrations.diffusers import TaesdVAE  # noqa: E402
 from taesd.io.weights.formats import save_weights, state_dicts, to_diffusers_keys  # noqa: E402

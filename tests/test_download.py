@@ -12,11 +12,11 @@ import torch
 from huggingface_hub import constants as hf_constants
 
 import taesd
+from conftest import ROOT
+from loopback_hub import HUB_COMMIT, LoopbackHub, combined_taef2
 from taesd.cli import main
 from taesd.io.weights.formats import read_source, save_weights, state_dicts
 from taesd.registry import TAESD_GITHUB_COMMIT
-from conftest import ROOT
-from loopback_hub import HUB_COMMIT, LoopbackHub, combined_taef2
 
 UNSET = ("TAESD_WEIGHTS", "HF_HUB_OFFLINE", "TAESD_OFFLINE")   # a user's machine: none of these set
 PUBLISHED = {"encoder": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",

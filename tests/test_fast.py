@@ -12,13 +12,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import taesd
-from taesd.runtime.fast import (FastBlock, FastConv2d, FastSequential, fused_available, make_plain, tune_allocator,
-                        upsample_conv)
+from conftest import ROOT, photo
 from taesd.evaluation.metrics import psnr
 from taesd.nn.layers import Block
+from taesd.runtime.fast import (
+    FastBlock,
+    FastConv2d,
+    FastSequential,
+    fused_available,
+    make_plain,
+    upsample_conv,
+)
 from taesd.runtime.preview_decode import preview_decode
-
-from conftest import ROOT, photo
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,9 @@ def _photo(name: str, h: int, w: int) -> np.ndarray:
 def base(tmp_path_factory, weights) -> Path:
     """photos/ (real photos, PNG and JPEG, in subfolders), bad/ (each kind of bad image),
     lat/ (good and malformed latent files), weights/ (a copy of the published taef2 files)."""
-    import taesd
     from safetensors.torch import save_file
+
+    import taesd
     root = tmp_path_factory.mktemp("hostile")
     photos = root / "photos"
     (photos / "a").mkdir(parents=True)
@@ -456,7 +457,7 @@ def test_deferred_renames_all_or_nothing(tmp_path):
 
 def test_outputs_are_recognised_by_name_and_by_marker(tmp_path):
     import taesd
-    from taesd.io.inputs import collect_inputs, IMAGE_SUFFIXES
+    from taesd.io.inputs import IMAGE_SUFFIXES, collect_inputs
     img = Image.fromarray(_photo("astronaut", 16, 16))
     for name in ("p.png", "p.v2.png", "p.taef2.png", "p.taesdxl.roundtrip.png", "p.decoded.png",
                  "p.3.decoded.png", "q.jpg", "grid.png", "eval.json"):

@@ -55,6 +55,7 @@ def test_own_cgroups_from_proc_file(tmp_path):
 
 def test_small_cgroup_makes_the_plan_tile(tmp_path, monkeypatch):
     import torch
+
     import taesd
     model = taesd.create("taesd", seed=0, parts="decoder")
     an = tiling.analyse(model, "decoder")

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import taesd
-from taesd.evaluation.metrics import psnr
 from conftest import photo
+from taesd.evaluation.metrics import psnr
 
 
 @pytest.mark.parametrize("name", ["taesd", "taesdxl"])

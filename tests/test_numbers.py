@@ -11,8 +11,13 @@ from safetensors.torch import load_file, save_file
 import taesd
 from taesd.errors import TaesdError
 from taesd.io.latents import load_latents, save_latents
-from taesd.io.weights.formats import (diffusers_config, read_source, save_weights, state_dicts,
-                                      to_diffusers_keys)
+from taesd.io.weights.formats import (
+    diffusers_config,
+    read_source,
+    save_weights,
+    state_dicts,
+    to_diffusers_keys,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import taesd
+from conftest import photo
 from taesd.cli import main
 from taesd.errors import TaesdError
-from taesd.export.onnx import op_counts, read_metadata, save_onnx, simplify, to_onnx
 from taesd.evaluation.metrics import psnr
+from taesd.export.onnx import op_counts, read_metadata, save_onnx, simplify, to_onnx
 from taesd.runtime.onnx_runtime import OnnxPart, OnnxTAESD
-
-from conftest import photo
 
 # The published claim, written out here rather than read from the module under test.
 BASE_ENCODER_OPS = {"Add", "Constant", "Conv", "Div", "Mul", "Relu"}

@@ -10,15 +10,15 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pipeline_configs as pc  # noqa: E402
-from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 from diffusers import Flux2Pipeline, FluxPipeline  # noqa: E402
 
+import pipeline_configs as pc  # noqa: E402
+from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
 from taesd import TaesdError  # noqa: E402
-from taesd.registry import VARIANTS  # noqa: E402
 from taesd.integrations.diffusers.contracts import contract_for, pipeline_to_raw, pipeline_to_taesd  # noqa: E402
-from taesd.integrations.diffusers.vae import use_taesd_vae  # noqa: E402
 from taesd.integrations.diffusers.preview import PreviewCallback  # noqa: E402
+from taesd.integrations.diffusers.vae import use_taesd_vae  # noqa: E402
+from taesd.registry import VARIANTS  # noqa: E402
 
 FAMILIES = list(pc.BUILDERS)  # taesd (SD 1.x), taesdxl, taesd3, taef1, taef2, taef2-klein, taesana, taeqi2_1
 

@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pipeline_configs as pc  # noqa: E402
 from pipeline_configs import one_thread  # noqa: E402,F401  (autouse fixture)
-
 from taesd import TaesdError  # noqa: E402
 from taesd.integrations.diffusers.preview import PreviewCallback, contact_sheet  # noqa: E402
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import taesd
+from conftest import photo
 from taesd.cli import main
 from taesd.errors import TaesdError
 from taesd.runtime.tiling import analyse, parse_bytes, plan, splits
-from conftest import photo
 
 TOL = 1e-5
 # Odd latent sizes, several tiles per side; f32/f16 images are 4x/2x larger per latent pixel.

@@ -1,6 +1,5 @@
 """Weights I/O: every format, detection from shapes, conversion round trips, diffusers parity,
 hub cache resolution, and the errors a user meets."""
-import json
 import os
 import subprocess
 import sys
@@ -10,9 +9,9 @@ import pytest
 import torch
 
 import taesd
-from taesd.io.weights.formats import FORMATS, read_source, save_weights, state_dicts
-from taesd.cli import main
 from conftest import ROOT
+from taesd.cli import main
+from taesd.io.weights.formats import FORMATS, read_source, save_weights, state_dicts
 
 
 def _same(a: dict, b: dict) -> bool:

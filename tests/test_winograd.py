@@ -8,11 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import taesd
+from conftest import photo
+from taesd.model import create
 from taesd.runtime import winograd
 from taesd.runtime.fast import FastConv2d, make_fast
-from taesd.model import create
-
-from conftest import photo
 
 pytestmark = pytest.mark.skipif(not winograd.available(),
                                 reason=f"Winograd kernel not built here: {winograd.load_error()}")

@@ -85,7 +85,10 @@ def _executor(executor, fast, compile, backend, weights) -> str:
 def _mentions_onnx(weights) -> bool:
     if weights is None:
         return False
-    items = weights.values() if isinstance(weights, dict) else weights if isinstance(weights, (list, tuple)) else [weights]
+    if isinstance(weights, dict):
+        items = weights.values()
+    else:
+        items = weights if isinstance(weights, (list, tuple)) else [weights]
     return any(str(p).endswith(".onnx") for p in items)
 
 
@@ -141,8 +144,9 @@ def with_executor(model: TAESD, executor: str) -> TAESD:
         return cuda_executor.make_cuda(model)
     if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16) \
             and not fast_executor.fused_available(torch.zeros(1, dtype=model.dtype)):
-        warnings.warn(f"{str(model.dtype).removeprefix('torch.')} has no native kernels on this CPU (it needs "
-                      "AVX-512 BF16/FP16, AMX or AVX-NE-CONVERT) and runs emulated, slower than the fp32 default",
+        name = str(model.dtype).removeprefix("torch.")
+        warnings.warn(f"{name} has no native kernels on this CPU (it needs AVX-512 BF16/FP16, AMX or "
+                      "AVX-NE-CONVERT) and runs emulated, slower than the fp32 default",
                       stacklevel=3)
     return fast_executor.make_fast(model)
 
@@ -150,7 +154,7 @@ def with_executor(model: TAESD, executor: str) -> TAESD:
 def _load_onnxruntime(variant, weights, device, dtype, parts, revision, source=None):
     """Exported .onnx files as they are, or the torch weights exported in memory (fp16 export when
     dtype is fp16, else fp32)."""
-    from taesd.runtime import onnx_runtime   # onnx and onnxruntime are optional: imported when asked
+    from taesd.runtime import onnx_runtime  # onnx and onnxruntime are optional: imported when asked
     onnx_paths = onnx_runtime.onnx_files(weights)
     if onnx_paths:
         return onnx_runtime.from_onnx_files(variant, onnx_paths, device, parts)

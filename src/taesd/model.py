@@ -109,13 +109,15 @@ class TAESD(nn.Module):
         self.part("encoder")
         with torch.inference_mode():
             # contiguous: the fast executor works channels_last; callers get the standard layout
-            return tiling.run(self, "encoder", self.prepare_images(images), tile_size, max_memory).contiguous()
+            x = self.prepare_images(images)
+            return tiling.run(self, "encoder", x, tile_size, max_memory).contiguous()
 
     def decode(self, latents: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
         """Latents -> images in [0, 1]; tiling options as in ``encode``."""
         self.part("decoder")
         with torch.inference_mode():
-            return tiling.run(self, "decoder", self.prepare_latents(latents), tile_size, max_memory).contiguous()
+            z = self.prepare_latents(latents)
+            return tiling.run(self, "decoder", z, tile_size, max_memory).contiguous()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Round trip: encode then decode (differentiable, for training)."""

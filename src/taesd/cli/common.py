@@ -93,14 +93,14 @@ def check_options(args) -> None:
     check_tiling(args)
 
 
-def check_device(name: "str | None") -> None:
+def check_device(name: str | None) -> None:
     """Refuse, before anything is read, a device this machine does not have."""
     if name is None:
         return
     try:
         dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise TaesdError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, ValueError) as e:
+        raise TaesdError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
     if dev.type == "cpu":
         return
     if dev.type == "cuda":
@@ -136,7 +136,7 @@ def gather_inputs(args, suffixes: tuple[str, ...], what: str) -> list[InputFile]
     return files
 
 
-def output_path(out: "str | None", src: "InputFile | Path", suffix: str, single: bool,
+def output_path(out: str | None, src: "InputFile | Path", suffix: str, single: bool,
                 stem: str | None = None) -> Path:
     """Where ``src``'s output goes: beside it (no ``-o``); ``-o`` itself when one input is given and
     it has a suffix (and is no folder); else inside the ``-o`` folder, below the same relative folder."""
@@ -199,7 +199,7 @@ def run_batch(args, jobs: list, work: Callable, desc: str) -> int:
             if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
                 e = TaesdError("out of memory; try --max-memory or --tile-size")
             if getattr(args, "fail_fast", False):
-                raise TaesdError(describe_failure(job[0].path, e)) from None
+                raise TaesdError(describe_failure(job[0].path, e)) from e
             failures.append(describe_failure(job[0].path, e))
     return report_failures(args, failures, len(jobs), "the others were done") if failures else 0
 

@@ -5,14 +5,13 @@ import contextlib
 import os
 from pathlib import Path
 
+from taesd.cli.common import add_output_options, command_parser
 from taesd.errors import TaesdError
 from taesd.io.files import deferred_renames
-from taesd.registry import VARIANTS, get_variant
 from taesd.io.weights.formats import FORMATS, read_source, save_weights
 from taesd.io.weights.identify import identify
 from taesd.io.weights.resolve import find_weights
-from taesd.registry import PARTS
-from taesd.cli.common import add_output_options, command_parser
+from taesd.registry import PARTS, VARIANTS, get_variant
 from taesd.runtime.dtypes import DTYPE_CHOICES, resolve_dtype
 
 

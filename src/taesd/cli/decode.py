@@ -3,13 +3,26 @@ from __future__ import annotations
 
 import json
 
+from taesd.cli.common import (
+    add_model_options,
+    add_output_options,
+    add_tiling_options,
+    check_options,
+    command_parser,
+    describe_failure,
+    gather_inputs,
+    open_model,
+    output_path,
+    plan_outputs,
+    report_failures,
+    run_batch,
+    tiling_kwargs,
+    weight_files,
+)
 from taesd.errors import TaesdError
-from taesd.io.inputs import LATENT_SUFFIXES
 from taesd.io.images import crop_to, save_image
+from taesd.io.inputs import LATENT_SUFFIXES
 from taesd.io.latents import load_latents
-from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_options,
-                              command_parser, describe_failure, gather_inputs, open_model, output_path,
-                              plan_outputs, report_failures, run_batch, tiling_kwargs, weight_files)
 
 
 def add_parser(sub):
@@ -37,7 +50,7 @@ def read_latents(path, variant):
     except TaesdError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, json.JSONDecodeError) as e:
-        raise TaesdError(f"{path}: malformed taesd metadata ({str(e).splitlines()[0][:100]})") from None
+        raise TaesdError(f"{path}: malformed taesd metadata ({str(e).splitlines()[0][:100]})") from e
     if latents.numel() == 0:
         raise TaesdError(f"{path} holds empty latents (shape {tuple(latents.shape)})")
     if size is not None and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
@@ -59,7 +72,7 @@ def run(args) -> int:
             loaded.append(read_latents(f.path, args.variant))
         except TaesdError as e:
             if args.fail_fast:
-                raise TaesdError(describe_failure(f.path, e)) from None
+                raise TaesdError(describe_failure(f.path, e)) from e
             failures.append(describe_failure(f.path, e))
     if failures:
         return report_failures(args, failures, len(files), "nothing was decoded")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 
+from taesd.cli.common import command_parser
 from taesd.errors import TaesdError
 from taesd.io.weights import download
 from taesd.io.weights.formats import WEIGHTS_ENV
 from taesd.io.weights.resolve import SOURCES, not_found, sources_for
 from taesd.registry import PARTS, VARIANTS, get_variant, normalize_parts
-from taesd.cli.common import command_parser
 
 
 def add_parser(sub):

@@ -1,12 +1,24 @@
 """taesd encode: images -> latent files."""
 from __future__ import annotations
 
-from taesd.io.inputs import IMAGE_SUFFIXES, read_image
+from taesd.cli.common import (
+    add_model_options,
+    add_output_options,
+    add_tiling_options,
+    check_options,
+    command_parser,
+    gather_inputs,
+    note,
+    open_model,
+    output_path,
+    plan_outputs,
+    run_batch,
+    tiling_kwargs,
+    weight_files,
+)
 from taesd.io.images import pad_to_multiple
+from taesd.io.inputs import IMAGE_SUFFIXES, read_image
 from taesd.io.latents import save_latents
-from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_options,
-                              command_parser, gather_inputs, note, open_model, output_path, plan_outputs,
-                              run_batch, tiling_kwargs, weight_files)
 
 
 def add_parser(sub):

@@ -3,10 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from taesd.cli.common import (
+    add_output_options,
+    check_device,
+    command_parser,
+    describe_failure,
+    gather_inputs,
+    plan_outputs,
+    progress,
+    report_failures,
+)
 from taesd.io.inputs import IMAGE_SUFFIXES, InputFile
 from taesd.registry import VARIANTS
-from taesd.cli.common import (add_output_options, check_device, command_parser, describe_failure,
-                              gather_inputs, plan_outputs, progress, report_failures)
 
 
 def add_parser(sub):
@@ -37,8 +45,13 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from taesd.evaluation.evaluate import (RESULT_FILES, evaluate_images, format_table, summarize,
-                                           write_results)
+    from taesd.evaluation.evaluate import (
+        RESULT_FILES,
+        evaluate_images,
+        format_table,
+        summarize,
+        write_results,
+    )
     from taesd.loader import load
     from taesd.training.teachers import load_teacher
     check_device(args.device)

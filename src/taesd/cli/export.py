@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from taesd.cli.common import add_output_options, command_parser, plan_outputs, progress, weight_files
 from taesd.io.files import deferred_renames
 from taesd.io.inputs import InputFile
 from taesd.registry import VARIANTS, get_variant
-from taesd.cli.common import add_output_options, command_parser, plan_outputs, progress, weight_files
 
 
 def add_parser(sub):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from taesd.registry import list_variants
 from taesd.cli.common import command_parser
+from taesd.registry import list_variants
 
 
 def add_parser(sub):

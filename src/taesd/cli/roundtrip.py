@@ -3,13 +3,25 @@ from __future__ import annotations
 
 import statistics
 
-from taesd.io.inputs import IMAGE_SUFFIXES, read_image
-from taesd.io.images import crop_to, pad_to_multiple, save_image
-from taesd.io.latents import dequantize, quantize
+from taesd.cli.common import (
+    add_model_options,
+    add_output_options,
+    add_tiling_options,
+    check_options,
+    command_parser,
+    gather_inputs,
+    note,
+    open_model,
+    output_path,
+    plan_outputs,
+    run_batch,
+    tiling_kwargs,
+    weight_files,
+)
 from taesd.evaluation.metrics import check_ssim_size, psnr, ssim
-from taesd.cli.common import (add_model_options, add_output_options, add_tiling_options, check_options,
-                              command_parser, gather_inputs, note, open_model, output_path, plan_outputs,
-                              run_batch, tiling_kwargs, weight_files)
+from taesd.io.images import crop_to, pad_to_multiple, save_image
+from taesd.io.inputs import IMAGE_SUFFIXES, read_image
+from taesd.io.latents import dequantize, quantize
 
 
 def add_parser(sub):

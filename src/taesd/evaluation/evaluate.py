@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from taesd.errors import TaesdError
+from taesd.evaluation.metrics import check_ssim_size, psnr, ssim
 from taesd.io.files import atomic_path, deferred_renames
 from taesd.io.images import crop_to, pad_to_multiple, save_image
 from taesd.io.inputs import read_image
 from taesd.io.latents import dequantize, quantize
-from taesd.evaluation.metrics import check_ssim_size, psnr, ssim
 
 METRICS = [("psnr", "PSNR"), ("ssim", "SSIM"), ("psnr_8bit", "PSNR 8-bit latents"),
            ("ssim_8bit", "SSIM 8-bit latents"), ("latent_mse", "latent MSE vs teacher")]
@@ -78,7 +78,7 @@ def evaluate_images(files: list[Path], models: dict, teacher=None, grid_images: 
             image_rows, tiles = _evaluate_one(f, models, teacher, channels)
         except TaesdError as e:
             if failures is None:
-                raise TaesdError(str(e) if str(f) in str(e) else f"{f}: {e}") from None
+                raise TaesdError(str(e) if str(f) in str(e) else f"{f}: {e}") from e
             failures.append((f, str(e)))
             continue
         rows += image_rows

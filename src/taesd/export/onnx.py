@@ -23,7 +23,7 @@ import torch.nn as nn
 from taesd.errors import TaesdError
 from taesd.io.files import atomic_path
 from taesd.nn.arch import build_part
-from taesd.registry import Arch, get_variant, normalize_parts
+from taesd.registry import Arch, get_variant
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 11, 20   # Resize with constant scales needs 11; the legacy exporter stops at 20
@@ -55,7 +55,8 @@ class _SpaceToDepth(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         n, c, h, w = x.shape
-        return x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(n, 4 * c, h // 2, w // 2)
+        blocks = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4)
+        return blocks.reshape(n, 4 * c, h // 2, w // 2)
 
     @staticmethod
     def symbolic(g, x):
@@ -115,7 +116,8 @@ def metadata(variant, part: str, fp16: bool) -> dict[str, str]:
         "taesd.image_channels": str(v.image_channels),
         "taesd.latent_channels": str(v.latent_channels),
         "taesd.downscale": str(v.downscale),
-        "taesd.image_range": IMAGE_RANGE + (" (decoder output unclamped: clamp to [0, 1])" if part == "decoder" else ""),
+        "taesd.image_range": IMAGE_RANGE
+        + (" (decoder output unclamped: clamp to [0, 1])" if part == "decoder" else ""),
         "taesd.latent_convention": "TAESD latents = (raw VAE latents - vae_shift) * vae_scale",
         "taesd.vae_scale": repr(v.vae_scale),
         "taesd.vae_shift": repr(v.vae_shift),
@@ -125,7 +127,8 @@ def metadata(variant, part: str, fp16: bool) -> dict[str, str]:
 
 def check_opset(opset: int) -> int:
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
-        raise TaesdError(f"opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+        raise TaesdError(f"opset {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET} "
+                         f"(default {DEFAULT_OPSET})")
     return int(opset)
 
 
@@ -237,8 +240,9 @@ def describe_onnx(path: str | os.PathLike) -> str:
                  + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
     if "taesd.variant" in meta and "taesd.part" in meta:
         extra = sorted(set(counts) - allowed_ops(meta["taesd.variant"], meta["taesd.part"]))
-        lines.append("  op set check: " + (f"unexpected {', '.join(extra)}" if extra else
-                                            f"ok for the {get_variant(meta['taesd.variant']).arch} architecture"))
+        arch = get_variant(meta["taesd.variant"]).arch
+        verdict = f"unexpected {', '.join(extra)}" if extra else f"ok for the {arch} architecture"
+        lines.append("  op set check: " + verdict)
     return "\n".join(lines)
 
 

@@ -115,13 +115,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise TaesdError(os_error_message(e, path)) from None
+        raise TaesdError(os_error_message(e, path)) from e
     except BaseException as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         reason = io_failure(e)
         if reason is not None:
-            raise TaesdError(f"cannot write {path}: {reason}") from None
+            raise TaesdError(f"cannot write {path}: {reason}") from e
         raise
 
 
@@ -148,7 +148,7 @@ def deferred_renames(check: "Callable[[list[Path]], None] | None" = None) -> Ite
             try:
                 os.replace(tmp, dst)
             except OSError as e:
-                raise TaesdError(os_error_message(e, dst)) from None
+                raise TaesdError(os_error_message(e, dst)) from e
     finally:
         if token is not None:
             _pending.reset(token)

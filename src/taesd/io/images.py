@@ -33,7 +33,8 @@ def open_image(path: "str | os.PathLike") -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise TaesdError(f"cannot read image {path}: {str(e).splitlines()[0][:120] or 'corrupt file'}") from None
+        reason = str(e).splitlines()[0][:120] if str(e).strip() else "corrupt file"
+        raise TaesdError(f"cannot read image {path}: {reason}") from e
     return img
 
 

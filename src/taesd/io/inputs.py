@@ -102,6 +102,7 @@ def read_image(path: "str | os.PathLike", channels: int = 3):
     ``TAESD_MAX_IMAGE_PIXELS`` (default PIL's 89.5 M) is refused; over it, a warning is returned
     as text. Returns (image tensor, warning or None)."""
     from PIL import Image
+
     from taesd.io.images import load_image
     limit = os.environ.get("TAESD_MAX_IMAGE_PIXELS", "").strip()
     if limit and not limit.isdigit():
@@ -118,7 +119,7 @@ def read_image(path: "str | os.PathLike", channels: int = 3):
                 note = f"{path}: {str(w.message).split(',')[0]} (PIL's decompression-bomb warning)"
     except Image.DecompressionBombError as e:
         raise TaesdError(f"refusing {path}: {str(e).split(',')[0]} (a decompression bomb?); set "
-                         f"TAESD_MAX_IMAGE_PIXELS to allow bigger images") from None
+                         f"TAESD_MAX_IMAGE_PIXELS to allow bigger images") from e
     finally:
         Image.MAX_IMAGE_PIXELS = saved
     return image, note

@@ -25,7 +25,8 @@ LATENT_SHIFT = 0.5
 
 def quantize(latents: torch.Tensor) -> torch.Tensor:
     """Latents -> uint8 in the published 8-bit convention."""
-    return (latents.float() / (2 * LATENT_MAGNITUDE) + LATENT_SHIFT).clamp(0, 1).mul(255).round().to(torch.uint8)
+    scaled = (latents.float() / (2 * LATENT_MAGNITUDE) + LATENT_SHIFT).clamp(0, 1)
+    return scaled.mul(255).round().to(torch.uint8)
 
 
 def dequantize(q: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
         except TaesdError:
             raise
         except Exception as e:
-            raise TaesdError(f"cannot read latent file {path}: {str(e).splitlines()[0][:120]}") from None
+            raise TaesdError(f"cannot read latent file {path}: {str(e).splitlines()[0][:120]}") from e
         if latents.ndim == 3:
             latents = latents[None]
         if latents.ndim != 4:
@@ -116,7 +117,7 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
         except TaesdError:
             raise
         except Exception as e:
-            raise TaesdError(f"cannot read latent PNG {path}: {str(e).splitlines()[0][:120]}") from None
+            raise TaesdError(f"cannot read latent PNG {path}: {str(e).splitlines()[0][:120]}") from e
         latents = None
     else:
         raise TaesdError(f"latent files are .safetensors or .png, not {path.name}")
@@ -127,13 +128,15 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
     if variant is None and stored is None:
         raise TaesdError(f"{path} does not say which variant made it; pass the variant (--variant)")
     v = get_variant(variant if variant is not None else stored)
-    if stored is not None and variant is not None and get_variant(stored).latent_channels != v.latent_channels:
+    if stored is not None and variant is not None \
+            and get_variant(stored).latent_channels != v.latent_channels:
         raise TaesdError(f"{path} holds {stored} latents ({get_variant(stored).latent_channels} channels); "
                          f"{v.name} needs {v.latent_channels}")
     if latents is None:
         latents = from_png_array(arr, v.latent_channels)[None]
     if latents.shape[1] != v.latent_channels:
-        raise TaesdError(f"{path} holds {latents.shape[1]}-channel latents; {v.name} needs {v.latent_channels}")
+        raise TaesdError(f"{path} holds {latents.shape[1]}-channel latents; "
+                         f"{v.name} needs {v.latent_channels}")
     if latents.numel() == 0:
         raise TaesdError(f"{path} holds empty latents ({'x'.join(map(str, latents.shape))})")
     if "shape" in meta:

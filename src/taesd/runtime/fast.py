@@ -33,17 +33,15 @@ its plain forward.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 
 import torch
 import torch.nn as nn
 
-from taesd.runtime import memory, tiling, winograd
-from taesd.runtime.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
 from taesd.model import TAESD
 from taesd.nn.layers import Block
+from taesd.runtime import memory, tiling, winograd
+from taesd.runtime.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
 
 ALLOCATOR_ENV = "TAESD_MALLOPT"
 MMAP_THRESHOLD = 1 << 30      # blocks below 1 GiB come from the heap, not a fresh mmap

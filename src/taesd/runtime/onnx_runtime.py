@@ -75,7 +75,8 @@ class OnnxTAESD(TAESD):
             raise TaesdError("an onnxruntime model needs an encoder or a decoder session")
         dtypes = {s.dtype for s in sessions.values()}
         if len(dtypes) > 1:
-            raise TaesdError("the encoder and decoder exports differ in precision; export both with or without --fp16")
+            raise TaesdError("the encoder and decoder exports differ in precision; "
+                             "export both with or without --fp16")
         with torch.device("meta"):  # structure without allocating or initialising weights
             super().__init__(variant, parts=tuple(sessions))
         self._dtype = dtypes.pop()
@@ -107,7 +108,8 @@ def onnx_files(weights) -> list[Path] | None:
     paths = [Path(p) for p in items]
     onnx_paths = [p for p in paths if p.suffix == ".onnx"]
     if onnx_paths and len(onnx_paths) != len(paths):
-        raise TaesdError("mix of .onnx and other weight files; pass either the exported .onnx files or torch weights")
+        raise TaesdError("mix of .onnx and other weight files; "
+                         "pass either the exported .onnx files or torch weights")
     return onnx_paths or None
 
 
@@ -121,8 +123,10 @@ def from_onnx_files(variant, paths, device=None, parts=None) -> OnnxTAESD:
         proto = load_onnx_file(path)
         meta = read_metadata(proto)
         if meta.get("taesd.variant") != v.name or meta.get("taesd.part") not in ("encoder", "decoder"):
-            what = f"a {meta['taesd.variant']} {meta.get('taesd.part')}" if "taesd.variant" in meta else "no taesd export"
-            raise TaesdError(f"{path} holds {what}, not a {v.name} part; export it with `taesd export onnx --variant {v.name}`")
+            what = (f"a {meta['taesd.variant']} {meta.get('taesd.part')}" if "taesd.variant" in meta
+                    else "no taesd export")
+            raise TaesdError(f"{path} holds {what}, not a {v.name} part; "
+                             f"export it with `taesd export onnx --variant {v.name}`")
         found[meta["taesd.part"]] = path
         protos[meta["taesd.part"]] = proto
     wanted = tuple(found) if parts is None else normalize_parts(parts)

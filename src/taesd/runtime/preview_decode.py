@@ -23,7 +23,8 @@ def preview_decode(model, latents: torch.Tensor, factor: int = 2) -> torch.Tenso
         raise TaesdError(f"preview factor must be one of {', '.join(map(str, FACTORS))}, not {factor}")
     decoder = model.part("decoder")
     if not isinstance(decoder, nn.Sequential):
-        raise TaesdError("preview decoding needs the PyTorch decoder modules; load the model with the torch backend")
+        raise TaesdError("preview decoding needs the PyTorch decoder modules; "
+                         "load the model with the torch backend")
     upsamples = [i for i, m in enumerate(decoder) if isinstance(m, nn.Upsample)]
     skips = factor.bit_length() - 1
     if skips > len(upsamples):

@@ -60,7 +60,8 @@ class GlobalLayer(Exception):
 # ---------------------------------------------------------------- byte sizes
 
 def parse_bytes(value: "int | float | str") -> int:
-    """``1073741824``, ``"1GiB"``, ``"512 MB"``, ``"1.5g"`` -> bytes (k/M/G are 1000-based, KiB/MiB/GiB 1024)."""
+    """``1073741824``, ``"1GiB"``, ``"512 MB"``, ``"1.5g"`` -> bytes (k/M/G are 1000-based,
+    KiB/MiB/GiB 1024)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value <= 0:
             raise TaesdError(f"memory budget must be positive, got {value}")
@@ -399,7 +400,8 @@ def _largest_fitting(fits, hi: int) -> int:
 def _tile_pair(tile_size) -> tuple[int, int]:
     pair = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else (tile_size, tile_size)
     if len(pair) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in pair):
-        raise TaesdError(f"tile size must be a positive whole number of latent pixels (or a pair), got {tile_size!r}")
+        raise TaesdError(f"tile size must be a positive whole number of latent pixels (or a pair), "
+                         f"got {tile_size!r}")
     return pair
 
 
@@ -497,8 +499,10 @@ def _run_part_tiles(model, part: str, an: PartAnalysis, x: torch.Tensor, p: Plan
     fo = an.per_latent[n]
     for (h0, h1), (w0, w1), b0 in _tiles(lat_h, lat_w, p, x.shape[0], "tiles"):
         b1 = b0 + p.batch_chunk
-        (ch0, ch1), (cw0, cw1) = an.needed(0, n, h0 * fo, h1 * fo, lat_h)[0], an.needed(0, n, w0 * fo, w1 * fo, lat_w)[0]
+        ch0, ch1 = an.needed(0, n, h0 * fo, h1 * fo, lat_h)[0]
+        cw0, cw1 = an.needed(0, n, w0 * fo, w1 * fo, lat_w)[0]
         y = model.run_part(part, x[b0:b1, :, ch0:ch1, cw0:cw1])
         oh, ow = ch0 // f0 * fo, cw0 // f0 * fo   # where the crop's output starts
-        out[b0:b1, :, h0 * fo:h1 * fo, w0 * fo:w1 * fo] = y[..., h0 * fo - oh:h1 * fo - oh, w0 * fo - ow:w1 * fo - ow]
+        piece = y[..., h0 * fo - oh:h1 * fo - oh, w0 * fo - ow:w1 * fo - ow]
+        out[b0:b1, :, h0 * fo:h1 * fo, w0 * fo:w1 * fo] = piece
     return out

@@ -177,7 +177,8 @@ def conv3x3(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int,
         h, w = 2 * h, 2 * w
     co = U.shape[2]
     if U.shape != ((m + 2) ** 2, ci, co):
-        raise ValueError(f"transformed weight {tuple(U.shape)} does not fit F({m}x{m},3x3) with {ci} input channels")
+        raise ValueError(f"transformed weight {tuple(U.shape)} does not fit F({m}x{m},3x3) "
+                         f"with {ci} input channels")
     x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)

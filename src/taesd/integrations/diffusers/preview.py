@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from taesd.integrations.diffusers.contracts import LatentContract, contract_for, pipeline_to_taesd
 from taesd.errors import TaesdError
+from taesd.integrations.diffusers.contracts import LatentContract, contract_for, pipeline_to_taesd
 from taesd.io.files import atomic_path
 from taesd.io.images import tensor_to_pil
 

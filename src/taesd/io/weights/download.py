@@ -195,7 +195,7 @@ def cached(src: WeightFile) -> Path | None:
     try:
         verify(src, path, str(path))
     except TaesdError as e:
-        raise TaesdError(f"cached {e}; delete {path} and run `taesd download` again") from None
+        raise TaesdError(f"cached {e}; delete {path} and run `taesd download` again") from e
     return path
 
 
@@ -230,9 +230,9 @@ def _fetch_github(src: WeightFile, path: Path, progress: bool) -> Path:
                     total = response.length
                     received = _copy(response, out, total, src.filename, progress)
             except urllib.error.HTTPError as e:
-                raise DownloadFailed(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
+                raise DownloadFailed(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                raise DownloadFailed(f"downloading {url} failed: {_short(e)}; nothing was kept") from None
+                raise DownloadFailed(f"downloading {url} failed: {_short(e)}; nothing was kept") from e
             if total is not None and received != total:
                 raise DownloadFailed(f"downloading {url} failed: {received:,} of {total:,} bytes arrived")
             digest = verify(src, tmp, url, record=False)
@@ -310,7 +310,7 @@ def _prune_tree(root: Path) -> None:
 
 
 def _hf_download(src: WeightFile, name: str, progress: bool) -> str:
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     was_disabled = are_progress_bars_disabled()
     if not progress:
         disable_progress_bars()
@@ -319,7 +319,7 @@ def _hf_download(src: WeightFile, name: str, progress: bool) -> str:
                                                cache_dir=str(hub_cache()), endpoint=_hub_endpoint())
     except Exception as e:   # every huggingface_hub/httpx error: say which file and why, in one line
         raise DownloadFailed(f"downloading {url_of(src, name)} failed: {_short(e)}; "
-                             f"nothing was kept") from None
+                             f"nothing was kept") from e
     finally:
         if not progress and not was_disabled:
             enable_progress_bars()

@@ -7,7 +7,8 @@ Formats (all hold state dicts keyed like the flat ``nn.Sequential`` in ``model.p
                (``encoder.layers.N``, ``decoder.layers.N-1``: diffusers' decoder has no Clamp layer)
   comfyui      one file holding ``taesd_encoder.N`` / ``taesd_decoder.N`` (+ ``vae_scale``/``vae_shift``)
   combined     one ``.safetensors`` file holding both parts in diffusers' keys, any architecture (the
-               hub's ``taef2.safetensors`` in madebyollin/taef2, ``taeqi2_1.safetensors`` in madebyollin/taeqi2_1)
+               hub's ``taef2.safetensors`` in madebyollin/taef2,
+               ``taeqi2_1.safetensors`` in madebyollin/taeqi2_1)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 from taesd.errors import TaesdError
 from taesd.io.files import atomic_path
-from taesd.io.weights.identify import describe, identify
+from taesd.io.weights.identify import identify
 from taesd.registry import PARTS, Arch, Variant, get_variant
 
 FORMATS = ("pth", "safetensors", "diffusers", "comfyui", "combined")
