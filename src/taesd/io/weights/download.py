@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from taesd.errors import TaesdError
 from taesd.io.files import atomic_path
+from taesd.io.weights.formats import sha256_of
 from taesd.registry import WeightFile
 from taesd.version import __version__
 
@@ -107,14 +108,6 @@ def location(src: WeightFile, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- hashes
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _git_blob_sha1(path: Path) -> str:
     h = hashlib.sha1()
