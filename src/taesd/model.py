@@ -6,6 +6,8 @@ the checks around them: images and latents in, tiled when asked or when memory i
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -95,7 +97,7 @@ class TAESD(nn.Module):
             raise TaesdError(f"the latents are empty ({shape}); nothing to decode")
         if not (latents.is_floating_point() and not latents.is_complex()):
             raise TaesdError(f"latents must be floating point, got {latents.dtype}")
-        _check_finite(latents, "latents")
+        _value_range(latents, "latents")
         return latents.to(device=self.device, dtype=self.dtype)
 
     def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +130,16 @@ class TAESD(nn.Module):
 IMAGE_SLACK = 0.5
 
 
-def _check_finite(x: torch.Tensor, what: str) -> None:
+def _value_range(x: torch.Tensor, what: str) -> tuple[float, float]:
+    """(min, max) of ``x`` in one pass and one device sync; NaN/Inf (which min/max propagate) get
+    the one-line error that counts and locates them."""
+    lo, hi = (float(t) for t in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        _report_non_finite(x, what)
+    return lo, hi
+
+
+def _report_non_finite(x: torch.Tensor, what: str) -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         n = int(bad.sum())
@@ -145,8 +156,7 @@ def check_image_values(images: torch.Tensor) -> None:
     if images.dtype == torch.bool or not images.is_floating_point():
         raise TaesdError(f"images must be float tensors in [0, 1], got {images.dtype}; "
                          f"convert with images.float() / 255 for 8-bit (0-255) pixels")
-    _check_finite(images, "images")
-    lo, hi = float(images.min()), float(images.max())
+    lo, hi = _value_range(images, "images")
     if hi > 1 + IMAGE_SLACK:
         hint = "divide by 255" if hi <= 255 + IMAGE_SLACK else "scale them"
         raise TaesdError(f"image values reach {hi:g}, but images are in [0, 1]; {hint} first")
