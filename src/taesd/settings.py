@@ -1,0 +1,142 @@
+"""Every ``TAESD_*`` environment variable, in one place, read at call time (never at import).
+
+Each accessor returns a typed value or raises ``TaesdError`` naming the variable and what it takes.
+One boolean rule (``1/true/yes/on`` and ``0/false/no/off``, case-insensitive) and one cache-folder
+rule (``$TAESD_CACHE_DIR``, else ``$XDG_CACHE_HOME/taesd``, else ``~/.cache/taesd``) for the package.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from taesd.errors import TaesdError
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+# name -> what it does; `taesd info --settings`-style listings and the README read this table.
+VARIABLES = {
+    "TAESD_WEIGHTS": "a folder (or file) of weights searched before the cache and the network",
+    "TAESD_CACHE_DIR": "where downloads and the compiled Winograd kernel are kept",
+    "TAESD_OFFLINE": "1: never reach the network (HF_HUB_OFFLINE=1 does the same)",
+    "TAESD_GITHUB_URL": "another host for the GitHub-published weights (a mirror, a test server)",
+    "TAESD_MAX_IMAGE_PIXELS": "the largest image, in pixels, an input may decode to",
+    "TAESD_CGROUP_DIR": "the cgroup folder whose memory limit bounds automatic tiling",
+    "TAESD_WINOGRAD": "0: the CPU executor uses oneDNN's direct convolutions only",
+    "TAESD_MALLOPT": "0: the CPU executor leaves glibc's allocator thresholds alone",
+    "TAESD_PER_IMAGE_BYTES": "the CPU executor's per-image split threshold, in bytes",
+    "TAESD_TILE_OVERHEAD": "the tiling planner's memory factor for the Winograd kernel",
+    "TAESD_TILE_OVERHEAD_DIRECT": "the tiling planner's memory factor for direct convolutions",
+    "TAESD_CUDA_GRAPHS": "0: the CUDA executor runs eagerly (no graph capture)",
+    "TAESD_CUDNN_BENCHMARK": "0: the CUDA executor leaves torch.backends.cudnn.benchmark alone",
+    "TAESD_IMAGE_CACHE": "how many decoded training images stay in memory",
+}
+
+
+def raw(name: str) -> str | None:
+    """The variable's text, stripped; None when unset or empty."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not a taesd setting")
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def flag(name: str, default: bool) -> bool:
+    value = raw(name)
+    if value is None:
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise TaesdError(f"{name}={value!r} is not a switch: use 1 or 0")
+
+
+def number(name: str, default: float, kind: type = int) -> float:
+    value = raw(name)
+    if value is None:
+        return default
+    try:
+        result = kind(value)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise TaesdError(f"{name}={value!r} must be {what}") from None
+    if result <= 0:
+        raise TaesdError(f"{name}={value!r} must be above 0")
+    return result
+
+
+def path(name: str) -> Path | None:
+    value = raw(name)
+    return Path(value).expanduser() if value else None
+
+
+# ---------------------------------------------------------------- the settings, by name
+
+def weights_path() -> Path | None:
+    return path("TAESD_WEIGHTS")
+
+
+def cache_dir() -> Path:
+    """The one cache-folder rule."""
+    explicit = path("TAESD_CACHE_DIR")
+    if explicit:
+        return explicit
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "taesd"
+
+
+def offline() -> str | None:
+    """The setting that switches downloads off, as the user would write it, or None."""
+    if flag("TAESD_OFFLINE", False):
+        return "TAESD_OFFLINE=1"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return "HF_HUB_OFFLINE=1"
+    return None
+
+
+def github_url(default: str) -> str:
+    return (raw("TAESD_GITHUB_URL") or default).rstrip("/")
+
+
+def max_image_pixels() -> int | None:
+    value = raw("TAESD_MAX_IMAGE_PIXELS")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise TaesdError(f"TAESD_MAX_IMAGE_PIXELS must be a whole number of pixels above 0, not {value!r}")
+    return int(value)
+
+
+def cgroup_dir() -> Path | None:
+    return path("TAESD_CGROUP_DIR")
+
+
+def winograd() -> bool:
+    return flag("TAESD_WINOGRAD", True)
+
+
+def mallopt() -> bool:
+    return flag("TAESD_MALLOPT", True)
+
+
+def per_image_bytes() -> int:
+    return int(number("TAESD_PER_IMAGE_BYTES", 16 << 20))
+
+
+def tile_overhead(direct: bool) -> float:
+    if direct:
+        return float(number("TAESD_TILE_OVERHEAD_DIRECT", 1.2, float))
+    return float(number("TAESD_TILE_OVERHEAD", 1.15, float))
+
+
+def cuda_graphs() -> bool:
+    return flag("TAESD_CUDA_GRAPHS", True)
+
+
+def cudnn_benchmark() -> bool:
+    return flag("TAESD_CUDNN_BENCHMARK", True)
+
+
+def image_cache() -> int:
+    return int(number("TAESD_IMAGE_CACHE", 64))
