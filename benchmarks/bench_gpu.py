@@ -152,7 +152,7 @@ def device_dtype(name: str, device: str) -> torch.dtype:
     if name == "taesd-bf16":
         return torch.bfloat16
     if name.startswith("taesd") or name == "plain":
-        from taesd.runtime.cuda import default_dtype
+        from taesd.runtime.dtypes import default_dtype
 
         return default_dtype(device)
     return torch.float16 if device == "cuda" else torch.float32
@@ -202,7 +202,7 @@ def build_runner(name: str, op: str, device: str, args: dict):
 def _ours(name: str, op: str, device: str, dtype: torch.dtype, args: dict):
     import taesd
     from taesd.loader import with_executor
-    from taesd.runtime import cuda as cuda_executor
+    from taesd.runtime.executors import cuda as cuda_executor
 
     model = taesd.create(VARIANT, seed=0).to(device=device, dtype=dtype).eval().requires_grad_(False)
     if name == "plain":
@@ -764,7 +764,7 @@ def accuracy_modes(device: str) -> list[tuple[str, object]]:
     """(label, model factory) for every reduced-precision path on ``device``; on the CPU the CUDA
     executor's own code runs eager in fp16 and bf16 (the same modules and fusion fallbacks)."""
     from taesd.loader import load
-    from taesd.runtime.cuda import make_cuda
+    from taesd.runtime.executors.cuda import make_cuda
 
     def cuda_exec(dtype, **kw):
         return lambda w: make_cuda(load("taef2", w, device=device, dtype=dtype, executor="plain"), **kw)

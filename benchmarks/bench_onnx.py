@@ -41,7 +41,7 @@ def time_interleaved(fns: dict, x, repeats: int) -> dict[str, tuple[float, float
 def open_models(args) -> dict[str, taesd.TAESD]:
     """Our PyTorch path (``taesd.load``'s model) and ORT sessions on our export of the same weights."""
     from taesd.export.onnx import to_onnx
-    from taesd.runtime.onnx_runtime import OnnxPart, OnnxTAESD, providers_for
+    from taesd.runtime.executors.onnxruntime import OnnxPart, OnnxTAESD, providers_for
     # --fresh: for variants without local weights (fresh weights time the same)
     torch_model = taesd.create(args.variant, seed=0) if args.fresh else taesd.load(args.variant, device="cpu")
     sessions = {p: OnnxPart(to_onnx(torch_model, p), providers_for("cpu"), threads=args.threads)

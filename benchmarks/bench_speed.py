@@ -31,7 +31,7 @@ def default_competitors() -> list[str]:
     AVX-NE-CONVERT): elsewhere bf16 runs emulated, several times slower than fp32."""
     import torch
 
-    from taesd.runtime.fast import fused_available
+    from taesd.runtime.executors.cpu import fused_available
     bf16_fast = fused_available(torch.zeros(1, dtype=torch.bfloat16))
     return [n for n in DEFAULT_COMPETITORS if n != "taesd-bf16" or bf16_fast]
 

@@ -11,7 +11,7 @@ from taesd.cli import main
 from taesd.errors import TaesdError
 from taesd.evaluation.metrics import psnr
 from taesd.export.onnx import op_counts, read_metadata, save_onnx, simplify, to_onnx
-from taesd.runtime.onnx_runtime import OnnxPart, OnnxTAESD
+from taesd.runtime.executors.onnxruntime import OnnxPart, OnnxTAESD
 
 # The published claim, written out here rather than read from the module under test.
 BASE_ENCODER_OPS = {"Add", "Constant", "Conv", "Div", "Mul", "Relu"}

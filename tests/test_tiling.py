@@ -170,7 +170,7 @@ def _winograd_runs(model, part, x) -> bool:
 
 @pytest.mark.parametrize("variant", list(taesd.VARIANTS))
 def test_tiled_equals_untiled_on_the_winograd_path(variant):
-    from taesd.runtime.fast import make_fast
+    from taesd.runtime.executors.cpu import make_fast
     model = make_fast(taesd.create(variant, seed=0))
     v = model.variant
     if not _winograd_runs(model, "decoder", None):
@@ -211,7 +211,7 @@ def test_alignment_follows_the_winograd_grid(taef2):
 def test_taef2_from_onnx_files_tiles(tmp_path):
     pytest.importorskip("onnxruntime")
     from taesd.export.onnx import onnx_filename, save_onnx, to_onnx
-    from taesd.runtime.onnx_runtime import from_onnx_files
+    from taesd.runtime.executors.onnxruntime import from_onnx_files
     model = taesd.create("taef2", seed=0)
     paths = [save_onnx(to_onnx(model, p), tmp_path / onnx_filename(model.variant, p, False))
              for p in model.parts]

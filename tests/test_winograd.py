@@ -11,7 +11,7 @@ import taesd
 from conftest import photo
 from taesd.model import create
 from taesd.runtime import winograd
-from taesd.runtime.fast import FastConv2d, make_fast
+from taesd.runtime.executors.cpu import FastConv2d, make_fast
 
 pytestmark = pytest.mark.skipif(not winograd.available(),
                                 reason=f"Winograd kernel not built here: {winograd.load_error()}")
@@ -129,7 +129,7 @@ def test_switch_off_gives_the_direct_path_bit_exact(taef2_models, monkeypatch):
 @pytest.mark.parametrize("per_image_bytes", [1, 64 * 32 * 32 * 4, 1 << 40])
 def test_batches_split_per_image_give_the_same_result(per_image_bytes, monkeypatch):
     """Big maps run image by image, small ones batched (fast.PER_IMAGE_BYTES); any split is exact."""
-    from taesd.runtime import fast
+    from taesd.runtime.executors import cpu as fast
     monkeypatch.setattr(fast, "PER_IMAGE_BYTES", per_image_bytes)
     model = make_fast(create("taef2"))      # GroupNorm in the pool branch: per-sample statistics
     z = torch.randn(3, 32, 8, 8)

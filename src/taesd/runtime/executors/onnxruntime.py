@@ -1,16 +1,18 @@
-"""ONNX Runtime as an inference backend: a ``TAESD`` whose parts run in ORT sessions.
+"""The ONNX Runtime executor ("onnxruntime"): a ``TAESD`` whose parts run in ORT sessions.
 
-Only ``run_part`` changes, so everything built on ``encode``/``decode`` (input checks, latent
+Unlike the other executors it does not transform a model in place: ``apply`` returns a new
+``OnnxTAESD`` (the parts exported in memory), and exported .onnx files load as one directly
+(``from_onnx_files``). Only ``run_part`` changes, so everything built on ``encode``/``decode`` (input checks, latent
 files, batching, tiling) works the same as on the PyTorch path. Tensors cross the boundary on the
 CPU; the model's ``dtype`` is the export's (float16 for an fp16 export, else float32).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from taesd.errors import TaesdError
@@ -18,7 +20,12 @@ from taesd.export.onnx import DEFAULT_OPSET, load_onnx_file, read_metadata, to_o
 from taesd.model import TAESD
 from taesd.nn.arch import build_part
 from taesd.registry import get_variant, normalize_parts
-from taesd.runtime.tiling import is_global
+from taesd.runtime.executors.base import Executor
+
+try:   # the tiling package (taesd.tiling); the fallback goes when every branch has moved
+    from taesd.tiling.receptive import is_global
+except ImportError:
+    from taesd.runtime.tiling import is_global
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
@@ -59,6 +66,7 @@ class OnnxPart:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         feed = x.detach().to(device="cpu", dtype=self.dtype).contiguous().numpy()
         (y,) = self.session.run([self.output_name], {self.input_name: feed})
+        import numpy as np   # with onnxruntime (an extra), as onnxruntime itself is
         return torch.from_numpy(np.asarray(y))
 
 
@@ -84,6 +92,7 @@ class OnnxTAESD(TAESD):
             module = getattr(self, part)
             module.load_state_dict({k: t.to(self._dtype) for k, t in sd.items()}, assign=True)
         self.sessions = dict(sessions)
+        self.executor = OnnxRuntimeExecutor()
         self.eval().requires_grad_(False)
 
     @property
@@ -188,3 +197,29 @@ def from_torch(torch_model: TAESD, fp16: bool = False, device=None, opset: int |
     model = OnnxTAESD(torch_model.variant, sessions, plain)
     model.weights_info = dict(torch_model.weights_info)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxRuntimeExecutor(Executor):
+    """Run the parts in ONNX Runtime on ``device`` (None: the CPU). ``apply`` returns a new model:
+    the torch model's parts exported in memory (fp16 export for an fp16 model, else fp32)."""
+
+    name = "onnxruntime"
+    layerwise = False   # a session runs a part as a whole: tiling calls run_part per tile
+    device: "str | None" = None
+
+    def apply(self, model: TAESD) -> OnnxTAESD:
+        if isinstance(model, OnnxTAESD):
+            return model
+        if model.dtype not in (torch.float32, torch.float16):
+            raise TaesdError("onnxruntime runs fp32 or fp16 exports; use --dtype fp32 or fp16")
+        providers_for(self.device)   # a missing provider fails before the export
+        plain = getattr(model, "executor", None)
+        if plain is not None:
+            plain.undo(model)
+        fp16 = model.dtype == torch.float16
+        return from_torch(model.to("cpu", torch.float32), fp16=fp16, device=self.device)
+
+    def undo(self, model: TAESD) -> TAESD:
+        raise TaesdError("a model running in ONNX Runtime has no PyTorch executor to go back to; "
+                         "load it again with executor='plain'")

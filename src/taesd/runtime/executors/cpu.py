@@ -1,6 +1,7 @@
-"""The fast executor: the same network, the same modules and weights, run close to the hardware.
+"""The CPU executor ("cpu"; what "fast" means on a CPU): the same network, the same modules and weights, run close to the hardware.
 
-``make_fast(model)`` transforms a ``TAESD`` in place; ``taesd.load`` applies it by default. What it
+``CpuExecutor().apply(model)`` (or ``make_fast(model)``) transforms a ``TAESD`` in place;
+``taesd.load`` applies it by default on a CPU. What it
 does, each measured (docs/performance.md):
 
 - allocator: eager PyTorch on glibc gets a fresh ``mmap`` for every activation over 32 MiB (one
@@ -24,7 +25,7 @@ does, each measured (docs/performance.md):
   (encoder) or F(4x4,3x3) (decoder) in our own kernel (``taesd.runtime.winograd``): 2.25x / 4x fewer
   multiplies, bias + residual + ReLU fused. Decoded pixels stay within ~1e-5 of the plain network,
   latents as close to a float64 evaluation as plain fp32's (docs/performance.md). ``TAESD_WINOGRAD=0``
-  or ``make_fast(model, use_winograd=False)`` keeps every convolution direct.
+  or ``CpuExecutor(use_winograd=False)`` keeps every convolution direct.
 - batches: big maps run image by image, small ones batched (``PER_IMAGE_BYTES``); exact.
 
 Without Winograd everything stays exact in fp32 (the same oneDNN convolutions). Where the
@@ -33,17 +34,23 @@ its plain forward.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
+import warnings
 
 import torch
 import torch.nn as nn
 
-from taesd.model import TAESD
+from taesd import settings
 from taesd.nn.layers import Block
-from taesd.runtime import memory, tiling, winograd
+from taesd.runtime import memory, winograd
+from taesd.runtime.executors.base import Executor, eager_only, swap, unswap, without_caches
 from taesd.runtime.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
 
-ALLOCATOR_ENV = "TAESD_MALLOPT"
+try:   # the tiling package (taesd.tiling); the fallback goes when every branch has moved
+    from taesd.tiling.run import untiled_pixels
+except ImportError:
+    from taesd.runtime.tiling import untiled_pixels
+
 MMAP_THRESHOLD = 1 << 30      # blocks below 1 GiB come from the heap, not a fresh mmap
 # Keep up to 2 GiB of freed heap instead of returning it at once: a 1024² encode has ~1 GiB of
 # 256 MiB activations live; with 1 GiB it was trimmed and faulted in again (~300k faults, +25% time).
@@ -60,7 +67,7 @@ def tune_allocator() -> bool:
     if _allocator_tuned is not None:
         return _allocator_tuned
     _allocator_tuned = False
-    if os.environ.get(ALLOCATOR_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not settings.mallopt():
         return False
     _allocator_tuned = memory.set_allocator(
         {M_MMAP_THRESHOLD: MMAP_THRESHOLD, M_TRIM_THRESHOLD: TRIM_THRESHOLD, M_TOP_PAD: TOP_PAD})
@@ -123,14 +130,11 @@ class FastConv2d(nn.Conv2d):
         """The Winograd tile size m to run this call with, 0 for oneDNN's direct convolution."""
         m = getattr(self, "winograd", 0)
         # A tile decides as the untiled map would: the same algorithm gives the same rounding.
-        pixels = tiling.untiled_pixels.get()
+        pixels = untiled_pixels.get()
         return m if m and winograd.supports(self, x, upsample, pixels) and winograd.available() else 0
 
     def __getstate__(self):  # copies and pickles carry no packed (oneDNN-only) tensor
-        state = super().__getstate__()
-        for k in PACK_CACHE:
-            state.pop(k, None)
-        return state
+        return without_caches(super().__getstate__(), PACK_CACHE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_available(x, self):
@@ -164,12 +168,7 @@ def conv_add_relu(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> tor
 def fused_available(x: torch.Tensor, module: nn.Module | None = None) -> bool:
     """The fused kernels apply: CPU, no autograd through ``x`` or ``module``'s parameters, fp32
     (or bf16/fp16 where this CPU has them)."""
-    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
-        return False   # exporters and compilers get the plain graph (standard ops only)
-    if torch.is_grad_enabled() and (x.requires_grad or (
-            module is not None and any(p.requires_grad for p in module.parameters()))):
+    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available() or eager_only(x, module):
         return False
     ok = _fused_ok.get(x.dtype)
     if ok is None:
@@ -255,7 +254,8 @@ def _fuses_upsample(up: nn.Module, conv: nn.Module) -> bool:
 
 # Per-image activations at least this big run image by image (a batch of them would not stay in
 # cache); smaller ones (the low-resolution stages) run as one batch, which keeps 2+ cores busy.
-PER_IMAGE_BYTES = int(os.environ.get("TAESD_PER_IMAGE_BYTES", 16 << 20))
+# None: $TAESD_PER_IMAGE_BYTES or 16 MiB (settings.per_image_bytes), read per call.
+PER_IMAGE_BYTES: "int | None" = None
 
 
 class FastSequential(nn.Sequential):
@@ -283,16 +283,16 @@ class FastSequential(nn.Sequential):
                 x = step(x)
             return x
         # Every layer here is per-sample (GroupNorm included), so splitting the batch is exact.
-        i = 0
+        i, per_image = 0, PER_IMAGE_BYTES or settings.per_image_bytes()
         while i < len(steps):
-            if x[:1].nbytes < PER_IMAGE_BYTES:
+            if x[:1].nbytes < per_image:
                 x = steps[i](x)
                 i += 1
                 continue
             outs, end = [], i
             for k in range(n):   # a run of big layers, image by image, until the maps are small again
                 h, end = x[k:k + 1], i
-                while end < len(steps) and (end == i or h.nbytes >= PER_IMAGE_BYTES):
+                while end < len(steps) and (end == i or h.nbytes >= per_image):
                     h = steps[end](h)
                     end += 1
                 outs.append(h)
@@ -300,64 +300,78 @@ class FastSequential(nn.Sequential):
         return x
 
 
-# ---------------------------------------------------------------- transforming a model
+# ---------------------------------------------------------------- the executor
 
 # Winograd tile size per part (0: direct convolution). The encoder's latents amplify rounding, so it
 # gets the more exact F(2x2,3x3); decoded pixels tolerate F(4x4,3x3) (taesd.runtime.winograd, measured).
 WINOGRAD_TILES = {"encoder": 2, "decoder": 4}
+TABLE = {Block: FastBlock, nn.Conv2d: FastConv2d}
+ROOT = {nn.Sequential: FastSequential}   # the part itself (a Block's inner Sequential stays plain)
+CACHES = (*PACK_CACHE, "winograd")
 
 
-def make_fast(model: TAESD, allocator: bool = True, use_winograd: bool = True) -> TAESD:
-    """Transform ``model`` in place for fast inference and return it (see the module docstring).
-    ``allocator=False`` leaves the process allocator alone; ``use_winograd=False`` keeps every
-    convolution direct (bit-identical to the plain network in fp32)."""
-    if allocator and model.device.type == "cpu":
-        tune_allocator()
-    # 0 where the kernel cannot run (switched off, no compiler): tiling then plans for direct convs.
-    use_winograd = use_winograd and winograd.available()
-    for part in model.parts:
-        module = getattr(model, part)
-        module.to(memory_format=torch.channels_last)
-        if type(module) is nn.Sequential:
-            module.__class__ = FastSequential
-        for sub in module.modules():   # same attributes, new forward
-            if type(sub) is Block:
-                sub.__class__ = FastBlock
-            elif type(sub) is nn.Conv2d:
-                sub.__class__ = FastConv2d
-            if type(sub) is FastConv2d:
-                sub.winograd = WINOGRAD_TILES.get(part, 0) if use_winograd else 0
-    return model
+@dataclasses.dataclass(frozen=True)
+class CpuExecutor(Executor):
+    """The CPU executor (see the module docstring). ``allocator=False`` leaves the process allocator
+    alone; ``use_winograd=False`` (or ``TAESD_WINOGRAD=0``) keeps every convolution direct
+    (bit-identical to the plain network in fp32)."""
+
+    name = "cpu"
+    allocator: bool = True
+    use_winograd: bool = True
+
+    def applies(self, model) -> bool:
+        return model.device.type == "cpu"
+
+    def winograd_on(self) -> bool:
+        """Winograd runs: asked for, switched on and compiled (else tiling plans for direct convs)."""
+        return self.use_winograd and winograd.available()
+
+    def transform(self, model) -> None:
+        if self.allocator and model.device.type == "cpu":
+            tune_allocator()
+        _warn_emulated(model)
+        use_winograd = self.winograd_on()
+        for part in model.parts:
+            module = model.part(part)
+            module.to(memory_format=torch.channels_last)
+            swap(module, TABLE, ROOT)
+            for sub in module.modules():
+                if type(sub) is FastConv2d:
+                    sub.winograd = WINOGRAD_TILES.get(part, 0) if use_winograd else 0
+
+    def restore(self, model) -> None:
+        for part in model.parts:
+            module = model.part(part)
+            unswap(module, TABLE, ROOT, CACHES)
+            module.to(memory_format=torch.contiguous_format)
+
+    def tile_alignment(self, conv: nn.Module) -> int:
+        m = getattr(conv, "winograd", 0) or 0
+        if m and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1):
+            return int(m)
+        return 0
+
+    @property
+    def memory_overhead(self) -> float:
+        # oneDNN's direct convolutions hold more beside their input and output than the Winograd kernel.
+        return settings.tile_overhead(direct=not self.winograd_on())
 
 
-def make_plain(model: TAESD) -> TAESD:
-    """Undo ``make_fast`` (the allocator setting stays): plain modules, contiguous weights."""
-    for part in model.parts:
-        module = getattr(model, part)
-        _unfuse(module)
-        module.to(memory_format=torch.contiguous_format)
-    return model
+def _warn_emulated(model) -> None:
+    if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16) \
+            and not fused_available(torch.zeros(1, dtype=model.dtype)):
+        name = str(model.dtype).removeprefix("torch.")
+        warnings.warn(f"{name} has no native kernels on this CPU (it needs AVX-512 BF16/FP16, AMX or "
+                      "AVX-NE-CONVERT) and runs emulated, slower than the fp32 default", stacklevel=4)
 
 
-def _unfuse(module: nn.Module) -> None:
-    for sub in module.modules():
-        if type(sub) is FastBlock:
-            sub.__class__ = Block
-        elif type(sub) is FastConv2d:
-            for k in PACK_CACHE:
-                sub.__dict__.pop(k, None)
-            sub.__dict__.pop("winograd", None)
-            sub.__class__ = nn.Conv2d
-        elif type(sub) is FastSequential:
-            sub.__class__ = nn.Sequential
+def make_fast(model, allocator: bool = True, use_winograd: bool = True):
+    """``CpuExecutor(allocator, use_winograd).apply(model)``: the CPU executor, in place."""
+    return CpuExecutor(allocator=allocator, use_winograd=use_winograd).apply(model)
 
 
-def compile_model(model: TAESD) -> TAESD:
-    """Opt-in compiled mode: ``torch.compile`` each part in place (the modules keep their class,
-    indices and state_dict). The first call per input shape compiles (tens of seconds on a CPU)."""
-    for part in model.parts:
-        module = getattr(model, part)
-        _unfuse(module)   # inductor fuses by itself; give it the plain graph
-        module.to(memory_format=torch.channels_last)
-        module.compile(dynamic=False)
-    return model
+def make_plain(model):
+    """Back to the plain modules (the allocator setting stays)."""
+    executor = getattr(model, "executor", None) or CpuExecutor()
+    return executor.undo(model)

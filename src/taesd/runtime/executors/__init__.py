@@ -1,0 +1,60 @@
+"""Executors: how a ``TAESD``'s modules run, never what they compute. One file per executor, one
+table, and one ``resolve`` that every entry point calls (``taesd.load``, ``TaesdVAE``,
+``use_taesd_vae``, the preview callback, the CLI, ``taesd eval``), so they all agree.
+
+    "fast" (or None)  the device's fast executor: "cuda" on a CUDA device, "cpu" elsewhere
+    "cpu"             Winograd / oneDNN, channels_last, fused kernels (cpu.py, docs/performance.md)
+    "cuda"            fp16 channels_last, fused cuDNN kernels, CUDA graphs (cuda.py, docs/gpu.md)
+    "plain"           the published modules as they are
+    "compile"         torch.compile per part
+    "onnxruntime"     ONNX Runtime sessions (returns a new model; docs/onnx.md)
+
+A new executor is one file with an ``Executor`` subclass plus one line in ``EXECUTORS``.
+"""
+from __future__ import annotations
+
+import torch
+
+from taesd.errors import TaesdError
+from taesd.runtime.executors.base import Executor
+from taesd.runtime.executors.compile import CompileExecutor
+from taesd.runtime.executors.cpu import CpuExecutor
+from taesd.runtime.executors.cuda import CudaExecutor
+from taesd.runtime.executors.onnxruntime import OnnxRuntimeExecutor
+from taesd.runtime.executors.plain import PlainExecutor
+
+EXECUTORS: "dict[str, type[Executor]]" = {
+    "cpu": CpuExecutor,
+    "cuda": CudaExecutor,
+    "plain": PlainExecutor,
+    "compile": CompileExecutor,
+    "onnxruntime": OnnxRuntimeExecutor,
+}
+NAMES = ("fast", *EXECUTORS)   # what users may type
+
+
+def resolve(name: "str | Executor | None", device=None) -> Executor:
+    """The executor for ``name`` on ``device`` (None: the CPU). An ``Executor`` is returned as it is
+    (that is how options such as ``CudaExecutor(copy_output=False)`` are passed)."""
+    if isinstance(name, Executor):
+        return name
+    device = torch.device("cpu" if device is None else device)
+    if name is None or name == "fast":
+        return (CudaExecutor if device.type == "cuda" else CpuExecutor)(auto=True)
+    if name not in EXECUTORS:
+        raise TaesdError(f"unknown executor {name!r}; use one of: {', '.join(NAMES)}")
+    if name == "onnxruntime":
+        return OnnxRuntimeExecutor(device=None if device.type == "cpu" else str(device))
+    return EXECUTORS[name]()
+
+
+def follow(executor: "Executor | None", device) -> "Executor | None":
+    """The executor a model moved to ``device`` gets: the device's own when the old one was chosen
+    for its device ("fast"), else the same."""
+    if executor is not None and executor.auto:
+        return resolve(None, device)
+    return executor
+
+
+__all__ = ["EXECUTORS", "NAMES", "CompileExecutor", "CpuExecutor", "CudaExecutor", "Executor",
+           "OnnxRuntimeExecutor", "PlainExecutor", "follow", "resolve"]
