@@ -16,7 +16,9 @@ Contract (diffusers' VAE conventions, our network and executor):
 - Inputs are cast to the model's dtype and device; outputs come back in the input's dtype.
 - ``enable_tiling(tile_size)`` runs our seam-exact tiling (taesd.runtime.tiling: equal to the untiled
   pass up to float rounding), ``enable_slicing()`` one image of the batch at a time.
-- The network runs through ``taesd.runtime.fast`` (Winograd/oneDNN on a CPU, the plain modules on a GPU).
+- The network runs through the executor ``taesd.runtime.executors.resolve`` picks for the model's device,
+  as ``taesd.load`` does ("fast": the CUDA executor on a GPU, Winograd/oneDNN on a CPU); after
+  ``.to()`` / ``.half()`` / ``.cuda()`` the next call runs the new device's and dtype's executor.
 - ``save_pretrained`` writes config.json + diffusion_pytorch_model.safetensors with AutoencoderTiny's
   keys (``encoder.layers.N``, ``decoder.layers.N-1``; plus ``bn.*`` for taef2), which every reader of
   ours (and AutoencoderTiny, for the base variants) loads back bit-exactly. ``from_pretrained`` reads
@@ -39,7 +41,8 @@ from taesd.errors import TaesdError
 from taesd.io.weights.formats import from_diffusers_keys, to_diffusers_keys
 from taesd.model import TAESD
 from taesd.registry import PARTS, get_variant
-from taesd.runtime import fast as fast_executor
+from taesd.runtime import executors
+from taesd.runtime.dtypes import default_dtype
 
 CONFIG_NAME = "config.json"
 DEFAULT_TILE_PIXELS = 512      # enable_tiling() without a size: 512 image pixels per tile side
@@ -70,6 +73,22 @@ def family_config(variant) -> dict:
     return cfg
 
 
+def _executor_choice(executor):
+    """A name or an ``Executor``, checked: it must run the modules in place (not ONNX Runtime)."""
+    checked = executors.resolve(executor, "cpu")
+    if checked.name == "onnxruntime":
+        raise TaesdError("TaesdVAE runs the PyTorch modules; use executor 'fast', 'cuda', 'cpu', "
+                         "'compile' or 'plain', not 'onnxruntime'")
+    return executor if isinstance(executor, str) or executor is None else checked
+
+
+def _executor_name(choice) -> str:
+    """What config.json records: a name ("fast" for the device's choice)."""
+    if choice is None or isinstance(choice, str):
+        return choice or "fast"
+    return "fast" if choice.auto else choice.name
+
+
 class TaesdVAE(ModelMixin, ConfigMixin):
     """A TAESD variant behind diffusers' VAE interface (see the module docstring)."""
 
@@ -83,7 +102,7 @@ class TaesdVAE(ModelMixin, ConfigMixin):
                  encoder_block_out_channels=None, decoder_block_out_channels=None,
                  force_upcast: bool = False, latents_mean=None, latents_std=None,
                  batch_norm_eps: float | None = None, patch_size=None, z_dim: int | None = None,
-                 executor: str = "fast"):
+                 executor="fast"):
         super().__init__()
         v = get_variant(taesd_variant)
         derived = family_config(v)
@@ -95,14 +114,14 @@ class TaesdVAE(ModelMixin, ConfigMixin):
                 # Another value would make the pipeline's conversion something other than the identity.
                 raise TaesdError(f"{v.name}: config {key}={value!r} would move the pipeline's latents off "
                                  f"TAESD's (it must be {derived[key]!r}); remove it from config.json")
-        if executor not in ("fast", "plain"):
-            raise TaesdError(f"executor must be 'fast' or 'plain', not {executor!r}")
-        self.register_to_config(taesd_variant=v.name, executor=executor, **derived)
+        choice = _executor_choice(executor)
+        self.register_to_config(taesd_variant=v.name, executor=_executor_name(choice), **derived)
         self.taesd = TAESD(v, PARTS).eval()
         if v.normalization == "batchnorm":  # FLUX.2: the pipeline's BatchNorm inverse, as the identity
             self.bn = nn.BatchNorm2d(4 * v.latent_channels, eps=0.0, affine=False, track_running_stats=True)
         self.use_tiling, self.use_slicing = False, False
         self.tile_size: int | None = None
+        self._executor_choice = choice
         self._executor_ready = False
         self.requires_grad_(False)
 
@@ -113,13 +132,22 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         return get_variant(self.config.taesd_variant)
 
     @classmethod
-    def from_taesd(cls, model: TAESD, executor: str = "fast") -> "TaesdVAE":
-        """The diffusers form of a loaded TAESD (both parts needed), on its device and dtype."""
+    def from_taesd(cls, model: TAESD, executor=None, share: bool = False) -> "TaesdVAE":
+        """The diffusers form of a loaded TAESD (both parts needed), on its device and dtype, run by
+        ``executor`` (default: the model's own choice, else "fast"). ``share=True`` takes ``model``
+        itself, executor included (for a model nobody else uses: ``use_taesd_vae``'s own load)."""
         missing = [p for p in PARTS if p not in model.parts]
         if missing:
             raise TaesdError(f"TaesdVAE needs both parts; this {model.variant.name} has no {missing[0]}: "
                              f"load it with parts=('encoder', 'decoder')")
+        if executor is None:
+            own = getattr(model, "executor", None)
+            executor = "fast" if own is None or own.auto else own
         vae = cls(taesd_variant=model.variant.name, executor=executor)
+        if share:
+            vae.taesd = model
+            vae._executor_ready = getattr(model, "executor", None) == vae._resolve_executor()
+            return vae.eval()
         for part in PARTS:
             getattr(vae.taesd, part).load_state_dict(getattr(model, part).state_dict())
         return vae.to(device=model.device, dtype=model.dtype).eval()
@@ -142,7 +170,8 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         torch_dtype = torch_dtype if torch_dtype is not None else dtype   # diffusers passes torch_dtype
         if device is None and torch_dtype is None:
             return vae
-        return vae.to(device=device, dtype=torch_dtype)
+        # No dtype: the library's one rule for the device (fp16 on a tensor-core GPU), as taesd.load.
+        return vae.to(device=device, dtype=default_dtype(device, torch_dtype))
 
     # ------------------------------------------------------------ saving: AutoencoderTiny's keys
 
@@ -183,20 +212,33 @@ class TaesdVAE(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------ running
 
-    def _model(self) -> TAESD:
+    def _resolve_executor(self) -> "executors.Executor":
+        return executors.resolve(self._executor_choice, self.taesd.device)
+
+    @property
+    def executor(self) -> "executors.Executor":
+        """The executor the network runs with (resolved for its device, applied on first use)."""
+        return self.running_model().executor
+
+    def running_model(self) -> TAESD:
+        """The TAESD inside, set up with the executor ``resolve`` picks for its device and dtype."""
         if not self._executor_ready:
-            if self.config.executor == "fast":
-                fast_executor.make_fast(self.taesd)
+            self._resolve_executor().apply(self.taesd)
             self._executor_ready = True
         return self.taesd
+
 
     def to(self, *args, **kwargs):
         # nn.Module's: diffusers' own warns about fp32-kept modules on every dtype cast (this model has none).
         return nn.Module.to(self, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        self._executor_ready = False   # .to() / .half(): packed weights are made again for the new tensors
-        fast_executor.make_plain(self.taesd)
+        # .to() / .half() / .cuda(): back to the plain modules; the next call resolves the executor
+        # for the new device and dtype (and packs weights again for the new tensors).
+        self._executor_ready = False
+        current = getattr(self.taesd, "executor", None)
+        if current is not None:
+            current.undo(self.taesd)
         return super()._apply(fn, *args, **kwargs)
 
     def _batches(self, x: torch.Tensor):
@@ -216,7 +258,7 @@ class TaesdVAE(ModelMixin, ConfigMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         """Images in [-1, 1] -> ``TaesdEncoderOutput(latents=...)``, in ``x``'s dtype."""
         x4, frames = self._frames_in(x, "images")
-        model = self._model()
+        model = self.running_model()
         tile = self.tile_size if self.use_tiling else None
         z = torch.cat([model.encode(b.to(model.dtype).add(1).div(2), tile_size=tile)
                        for b in self._batches(x4)])
@@ -227,7 +269,7 @@ class TaesdVAE(ModelMixin, ConfigMixin):
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, **_):
         """Latents -> ``DecoderOutput(sample=images in [-1, 1])``, in ``z``'s dtype."""
         z4, frames = self._frames_in(z, "latents")
-        model = self._model()
+        model = self.running_model()
         tile = self.tile_size if self.use_tiling else None
         images = torch.cat([model.decode(b.to(model.dtype), tile_size=tile) for b in self._batches(z4)])
         images = images.mul(2).sub(1).to(z.dtype)

@@ -174,7 +174,8 @@ class PreviewCallback:
         self._finished, self._x0 = False, None
 
     def _model(self, device):
-        own = getattr(getattr(self._pipe, "vae", None), "taesd", None)   # the pipeline's TaesdVAE
+        vae = getattr(self._pipe, "vae", None)   # the pipeline's TaesdVAE, with its executor
+        own = vae.running_model() if hasattr(vae, "running_model") else None
         own_variant = getattr(getattr(own, "variant", None), "name", None)
         if self.taesd is None and own_variant == self.contract.variant:
             self.taesd = own

@@ -55,9 +55,11 @@ def use_taesd_vae(pipe, model=None, variant: str | None = None):
     """Replace ``pipe.vae`` with TAESD (loaded for the pipeline's family unless given); returns pipe."""
     expected = get_variant(variant or variant_for(pipe))
     if model is None:
+        from taesd.integrations.diffusers.model import TaesdVAE
         from taesd.loader import load
         vae = getattr(pipe, "vae", None)
         model = load(expected, device=getattr(vae, "device", None), dtype=getattr(vae, "dtype", None))
+        model = TaesdVAE.from_taesd(model, share=True)   # ours alone: keep its executor, no copy
     have = model.variant
     if have.name != expected.name:
         # Same channel count is not enough: taesd3 and taef1 are both 16 channels, different spaces.
