@@ -83,7 +83,8 @@ def _make_call(name: str, op: str, size: int, batch: int):
         return lambda: conv(x)
     if name.startswith("taesd") or name == "plain":
         import taesd
-        from taesd.runtime.executors.compile import compile_model; from taesd.runtime.executors.cpu import make_fast
+        from taesd.runtime.executors.compile import compile_model
+        from taesd.runtime.executors.cpu import make_fast
         model = taesd.create(VARIANT)
         if name == "taesd":
             make_fast(model)

@@ -15,12 +15,13 @@ LAYERS = {
     "taesd.errors": 0, "taesd.version": 0, "taesd.settings": 0,
     "taesd.registry": 1,
     "taesd.nn": 2,
-    "taesd.io": 3, "taesd.runtime.dtypes": 3, "taesd.runtime.memory": 3,
-    "taesd.runtime.tiling": 4,
+    "taesd.io": 3, "taesd.runtime.dtypes": 3, "taesd.runtime.memory": 3, "taesd.value_checks": 3,
+    "taesd.runtime.executors.base": 3,   # what an executor is: tiling may read it, the model may hold one
+    "taesd.runtime.tiling": 4, "taesd.tiling": 4,
     "taesd.model": 5,
     "taesd.export": 6, "taesd.runtime.winograd": 6,
-    "taesd.runtime": 7,
-    "taesd.loader": 8,
+    "taesd.runtime": 7,   # taesd.runtime.executors: cpu, cuda, compile, onnxruntime, plain, resolve
+    "taesd.loader": 8, "taesd.options": 8,
     "taesd.integrations": 9,
     "taesd.training": 10, "taesd.evaluation": 10,
     "taesd.cli": 11,

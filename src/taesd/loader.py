@@ -128,5 +128,6 @@ def _load_onnxruntime(opts: LoadOptions):
     if fp16 is None:
         raise TaesdError("onnxruntime runs fp32 or fp16 exports; use --dtype fp32 or fp16")
     onnxruntime.providers_for(device)   # a missing provider fails before the export
-    plain = dataclasses.replace(opts, device=torch.device("cpu"), dtype=torch.float32, executor=PlainExecutor())
+    plain = dataclasses.replace(opts, device=torch.device("cpu"), dtype=torch.float32,
+                                executor=PlainExecutor())
     return onnxruntime.from_torch(load_with(plain), fp16=fp16, device=device)

@@ -6,8 +6,6 @@ the checks around them: images and latents in, tiled when asked or when memory i
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
@@ -15,6 +13,7 @@ from taesd.errors import TaesdError
 from taesd.nn.arch import build_decoder, build_encoder
 from taesd.registry import VARIANTS, Variant, get_variant
 from taesd.runtime import tiling
+from taesd.value_checks import check_values
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -52,9 +51,12 @@ class TAESD(nn.Module):
 
     @property
     def layerwise(self) -> bool:
-        """Whether tiling may run the part's layers one by one: only when ``run_part`` is this
-        class's (the PyTorch modules). A backend that overrides it (ONNX Runtime) runs a part as a
-        whole, so tiling calls its ``run_part`` on each tile plus its margin instead."""
+        """Whether tiling may run the part's layers one by one: the executor says so (ONNX Runtime
+        runs a part as a whole, so tiling calls its ``run_part`` on each tile plus its margin); with
+        no executor, when ``run_part`` is this class's (the PyTorch modules)."""
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            return executor.layerwise
         return type(self).run_part is TAESD.run_part and "run_part" not in vars(self)
 
     def part(self, part: str) -> nn.Sequential:
@@ -97,7 +99,7 @@ class TAESD(nn.Module):
             raise TaesdError(f"the latents are empty ({shape}); nothing to decode")
         if not (latents.is_floating_point() and not latents.is_complex()):
             raise TaesdError(f"latents must be floating point, got {latents.dtype}")
-        _value_range(latents, "latents")
+        check_values(latents, "latents")   # NaN/Inf; no host sync on a GPU (taesd.value_checks)
         return latents.to(device=self.device, dtype=self.dtype)
 
     def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
@@ -126,28 +128,6 @@ class TAESD(nn.Module):
         return self.part("decoder")(self.part("encoder")(images))
 
 
-# Images are in [0, 1]; a little outside is rounding or a filter's overshoot, far outside a mistake.
-IMAGE_SLACK = 0.5
-
-
-def _value_range(x: torch.Tensor, what: str) -> tuple[float, float]:
-    """(min, max) of ``x`` in one pass and one device sync; NaN/Inf (which min/max propagate) get
-    the one-line error that counts and locates them."""
-    lo, hi = (float(t) for t in torch.aminmax(x))
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        _report_non_finite(x, what)
-    return lo, hi
-
-
-def _report_non_finite(x: torch.Tensor, what: str) -> None:
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        n = int(bad.sum())
-        kind = "NaN" if bool(torch.isnan(x).any()) else "infinite"
-        raise TaesdError(f"the {what} hold {n} {kind} value{'s' if n > 1 else ''} (first at index "
-                         f"{tuple(int(i) for i in bad.nonzero()[0])}); fix what produced them")
-
-
 def check_image_values(images: torch.Tensor) -> None:
     """One line for an image batch that is empty, not floating point (a uint8 0-255 batch), not
     finite, or far outside [0, 1]."""
@@ -156,13 +136,7 @@ def check_image_values(images: torch.Tensor) -> None:
     if images.dtype == torch.bool or not images.is_floating_point():
         raise TaesdError(f"images must be float tensors in [0, 1], got {images.dtype}; "
                          f"convert with images.float() / 255 for 8-bit (0-255) pixels")
-    lo, hi = _value_range(images, "images")
-    if hi > 1 + IMAGE_SLACK:
-        hint = "divide by 255" if hi <= 255 + IMAGE_SLACK else "scale them"
-        raise TaesdError(f"image values reach {hi:g}, but images are in [0, 1]; {hint} first")
-    if lo < -IMAGE_SLACK:
-        raise TaesdError(f"image values go down to {lo:g}, but images are in [0, 1]; "
-                         f"for [-1, 1] images use (images + 1) / 2")
+    check_values(images, "images")   # NaN/Inf, far outside [0, 1]; no host sync on a GPU
 
 
 def _guess_variant_hint(channels: int) -> str:

@@ -76,11 +76,13 @@ def legacy_switches(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, fast=None, compile=None, backend=None, **kwargs):
-        given = {k: v for k, v in (("fast", fast), ("compile", compile), ("backend", backend)) if v is not None}
+        switches = (("fast", fast), ("compile", compile), ("backend", backend))
+        given = {k: v for k, v in switches if v is not None}
         if given:
             kwargs["executor"] = executor_from_switches(kwargs.get("executor"), fast, compile, backend)
             old = ", ".join(f"{k}={v!r}" for k, v in given.items())
-            warnings.warn(f"{fn.__name__}({old}) is deprecated; use executor={kwargs['executor'] or 'fast'!r}",
+            new = kwargs["executor"] or "fast"
+            warnings.warn(f"{fn.__name__}({old}) is deprecated; use executor={new!r}",
                           DeprecationWarning, stacklevel=2)
         return fn(*args, **kwargs)
 

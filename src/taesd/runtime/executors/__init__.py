@@ -13,6 +13,8 @@ A new executor is one file with an ``Executor`` subclass plus one line in ``EXEC
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from taesd.errors import TaesdError
@@ -31,6 +33,9 @@ EXECUTORS: "dict[str, type[Executor]]" = {
     "onnxruntime": OnnxRuntimeExecutor,
 }
 NAMES = ("fast", *EXECUTORS)   # what users may type
+# What "fast" (or no choice) is on each device type; anything else gets the CPU executor (whose
+# modules fall back to the plain forward off the CPU). Tests inject fakes here.
+FAST: "dict[str, Callable[..., Executor]]" = {"cuda": CudaExecutor, "cpu": CpuExecutor}
 
 
 def resolve(name: "str | Executor | None", device=None) -> Executor:
@@ -40,7 +45,7 @@ def resolve(name: "str | Executor | None", device=None) -> Executor:
         return name
     device = torch.device("cpu" if device is None else device)
     if name is None or name == "fast":
-        return (CudaExecutor if device.type == "cuda" else CpuExecutor)(auto=True)
+        return FAST.get(device.type, CpuExecutor)(auto=True)
     if name not in EXECUTORS:
         raise TaesdError(f"unknown executor {name!r}; use one of: {', '.join(NAMES)}")
     if name == "onnxruntime":

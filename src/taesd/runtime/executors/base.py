@@ -9,15 +9,13 @@ picklable, comparable, holding no per-model state (caches live on the modules th
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from taesd import settings
 
-if TYPE_CHECKING:
-    from taesd.model import TAESD
+TAESD = nn.Module   # a taesd.model.TAESD (not imported: executors sit above the model, this file below)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +27,11 @@ class Executor:
     # Chosen for the device ("fast" / no choice): a model moved elsewhere gets that device's executor.
     auto: bool = dataclasses.field(default=False, kw_only=True)
 
-    def applies(self, model: "TAESD") -> bool:
+    def applies(self, model: TAESD) -> bool:
         """Whether this executor does anything for ``model`` (its device and dtype)."""
         return True
 
-    def apply(self, model: "TAESD") -> "TAESD":
+    def apply(self, model: TAESD) -> TAESD:
         """Set ``model`` up to run with this executor (in place; undoes any other first)."""
         previous = getattr(model, "executor", None)
         if previous is not None:
@@ -42,16 +40,16 @@ class Executor:
         model.executor = self
         return model
 
-    def undo(self, model: "TAESD") -> "TAESD":
+    def undo(self, model: TAESD) -> TAESD:
         """Back to the plain modules (process settings such as the allocator stay)."""
         self.restore(model)
         model.executor = None
         return model
 
-    def transform(self, model: "TAESD") -> None:
+    def transform(self, model: TAESD) -> None:
         """The executor's own work (the plain executor has none)."""
 
-    def restore(self, model: "TAESD") -> None:
+    def restore(self, model: TAESD) -> None:
         """Undo ``transform``."""
 
     def tile_alignment(self, conv: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""The CPU executor ("cpu"; what "fast" means on a CPU): the same network, the same modules and weights, run close to the hardware.
+"""The CPU executor ("cpu"; what "fast" means on a CPU): the same network, the same modules and
+weights, run close to the hardware.
 
 ``CpuExecutor().apply(model)`` (or ``make_fast(model)``) transforms a ``TAESD`` in place;
 ``taesd.load`` applies it by default on a CPU. What it

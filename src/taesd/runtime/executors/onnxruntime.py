@@ -2,8 +2,8 @@
 
 Unlike the other executors it does not transform a model in place: ``apply`` returns a new
 ``OnnxTAESD`` (the parts exported in memory), and exported .onnx files load as one directly
-(``from_onnx_files``). Only ``run_part`` changes, so everything built on ``encode``/``decode`` (input checks, latent
-files, batching, tiling) works the same as on the PyTorch path. Tensors cross the boundary on the
+(``from_onnx_files``). Only ``run_part`` changes, so everything built on ``encode``/``decode``
+(input checks, latent files, batching, tiling) works the same as on the PyTorch path. Tensors cross the boundary on the
 CPU; the model's ``dtype`` is the export's (float16 for an fp16 export, else float32).
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class OnnxPart:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         feed = x.detach().to(device="cpu", dtype=self.dtype).contiguous().numpy()
         (y,) = self.session.run([self.output_name], {self.input_name: feed})
-        import numpy as np   # with onnxruntime (an extra), as onnxruntime itself is
+        import numpy as np  # with onnxruntime (an extra), as onnxruntime itself is
         return torch.from_numpy(np.asarray(y))
 
 
