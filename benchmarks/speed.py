@@ -30,7 +30,7 @@ COMPETITORS = {
     "taesd-direct": "taesd fast executor without Winograd (direct convolutions only, TAESD_WINOGRAD=0), fp32",
     "taesd-bf16": "taesd fast executor, dtype=bfloat16",
     "taesd-compile": "taesd compiled mode (torch.compile), fp32",
-    "plain": "published network, eager fp32 (taesd fast=False)",
+    "plain": "published network, eager fp32 (taesd executor='plain')",
     "diffusers": "diffusers AutoencoderTiny, fp32",
     "onnxruntime": "ONNX Runtime, export of the published network, fp32",
     "sd-vae": "full SD VAE (diffusers AutoencoderKL, SD 1.5 config), fp32",
@@ -329,7 +329,7 @@ def accuracy_lines(weights_dir, photos=("astronaut", "coffee", "chelsea"), size=
     from taesd.evaluation.metrics import psnr
     from taesd.loader import load
     from taesd.runtime.preview_decode import preview_decode
-    plain = load("taef2", weights_dir, device="cpu", fast=False)
+    plain = load("taef2", weights_dir, device="cpu", executor="plain")
     fast = load("taef2", weights_dir, device="cpu")
     bf16 = load("taef2", weights_dir, device="cpu", dtype=torch.bfloat16)
     images = []

@@ -64,7 +64,7 @@ def same_weights(model, expected: dict) -> bool:
 
 
 def test_first_load_downloads_the_hub_combined_file_second_asks_nothing(net, weights):
-    model = taesd.load("taef2", device="cpu", fast=False)
+    model = taesd.load("taef2", device="cpu", executor="plain")
     assert weight_requests(net) == [("HEAD", "/madebyollin/taef2/resolve/main/taef2.safetensors"),
                                     ("GET", "/madebyollin/taef2/resolve/main/taef2.safetensors")]
     info = model.weights_info
@@ -74,12 +74,12 @@ def test_first_load_downloads_the_hub_combined_file_second_asks_nothing(net, wei
     records = (net.caches[0] / "weights" / "sha256.json").read_text()
     assert info["decoder"]["sha256"] in records
     n = len(net.requests)
-    again = taesd.load("taef2", device="cpu", fast=False)
+    again = taesd.load("taef2", device="cpu", executor="plain")
     assert len(net.requests) == n and again.weights_info == info
 
 
 def test_github_source_pinned_commit_and_hashes(net, weights, capsys):
-    model = taesd.load("taef2", device="cpu", source="github", fast=False)
+    model = taesd.load("taef2", device="cpu", source="github", executor="plain")
     for part, sha in PUBLISHED.items():
         assert model.weights_info[part]["sha256"] == sha
         assert f"weights/github/madebyollin/taesd/{TAESD_GITHUB_COMMIT}/taef2_{part}.pth" \
@@ -98,7 +98,7 @@ def test_github_source_pinned_commit_and_hashes(net, weights, capsys):
 def test_hub_diffusers_folder_with_config(net, tmp_path):
     save_weights(state_dicts(taesd.create("taesd", seed=3)), "taesd", "diffusers", tmp_path / "folder")
     net.add_diffusers_folder("madebyollin/taesd", tmp_path / "folder")
-    model = taesd.load("taesd", device="cpu", fast=False)
+    model = taesd.load("taesd", device="cpu", executor="plain")
     assert model.weights_info["encoder"]["format"] == "diffusers"
     assert net.count("config.json") == 2 and net.count("diffusion_pytorch_model") == 2   # HEAD + GET each
     assert same_weights(model, state_dicts(taesd.create("taesd", seed=3)))
@@ -126,7 +126,7 @@ def test_bad_responses_are_refused_and_leave_nothing(net, host, fault, weights):
 def test_hub_download_resumes_after_one_dropped_connection(net, weights):
     path = net.hub_path("madebyollin/taef2", "taef2.safetensors")
     net.faults[path] = "drop_once"
-    model = taesd.load("taef2", device="cpu", fast=False)
+    model = taesd.load("taef2", device="cpu", executor="plain")
     assert same_weights(model, published(weights))
     # the dropped one, then the rest (Range)
     assert [m for m, _ in weight_requests(net)] == ["HEAD", "GET", "GET"]

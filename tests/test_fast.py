@@ -1,4 +1,4 @@
-"""The fast executor (taesd.runtime.fast), previews and the bench command, on the published taef2 weights
+"""The CPU executor (taesd.runtime.executors.cpu), previews and the bench command, on the published taef2 weights
 and real photos."""
 import copy
 import io
@@ -15,7 +15,7 @@ import taesd
 from conftest import ROOT, photo
 from taesd.evaluation.metrics import psnr
 from taesd.nn.layers import Block
-from taesd.runtime.fast import (
+from taesd.runtime.executors.cpu import (
     FastBlock,
     FastConv2d,
     FastSequential,
@@ -29,7 +29,7 @@ from taesd.runtime.preview_decode import preview_decode
 @pytest.fixture(scope="module")
 def pair(weights):
     """(plain fp32 eager, default fast) taef2 with the published weights."""
-    return taesd.load("taef2", weights, device="cpu", fast=False), taesd.load("taef2", weights, device="cpu")
+    return taesd.load("taef2", weights, device="cpu", executor="plain"), taesd.load("taef2", weights, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_allocator_setting_stops_page_faults_and_can_be_switched_off():
     script = textwrap.dedent("""
         import resource, sys, torch
         sys.path.insert(0, sys.argv[1])
-        from taesd.runtime.fast import tune_allocator
+        from taesd.runtime.executors.cpu import tune_allocator
         on = tune_allocator()
         x = torch.ones(16 << 20)                  # 64 MiB
         faults = 0

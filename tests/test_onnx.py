@@ -97,7 +97,7 @@ def test_fresh_weights_parity_at_two_sizes_and_batch_two(fresh_exports, name):
 
 
 def test_taef2_published_weights_parity_on_a_photo(taef2, weights):
-    ort_model = taesd.load("taef2", weights, backend="onnxruntime")
+    ort_model = taesd.load("taef2", weights, executor="onnxruntime")
     assert isinstance(ort_model, OnnxTAESD) and ort_model.parts == ("encoder", "decoder")
     # exported in memory from the torch weights, which stay on the layers (for tiling's analysis)
     for key, tensor in taef2.decoder.state_dict().items():
@@ -194,7 +194,7 @@ def test_cli_export_info_and_onnx_backend(weights, tmp_path, capsys):
     src = tmp_path / "chelsea.png"
     Image.fromarray((photo("chelsea").permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)[:100, :120]).save(src)
     lat, out = tmp_path / "chelsea.taef2.png", tmp_path / "chelsea.decoded.png"
-    assert main(["encode", str(src), "-v", "taef2", "-w", str(enc), "--backend", "onnxruntime",
+    assert main(["encode", str(src), "-v", "taef2", "-w", str(enc), "--executor", "onnxruntime",
                  "--format", "png", "-o", str(lat)]) == 0
     assert main(["decode", str(lat), "-w", str(dec), "-o", str(out)]) == 0
     via_ort = np.asarray(Image.open(out))
@@ -221,7 +221,7 @@ def test_load_from_exported_files_and_errors(fresh_exports, tmp_path):
         loaded.encode(torch.rand(1, 3, 64, 64))
     with pytest.raises(TaesdError, match="opset 9 is not supported"):
         to_onnx(model, "decoder", opset=9)
-    with pytest.raises(TaesdError, match="unknown backend"):
-        taesd.load("taef1", paths[0], backend="tensorrt")
+    with pytest.raises(TaesdError, match="unknown executor"):
+        taesd.load("taef1", paths[0], executor="tensorrt")
     with pytest.raises(TaesdError, match="fp32 or fp16"):
-        taesd.load("taef1", paths[0].parent, dtype="bf16", backend="onnxruntime")
+        taesd.load("taef1", paths[0].parent, dtype="bf16", executor="onnxruntime")

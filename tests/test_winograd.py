@@ -95,7 +95,7 @@ def test_transformed_weight_follows_weight_changes():
 
 @pytest.fixture(scope="module")
 def taef2_models(weights):
-    plain = taesd.load("taef2", weights, device="cpu", fast=False)
+    plain = taesd.load("taef2", weights, device="cpu", executor="plain")
     return plain, taesd.load("taef2", weights, device="cpu"), copy.deepcopy(plain).double()
 
 

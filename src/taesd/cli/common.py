@@ -25,8 +25,10 @@ from tqdm import tqdm
 from taesd.errors import TaesdError
 from taesd.io.files import check_output_target
 from taesd.io.inputs import InputFile, collect_inputs
+from taesd.options import executor_from_switches
 from taesd.registry import VARIANTS
 from taesd.runtime.dtypes import DTYPE_CHOICES
+from taesd.runtime.executors import NAMES
 
 
 def command_parser(sub, name: str, help: str, example: str, description: str = "") -> argparse.ArgumentParser:
@@ -46,9 +48,12 @@ def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True)
     g.add_argument("--revision", help="revision to pin when downloading (hub commit; GitHub commit with "
                    "--source github)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help="compute precision")
-    g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                   help="inference engine (onnxruntime: --weights may be exported .onnx files)")
+    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="compute precision (default: fp16 on a tensor-core GPU, else fp32)")
+    g.add_argument("--executor", default=None, choices=NAMES,
+                   help="how the network runs (default fast: cuda on a GPU, cpu elsewhere; onnxruntime: "
+                        "--weights may be exported .onnx files)")
+    g.add_argument("--backend", choices=["torch", "onnxruntime"], help=argparse.SUPPRESS)  # old --executor
 
 
 def add_tiling_options(p: argparse.ArgumentParser) -> None:
@@ -124,8 +129,9 @@ def open_model(args, parts):
     weights = args.weights
     if weights is not None and len(weights) == 1:
         weights = weights[0]
+    executor = executor_from_switches(args.executor, backend=args.backend)
     return load(args.variant, weights=weights, device=args.device, dtype=args.dtype, parts=parts,
-                revision=args.revision, backend=args.backend, source=getattr(args, "source", None))
+                revision=args.revision, executor=executor, source=getattr(args, "source", None))
 
 
 def gather_inputs(args, suffixes: tuple[str, ...], what: str) -> list[InputFile]:

@@ -3,8 +3,9 @@
 Unlike the other executors it does not transform a model in place: ``apply`` returns a new
 ``OnnxTAESD`` (the parts exported in memory), and exported .onnx files load as one directly
 (``from_onnx_files``). Only ``run_part`` changes, so everything built on ``encode``/``decode``
-(input checks, latent files, batching, tiling) works the same as on the PyTorch path. Tensors cross the boundary on the
-CPU; the model's ``dtype`` is the export's (float16 for an fp16 export, else float32).
+(input checks, latent files, batching, tiling) works the same as on the PyTorch path. Tensors
+cross the boundary on the CPU; the model's ``dtype`` is the export's (float16 for an fp16 export,
+else float32).
 """
 from __future__ import annotations
 
