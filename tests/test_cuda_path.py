@@ -1,4 +1,4 @@
-"""The CUDA executor (taesd.runtime.cuda) and the GPU benchmark harness.
+"""The CUDA executor (taesd.runtime.executors.cuda) and the GPU benchmark harness.
 
 Everything here runs on the CPU: the dtype/device rules, the graph cache policy with a fake capture,
 the memory planner with an injected mem_get_info, the executor's eager code (fp32 exact against the
@@ -19,7 +19,9 @@ import torch
 
 import taesd
 from taesd.loader import load, with_executor
-from taesd.runtime import cuda, tiling
+from taesd.runtime import tiling
+from taesd.runtime.dtypes import default_dtype
+from taesd.runtime.executors import cuda, cuda_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = os.environ.get("TAESD_WEIGHTS")
@@ -34,15 +36,15 @@ needs_weights = pytest.mark.skipif(
 
 
 def test_default_dtype_rule():
-    assert cuda.default_dtype("cpu") == torch.float32
-    assert cuda.default_dtype("cuda", capability=(9, 0)) == torch.float16
-    assert cuda.default_dtype("cuda", capability=(7, 0)) == torch.float16
-    assert cuda.default_dtype("cuda", capability=(6, 1)) == torch.float32  # no tensor cores
-    assert cuda.default_dtype("cuda", "fp32", capability=(9, 0)) == torch.float32
-    assert cuda.default_dtype("cuda", "bf16", capability=(9, 0)) == torch.bfloat16
-    assert cuda.default_dtype("cpu", torch.float16) == torch.float16
+    assert default_dtype("cpu") == torch.float32
+    assert default_dtype("cuda", capability=(9, 0)) == torch.float16
+    assert default_dtype("cuda", capability=(7, 0)) == torch.float16
+    assert default_dtype("cuda", capability=(6, 1)) == torch.float32  # no tensor cores
+    assert default_dtype("cuda", "fp32", capability=(9, 0)) == torch.float32
+    assert default_dtype("cuda", "bf16", capability=(9, 0)) == torch.bfloat16
+    assert default_dtype("cpu", torch.float16) == torch.float16
     with pytest.raises(taesd.TaesdError, match="unknown dtype"):
-        cuda.default_dtype("cpu", "fp8")
+        default_dtype("cpu", "fp8")
 
 
 @needs_weights
@@ -70,7 +72,7 @@ class FakeCapture:
     def __call__(self, fn, x):
         if tuple(x.shape) in self.fail_on:
             raise RuntimeError("operation not permitted when stream is capturing")
-        static = cuda.static_like(x)
+        static = cuda_graphs.static_like(x)
         self.captured.append(tuple(x.shape))
 
         def replay(y):
@@ -87,7 +89,7 @@ def _double(x):
 
 def test_cache_captures_on_repeat_and_replays():
     cap = FakeCapture()
-    cache = cuda.GraphCache(cap, capacity=2, repeats=2)
+    cache = cuda_graphs.GraphCache(cap, capacity=2, repeats=2)
     x = torch.ones(1, 2, 3, 3)
     assert torch.equal(cache.run("a", x, _double), x * 2) and cap.captured == []  # first sight: eager
     assert torch.equal(cache.run("a", x + 1, _double), (x + 1) * 2)  # second: capture + run
@@ -97,7 +99,7 @@ def test_cache_captures_on_repeat_and_replays():
 
 
 def test_cache_lru_eviction():
-    cache = cuda.GraphCache(FakeCapture(), capacity=2, repeats=1)
+    cache = cuda_graphs.GraphCache(FakeCapture(), capacity=2, repeats=1)
     x = torch.zeros(1)
     for key in ("a", "b", "a", "c"):  # "b" is least recently used when "c" arrives
         cache.run(key, x, _double)
@@ -106,7 +108,7 @@ def test_cache_lru_eviction():
 
 def test_cache_memory_budget_and_failures():
     held = []
-    cache = cuda.GraphCache(
+    cache = cuda_graphs.GraphCache(
         FakeCapture(fail_on={(1, 1)}),
         capacity=8,
         repeats=1,
@@ -126,10 +128,10 @@ def test_cache_memory_budget_and_failures():
 
 def test_graph_memory_reads_injected_mem_get_info():
     gib = 2**30
-    memory = cuda.GraphMemory("cuda", mem_get_info=lambda d: (8 * gib, 80 * gib))
+    memory = cuda_graphs.GraphMemory("cuda", mem_get_info=lambda d: (8 * gib, 80 * gib))
     assert memory.budget() == 2 * gib  # a quarter of free
     assert memory.budget(held=4 * gib) == 3 * gib  # what graphs hold can be given back
-    assert cuda.GraphMemory("cuda", lambda d: (100 * gib, 141 * gib)).budget() == cuda.GRAPH_MEMORY_CAP
+    assert cuda_graphs.GraphMemory("cuda", lambda d: (100 * gib, 141 * gib)).budget() == cuda_graphs.GRAPH_MEMORY_CAP
 
 
 def test_model_with_fake_capture_replays_repeated_shapes():
