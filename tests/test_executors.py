@@ -297,3 +297,24 @@ def test_copy_output_false_hands_out_the_graph_buffer():
     assert torch.equal(first, (x + 1) * 2)
     run = cuda_graphs.CapturedRun(Graph(), torch.zeros_like(x), torch.zeros_like(x))
     assert run(x) is not run.static_out and torch.equal(run(x), x * 2)
+
+
+def test_cuda_rewrite_passes_run_at_apply_and_undo_puts_the_original_back(monkeypatch):
+    seen = []
+
+    def rewrite(part):
+        seen.append(len(part))
+        return torch.nn.Sequential(*part)   # new container, same layers (so the same Parameters)
+
+    monkeypatch.setattr(cuda, "REWRITES", [rewrite])
+    model = taesd.create("taesd", seed=0)
+    original, keys = model.decoder, list(model.state_dict())
+    z = torch.randn(1, 4, 8, 8)
+    want = model.decode(z)
+    CudaExecutor(graphs=False).apply(model)
+    assert seen == [len(model.encoder), len(original)] and model.decoder is not original
+    assert isinstance(model.decoder, cuda.CudaSequential) and list(model.state_dict()) == keys
+    torch.testing.assert_close(model.decode(z), want, atol=1e-5, rtol=1e-5)
+    model.executor.undo(model)
+    assert model.decoder is original and type(original) is torch.nn.Sequential
+    assert not any(isinstance(m, cuda.CudaBlock) for m in model.modules())

@@ -13,12 +13,10 @@ A new executor is one file with an ``Executor`` subclass plus one line in ``EXEC
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from taesd.errors import TaesdError
-from taesd.runtime.executors.base import Executor
+from taesd.runtime.executors.base import FAST, Executor
 from taesd.runtime.executors.compile import CompileExecutor
 from taesd.runtime.executors.cpu import CpuExecutor
 from taesd.runtime.executors.cuda import CudaExecutor
@@ -35,7 +33,7 @@ EXECUTORS: "dict[str, type[Executor]]" = {
 NAMES = ("fast", *EXECUTORS)   # what users may type
 # What "fast" (or no choice) is on each device type; anything else gets the CPU executor (whose
 # modules fall back to the plain forward off the CPU). Tests inject fakes here.
-FAST: "dict[str, Callable[..., Executor]]" = {"cuda": CudaExecutor, "cpu": CpuExecutor}
+FAST.update(cuda=CudaExecutor, cpu=CpuExecutor)
 
 
 def resolve(name: "str | Executor | None", device=None) -> Executor:
@@ -45,7 +43,7 @@ def resolve(name: "str | Executor | None", device=None) -> Executor:
         return name
     device = torch.device("cpu" if device is None else device)
     if name is None or name == "fast":
-        return FAST.get(device.type, CpuExecutor)(auto=True)
+        return Executor(auto=True).for_device(device)
     if name not in EXECUTORS:
         raise TaesdError(f"unknown executor {name!r}; use one of: {', '.join(NAMES)}")
     if name == "onnxruntime":
@@ -54,12 +52,9 @@ def resolve(name: "str | Executor | None", device=None) -> Executor:
 
 
 def follow(executor: "Executor | None", device) -> "Executor | None":
-    """The executor a model moved to ``device`` gets: the device's own when the old one was chosen
-    for its device ("fast"), else the same."""
-    if executor is not None and executor.auto:
-        return resolve(None, device)
-    return executor
+    """The executor a model moved to ``device`` gets (None stays None): ``Executor.for_device``."""
+    return None if executor is None else executor.for_device(device)
 
 
-__all__ = ["EXECUTORS", "NAMES", "CompileExecutor", "CpuExecutor", "CudaExecutor", "Executor",
+__all__ = ["EXECUTORS", "FAST", "NAMES", "CompileExecutor", "CpuExecutor", "CudaExecutor", "Executor",
            "OnnxRuntimeExecutor", "PlainExecutor", "follow", "resolve"]

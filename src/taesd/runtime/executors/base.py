@@ -17,6 +17,10 @@ from taesd import settings
 
 TAESD = nn.Module   # a taesd.model.TAESD (not imported: executors sit above the model, this file below)
 
+# What "fast" (or no choice) is per device type, filled by taesd.runtime.executors (which imports the
+# executors); a device type not listed gets the "cpu" entry. Tests inject fakes here.
+FAST: dict = {}
+
 
 @dataclasses.dataclass(frozen=True)
 class Executor:
@@ -51,6 +55,13 @@ class Executor:
 
     def restore(self, model: TAESD) -> None:
         """Undo ``transform``."""
+
+    def for_device(self, device) -> "Executor":
+        """The executor a model moved to ``device`` gets: the device's own (``FAST``) when this one
+        was chosen for its device ("fast"), else this one."""
+        if not self.auto:
+            return self
+        return FAST.get(torch.device(device).type, FAST["cpu"])(auto=True)
 
     def tile_alignment(self, conv: nn.Module) -> int:
         """The output tile size this executor computes ``conv`` in (a Winograd F(m x m, 3x3) tile
