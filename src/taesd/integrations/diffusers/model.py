@@ -145,6 +145,9 @@ class TaesdVAE(ModelMixin, ConfigMixin):
             executor = "fast" if own is None or own.auto else own
         vae = cls(taesd_variant=model.variant.name, executor=executor)
         if share:
+            for name, child in vae.named_children():   # FLUX.2's bn: on the model's device and dtype
+                if name != "taesd":
+                    child.to(device=model.device, dtype=model.dtype)
             vae.taesd = model
             vae._executor_ready = getattr(model, "executor", None) == vae._resolve_executor()
             return vae.eval()
