@@ -27,6 +27,7 @@ from taesd.errors import TaesdError
 from taesd.integrations.diffusers.contracts import LatentContract, contract_for, pipeline_to_taesd
 from taesd.io.files import atomic_path
 from taesd.io.images import tensor_to_pil
+from taesd.value_checks import raise_pending
 
 log = logging.getLogger("taesd.integrations.diffusers.preview")
 
@@ -203,6 +204,7 @@ class PreviewCallback:
         model = self._model(z.device)
         t0 = time.perf_counter()
         images = model.decode(z).float().cpu()
+        raise_pending()   # .cpu() has synced: a bad latent's verdict (queued on a GPU) is free to read
         self.decode_seconds.append(time.perf_counter() - t0)
         image = _fit(_grid_image(images), self.max_size)
         frame = PreviewFrame(step, float(timestep), z, images, image, kind, 0.0)
