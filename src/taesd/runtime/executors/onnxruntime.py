@@ -147,6 +147,7 @@ def from_onnx_files(variant, paths, device=None, parts=None) -> OnnxTAESD:
     # give it the export's own weights, read back from the graph's initializers.
     weights = {p: state_dict_from_onnx(protos[p], v, p, found[p]) for p in wanted if _has_global(v, p)}
     model = OnnxTAESD(v, {p: OnnxPart(found[p], providers) for p in wanted}, weights)
+    model.executor = OnnxRuntimeExecutor(device=None if device is None else str(device))
     model.weights_info = {p: {"path": str(found[p]), "format": "onnx"} for p in wanted}
     return model
 
@@ -196,6 +197,7 @@ def from_torch(torch_model: TAESD, fp16: bool = False, device=None, opset: int |
                 for p in torch_model.parts}
     plain = {p: torch_model.part(p).state_dict() for p in torch_model.parts}
     model = OnnxTAESD(torch_model.variant, sessions, plain)
+    model.executor = OnnxRuntimeExecutor(device=None if device is None else str(device))
     model.weights_info = dict(torch_model.weights_info)
     return model
 
