@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from taesd.runtime import memory, tiling
+from taesd import tiling
+from taesd.tiling import memory
 
 PEAK_TOLERANCE = 0.10
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_cgroup_v2_limit_minus_usage(tmp_path, monkeypatch):
     assert memory.cgroup_headroom(folder) == 2**31 - (2**29 - 2**28)
     monkeypatch.setenv(memory.CGROUP_ENV, str(folder))
     assert memory.available_bytes() == min(memory.host_available(), 2**31 - 2**28)
-    assert tiling.available_memory(__import__("torch").device("cpu")) == memory.available_bytes()
+    assert memory.available_memory(__import__("torch").device("cpu")) == memory.available_bytes()
 
 
 def test_cgroup_v1_and_unlimited(tmp_path):
@@ -59,10 +60,11 @@ def test_small_cgroup_makes_the_plan_tile(tmp_path, monkeypatch):
     import taesd
     model = taesd.create("taesd", seed=0, parts="decoder")
     an = tiling.analyse(model, "decoder")
-    whole = tiling.estimate_peak(an, 1, 256, 256, 256, 256, 4, 3)
+    pass_ = tiling.Pass(1, 256, 256, 4, 3, tiling.memory_overhead(model, an))
+    whole = tiling.estimate_peak(an, pass_)
     folder = _fake_cgroup(tmp_path, {"memory.max": str(whole // 2), "memory.current": "0"})
     monkeypatch.setenv(memory.CGROUP_ENV, str(folder))
-    p = tiling.plan(an, 1, 256, 256, 4, 3, available=tiling.available_memory(torch.device("cpu")))
+    p = tiling.plan(an, pass_, available=memory.available_memory(torch.device("cpu")))
     assert p.tiled and p.estimate <= whole // 2
 
 
@@ -122,7 +124,7 @@ def test_default_run_in_a_2gib_cgroup_finishes(weights, tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, torch, taesd
         open({str(group / 'cgroup.procs')!r}, "w").write(str(os.getpid()))
-        from taesd.runtime import memory
+        from taesd.tiling import memory
         print("headroom", memory.cgroup_available())
         model = taesd.load("taef2", weights=[sys.argv[1]])
         out = model.decode(torch.randn(1, 32, 256, 256))

@@ -9,7 +9,7 @@ Layout (imports flow one way, bottom to top; tests/test_layers.py enforces it):
     errors, registry       one error type; one record per variant
     nn/                    layers and the published architectures
     io/                    files, images, latents, weight formats / identification / resolution
-    runtime/tiling         seam-exact tiling, planned from the layer list
+    tiling/                seam-exact tiling: receptive field, plan, run, free memory
     model                  TAESD: checks, run_part, encode/decode
     export/, runtime/      ONNX export; executors (fast CPU + Winograd, ONNX Runtime), previews
     loader                 taesd.load: resolve -> build -> executor
@@ -19,12 +19,13 @@ from taesd.errors import TaesdError
 from taesd.io.images import load_image, pad_to_multiple, save_image
 from taesd.io.latents import load_latents, save_latents
 from taesd.loader import load
-from taesd.model import TAESD, count_parameters, create
+from taesd.model import TAESD, count_parameters, create, encode_image
 from taesd.registry import VARIANTS, Variant, get_variant, list_variants
 from taesd.version import __version__
 
 __all__ = ["TAESD", "TaesdError", "VARIANTS", "Variant", "count_parameters", "create", "get_variant",
-           "list_variants", "load", "load_image", "load_latents", "pad_to_multiple", "save_image",
+           "encode_image", "list_variants", "load", "load_image", "load_latents", "pad_to_multiple",
+           "save_image",
            "save_latents", "__version__"]
 
 

@@ -80,7 +80,7 @@ def tiling_kwargs(args) -> dict:
 
 def check_tiling(args) -> None:
     """Refuse bad tiling options before any work (not once per input)."""
-    from taesd.runtime.tiling import parse_bytes
+    from taesd.settings import parse_bytes
     if getattr(args, "tile_size", None) is not None and args.tile_size < 1:
         raise TaesdError(f"--tile-size must be at least 1 latent pixel, not {args.tile_size}")
     if getattr(args, "max_memory", None) is not None:

@@ -19,7 +19,7 @@ applies it by default (executor "fast" on a GPU). What it does:
   shape every step), new shapes run eager. Captured graphs live in a small LRU (``capacity``) whose
   memory (each graph keeps its activation pool) is bounded by ``GraphMemory``: at most
   ``GRAPH_MEMORY_CAP`` bytes and a quarter of the device's free memory; shapes whose estimated peak
-  (``taesd.runtime.tiling.estimate_peak``) does not fit run eager, where launch overhead is small
+  (``taesd.tiling.estimate_peak``) does not fit run eager, where launch overhead is small
   against their work anyway. Graphs are used under ``torch.inference_mode`` (encode/decode) only;
   autograd, tracing and export get the eager modules. ``TAESD_CUDA_GRAPHS=0`` switches them off.
 
@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from taesd import tiling
 from taesd.model import TAESD
 from taesd.nn.layers import Block, Clamp
-from taesd.runtime import tiling
 from taesd.runtime.dtypes import resolve_dtype
 
 GRAPHS_ENV = "TAESD_CUDA_GRAPHS"
@@ -388,8 +388,7 @@ def graph_bytes(model: TAESD, part: str) -> Callable:
 
     def estimate(_key, x: torch.Tensor) -> int:
         an = tiling.analyse(model, part)
-        h, w = x.shape[-2] // an.in_per_latent, x.shape[-1] // an.in_per_latent
-        return tiling.estimate_peak(an, x.shape[0], h, w, h, w, x.element_size(), an.layers[-1].out_channels)
+        return tiling.estimate_peak(an, tiling.pass_of(model, an, x))
 
     return estimate
 

@@ -38,10 +38,12 @@ import os
 import torch
 import torch.nn as nn
 
+from taesd import tiling
 from taesd.model import TAESD
 from taesd.nn.layers import Block
-from taesd.runtime import memory, tiling, winograd
-from taesd.runtime.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
+from taesd.runtime import winograd
+from taesd.tiling import memory
+from taesd.tiling.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
 
 ALLOCATOR_ENV = "TAESD_MALLOPT"
 MMAP_THRESHOLD = 1 << 30      # blocks below 1 GiB come from the heap, not a fresh mmap

@@ -18,7 +18,7 @@ from taesd.export.onnx import DEFAULT_OPSET, load_onnx_file, read_metadata, to_o
 from taesd.model import TAESD
 from taesd.nn.arch import build_part
 from taesd.registry import get_variant, normalize_parts
-from taesd.runtime.tiling import is_global
+from taesd.tiling.receptive import is_global
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 

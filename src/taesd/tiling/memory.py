@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from taesd import settings
+
 CGROUP_ENV = "TAESD_CGROUP_DIR"
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 # cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number (or close to it).
@@ -97,8 +99,8 @@ def own_cgroups(proc_cgroup: str = "/proc/self/cgroup", mount: Path = CGROUP_MOU
 
 def cgroup_available() -> "int | None":
     """The smallest headroom of any limiting cgroup this process is in (None: no limit found)."""
-    override = os.environ.get(CGROUP_ENV)
-    folders = [Path(override)] if override else own_cgroups()
+    override = settings.cgroup_dir()
+    folders = [override] if override else own_cgroups()
     rooms = [r for r in (cgroup_headroom(f) for f in folders) if r is not None]
     return min(rooms) if rooms else None
 
@@ -108,6 +110,15 @@ def available_bytes() -> int:
     host = host_available()
     room = cgroup_available()
     return host if room is None else min(host, room)
+
+
+def available_memory(device) -> int:
+    """Free bytes for activations: the GPU's free memory, or what this process may still allocate
+    on the host (``available_bytes``)."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.mem_get_info(device)[0]
+    return available_bytes()
 
 
 # ---------------------------------------------------------------- glibc allocator thresholds
