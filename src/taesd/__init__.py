@@ -25,8 +25,7 @@ from taesd.version import __version__
 
 __all__ = ["TAESD", "TaesdError", "VARIANTS", "Variant", "count_parameters", "create", "get_variant",
            "encode_image", "list_variants", "load", "load_image", "load_latents", "pad_to_multiple",
-           "save_image",
-           "save_latents", "__version__"]
+           "save_image", "save_latents", "__version__"]
 
 
 def __getattr__(name):

@@ -6,7 +6,6 @@ The estimate counts the activations alive at once and multiplies them by the exe
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from taesd import settings
@@ -15,8 +14,6 @@ from taesd.settings import parse_bytes
 from taesd.tiling.receptive import PartAnalysis
 
 MIN_TILE = 8          # latent pixels; smaller tiles spend most of their time on margins
-# Estimated work (margins recomputed, per-tile calls) above which a budget's plan warns up front.
-SLOW_FACTOR = 3.0
 # Per tile call and top-level layer: the fixed cost of a call, in output pixels' worth of work.
 CALL_PIXELS = 2048
 
@@ -39,6 +36,11 @@ class Plan:
     batch_chunk: int             # images per tile call
     estimate: int                # estimated peak bytes
     tiled: bool
+    work: float = 1.0            # estimated work over the untiled pass (``work_factor``)
+
+    def tiles(self, h: int, w: int) -> int:
+        """Tiles per image of h x w latent pixels."""
+        return len(splits(h, self.tile[0])) * len(splits(w, self.tile[1]))
 
 
 def memory_overhead(model, an: PartAnalysis) -> float:
@@ -118,7 +120,7 @@ def plan(an: PartAnalysis, pass_: Pass, tile_size=None, max_memory=None,
     if max_memory is None:
         return Plan((th, tw), pass_.batch, estimate_peak(an, pass_, (th, tw)), True)
     p = _fit_budget(an, pass_, (th, tw), parse_bytes(max_memory))
-    _warn_if_slow(an, pass_, p, max_memory)
+    p.work = work_factor(an, pass_, p)
     return p
 
 
@@ -157,16 +159,6 @@ def work_factor(an: PartAnalysis, pass_: Pass, p: Plan) -> float:
                 total += n * (out + CALL_PIXELS) * info.in_channels * info.out_channels
         return total
     return work(p.tile, p.batch_chunk) / work((pass_.h, pass_.w), pass_.batch)
-
-
-def _warn_if_slow(an: PartAnalysis, pass_: Pass, p: Plan, max_memory) -> None:
-    """Say up front when a budget makes the run far slower than it needs to be."""
-    factor = work_factor(an, pass_, p)
-    if factor >= SLOW_FACTOR:
-        n = len(splits(pass_.h, p.tile[0])) * len(splits(pass_.w, p.tile[1]))
-        warnings.warn(f"max_memory={max_memory} cuts each image into {n} tiles of {p.tile[0]}x{p.tile[1]} "
-                      f"latent pixels: about {factor:.0f}x the work of an untiled pass; a larger budget "
-                      f"runs faster", stacklevel=4)
 
 
 def _split_size(size: int, tile: int) -> int:

@@ -10,10 +10,12 @@ Two ways through a part:
 from __future__ import annotations
 
 import contextvars
+import warnings
 
 import torch
 from tqdm import tqdm
 
+from taesd.settings import parse_bytes
 from taesd.tiling import memory
 from taesd.tiling.plan import Pass, Plan, memory_overhead, plan, splits
 from taesd.tiling.receptive import PartAnalysis, analyse
@@ -21,6 +23,8 @@ from taesd.tiling.receptive import PartAnalysis, analyse
 # Untiled passes estimated below this never probe free memory (/proc/meminfo, cgroup files): a
 # preview-sized call costs nothing extra, and no machine that runs torch lacks this much.
 PROBE_ABOVE = 256 << 20
+# A budget whose plan is estimated at this many times the untiled work is reported before running.
+SLOW_FACTOR = 3.0
 
 # While a tile runs layer by layer: the output pixels per image that the layer being run has in the
 # untiled pass. An executor that picks its algorithm by map size (the CPU executor's Winograd
@@ -48,7 +52,10 @@ def run(model, part: str, x: torch.Tensor, tile_size=None, max_memory=None) -> t
     """Run ``part`` on a prepared batch, tiled when asked or when the untiled pass would not fit.
     The decoder's result is clamped to [0, 1]."""
     an = analyse(model, part)
-    p = choose_plan(an, pass_of(model, an, x), x.device, tile_size, max_memory)
+    pass_ = pass_of(model, an, x)
+    p = choose_plan(an, pass_, x.device, tile_size, max_memory)
+    if max_memory is not None and p.work >= SLOW_FACTOR:
+        warnings.warn(slow_budget_message(p, pass_, max_memory), stacklevel=3)
     if not p.tiled:
         y = model.run_part(part, x)
         return y.clamp(0, 1) if part == "decoder" else y
@@ -58,6 +65,15 @@ def run(model, part: str, x: torch.Tensor, tile_size=None, max_memory=None) -> t
         else:
             out = run_stages(an, x, p)
     return out.clamp_(0, 1) if part == "decoder" else out
+
+
+def slow_budget_message(p: Plan, pass_: Pass, max_memory) -> str:
+    """One line: what a small budget costs, said before the run."""
+    mib = parse_bytes(max_memory) / 2**20
+    chunk = "" if p.batch_chunk == pass_.batch else f", {p.batch_chunk} image(s) per call"
+    return (f"a memory budget of {mib:.3g} MiB cuts each image into {p.tiles(pass_.h, pass_.w)} tiles of "
+            f"{p.tile[0]}x{p.tile[1]} latent pixels{chunk}: about {p.work:.0f}x the work of an untiled "
+            f"pass; a larger budget runs faster")
 
 
 def _tiles(lat_h: int, lat_w: int, p: Plan, batch: int, desc: str):
