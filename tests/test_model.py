@@ -95,7 +95,7 @@ def test_small_calls_never_probe_free_memory(monkeypatch):
     """A 64 x 64 decode reads neither /proc/meminfo nor the cgroup files; a pass estimated above
     the probe bound does (once), so automatic tiling still protects large inputs."""
     from taesd import tiling
-    from taesd.tiling import execute, memory
+    from taesd.tiling import memory, runner
     probes = []
     real = memory.available_bytes
     monkeypatch.setattr(memory, "available_bytes", lambda: probes.append(1) or real())
@@ -104,6 +104,6 @@ def test_small_calls_never_probe_free_memory(monkeypatch):
     assert probes == []
     an = tiling.analyse(model, "decoder")
     big = tiling.Pass(1, 256, 256, 4, 3, overhead=1.2)
-    assert tiling.estimate_peak(an, big) > execute.PROBE_ABOVE
+    assert tiling.estimate_peak(an, big) > runner.PROBE_ABOVE
     tiling.choose_plan(an, big, torch.device("cpu"))
     assert probes == [1]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from taesd.settings import parse_bytes
 from taesd.tiling import memory
-from taesd.tiling.plan import Pass, Plan, memory_overhead, plan, splits
+from taesd.tiling.planner import Pass, Plan, memory_overhead, plan, splits
 from taesd.tiling.receptive import PartAnalysis, analyse
 
 # Untiled passes estimated below this never probe free memory (/proc/meminfo, cgroup files): a
