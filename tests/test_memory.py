@@ -124,13 +124,13 @@ def test_a_budget_that_makes_the_run_far_slower_says_so_up_front():
     import taesd
     from taesd.tiling import runner
     model = taesd.create("taesd", seed=0, parts="decoder")
-    latents = torch.randn(1, 4, 32, 32)
+    latents = torch.randn(1, 4, 24, 24)
     an = tiling.analyse(model, "decoder")
     pass_ = tiling.pass_of(model, an, latents)
-    tiny = tiling.plan(an, pass_, max_memory="2MiB")
-    assert tiny.work >= runner.SLOW_FACTOR and tiny.tile[0] < 8
-    with pytest.warns(UserWarning, match=r"2 MiB cuts each image into \d+ tiles .* the work of an untiled"):
-        model.decode(latents, max_memory="2MiB")
+    small = tiling.plan(an, pass_, max_memory="8MiB")
+    assert small.work >= runner.SLOW_FACTOR and small.tile == (8, 8)
+    with pytest.warns(UserWarning, match=r"8 MiB cuts each image into 9 tiles of 8x8 .* the work of an untiled"):
+        model.decode(latents, max_memory="8MiB")
     roomy = tiling.plan(an, pass_, max_memory="64MiB")
     assert roomy.work < runner.SLOW_FACTOR
     with warnings.catch_warnings():
