@@ -490,23 +490,16 @@ def planner_estimate_mib(name: str, op: str, size: int, batch: int, device: str,
     element size): what its memory bound is stated with."""
     if not (name.startswith("taesd") or name == "plain"):
         return None
+    from taesd import tiling
     from taesd.model import create
-    from taesd.runtime import tiling
 
     model = create(VARIANT)
     part = op + "r"
     an = tiling.analyse(model, part)
     h = size // 8
     esize = torch.tensor([], dtype=device_dtype(name, device)).element_size()
-    p = tiling.plan(
-        an,
-        batch,
-        h,
-        h,
-        esize,
-        an.layers[-1].out_channels,
-        max_memory=bound if name == "taesd-bounded" else None,
-    )
+    pass_ = tiling.Pass(batch, h, h, esize, an.layers[-1].out_channels, tiling.memory_overhead(model, an))
+    p = tiling.plan(an, pass_, max_memory=bound if name == "taesd-bounded" else None)
     return p.estimate / 2**20
 
 

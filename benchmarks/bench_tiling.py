@@ -89,9 +89,10 @@ def untiled_fits(size: int) -> bool:
     import psutil
 
     import taesd
-    from taesd.runtime.tiling import analyse, estimate_peak
-    an = analyse(taesd.create("taesd", parts="decoder"), "decoder")
-    need = estimate_peak(an, 1, size, size, size, size, 4, 3)
+    from taesd.tiling import Pass, analyse, estimate_peak, memory_overhead
+    model = taesd.create("taesd", parts="decoder")
+    an = analyse(model, "decoder")
+    need = estimate_peak(an, Pass(1, size, size, 4, 3, memory_overhead(model, an)))
     return need * 1.3 < psutil.virtual_memory().available
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import taesd
+from taesd import tiling
 from taesd.loader import load, with_executor
-from taesd.runtime import tiling
 from taesd.runtime.dtypes import default_dtype
 from taesd.runtime.executors import cuda, cuda_graphs
 
@@ -183,14 +183,15 @@ def test_fusion_probe_is_off_on_the_cpu():
 def test_memory_estimate_uses_the_run_dtype():
     model = taesd.create("taesd")
     an = tiling.analyse(model, "decoder")
-    fp32 = tiling.estimate_peak(an, 16, 128, 128, 128, 128, 4, 3)
-    fp16 = tiling.estimate_peak(an, 16, 128, 128, 128, 128, 2, 3)
+    an_overhead = tiling.memory_overhead(model, an)
+    fp32 = tiling.estimate_peak(an, tiling.Pass(16, 128, 128, 4, 3, an_overhead))
+    fp16 = tiling.estimate_peak(an, tiling.Pass(16, 128, 128, 2, 3, an_overhead))
     assert abs(fp16 * 2 - fp32) <= 2
     est = cuda.graph_bytes(model, "decoder")(None, torch.zeros(16, 4, 128, 128, dtype=torch.float16))
     assert est == fp16
     # The stated bound: batch 16 at 1024² in fp16, untiled ~9 GiB; with max_memory the plan stays under it.
     assert 8 * 2**30 < fp16 < 10 * 2**30
-    p = tiling.plan(an, 16, 128, 128, 2, 3, max_memory="2GiB")
+    p = tiling.plan(an, tiling.Pass(16, 128, 128, 2, 3, an_overhead), max_memory="2GiB")
     assert p.tiled and p.estimate <= 2 * 2**30
 
 

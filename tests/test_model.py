@@ -65,3 +65,45 @@ def test_wrong_channel_counts_are_one_line_errors():
         model.encode(torch.zeros(1, 1, 16, 16))
     with pytest.raises(taesd.TaesdError, match="not a multiple of 8"):
         model.encode(torch.zeros(1, 3, 20, 16))
+
+
+def test_encode_image_pads_any_size_and_decode_crops_back():
+    model = taesd.create("taesd", seed=0)
+    image = torch.rand(3, 37, 50)                    # neither side a multiple of 8
+    latents, size = taesd.encode_image(model, image)
+    assert size == (37, 50) and latents.shape == (1, 4, 5, 7)
+    # The padding repeats edge pixels: the same latents as padding by hand.
+    padded, _ = taesd.pad_to_multiple(image[None], 8)
+    assert torch.equal(latents, model.encode(padded))
+    out = model.decode(latents, size=size)
+    assert out.shape == (1, 3, 37, 50)
+    assert torch.equal(out, model.decode(latents)[..., :37, :50])
+    batch, size = taesd.encode_image(model, torch.rand(2, 3, 16, 9), tile_size=1)
+    assert batch.shape == (2, 4, 2, 2) and size == (16, 9)
+
+
+def test_decode_size_must_fit_the_latents():
+    model = taesd.create("taesd", seed=0, parts="decoder")
+    z = torch.zeros(1, 4, 2, 3)
+    assert model.decode(z, size=(16, 24)).shape[-2:] == (16, 24)    # the whole image is a size too
+    for bad in [(17, 24), (0, 5), (8,), "8x8", (8.5, 8)]:
+        with pytest.raises(taesd.TaesdError, match="at most the decoded 16x24"):
+            model.decode(z, size=bad)
+
+
+def test_small_calls_never_probe_free_memory(monkeypatch):
+    """A 64 x 64 decode reads neither /proc/meminfo nor the cgroup files; a pass estimated above
+    the probe bound does (once), so automatic tiling still protects large inputs."""
+    from taesd import tiling
+    from taesd.tiling import memory, runner
+    probes = []
+    real = memory.available_bytes
+    monkeypatch.setattr(memory, "available_bytes", lambda: probes.append(1) or real())
+    model = taesd.create("taesd", seed=0, parts="decoder")
+    assert model.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 64, 64)
+    assert probes == []
+    an = tiling.analyse(model, "decoder")
+    big = tiling.Pass(1, 256, 256, 4, 3, overhead=1.2)
+    assert tiling.estimate_peak(an, big) > runner.PROBE_ABOVE
+    tiling.choose_plan(an, big, torch.device("cpu"))
+    assert probes == [1]

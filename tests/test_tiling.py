@@ -7,7 +7,8 @@ import taesd
 from conftest import photo
 from taesd.cli import main
 from taesd.errors import TaesdError
-from taesd.runtime.tiling import analyse, parse_bytes, plan, splits
+from taesd.settings import parse_bytes
+from taesd.tiling import Pass, analyse, plan, splits
 
 TOL = 1e-5
 # Odd latent sizes, several tiles per side; f32/f16 images are 4x/2x larger per latent pixel.
@@ -96,11 +97,11 @@ def test_budget_picks_tiles_and_batch_chunks_within_it():
     model = taesd.create("taef1", seed=0, parts="decoder")
     an = analyse(model, "decoder")
     budget = 64 * 2**20
-    p = plan(an, 4, 40, 60, 4, 3, max_memory=budget)
+    p = plan(an, Pass(4, 40, 60, 4, 3, overhead=1.2), max_memory=budget)
     assert p.tiled and p.estimate <= budget and p.tile[0] < 40
-    untiled = plan(an, 4, 40, 60, 4, 3)
+    untiled = plan(an, Pass(4, 40, 60, 4, 3, overhead=1.2))
     assert untiled.estimate > budget
-    tight = plan(an, 4, 40, 60, 4, 3, max_memory=24 * 2**20)
+    tight = plan(an, Pass(4, 40, 60, 4, 3, overhead=1.2), max_memory=24 * 2**20)
     assert tight.batch_chunk < 4 and tight.estimate <= 24 * 2**20
     latents = torch.randn(2, 16, 13, 17)
     assert max_diff(model.decode(latents, max_memory="6MiB"), model.decode(latents)) <= TOL
@@ -108,9 +109,9 @@ def test_budget_picks_tiles_and_batch_chunks_within_it():
 
 def test_tiling_switches_on_by_itself_when_untiled_would_not_fit():
     an = analyse(taesd.create("taesd", seed=0, parts="decoder"), "decoder")
-    need = plan(an, 1, 64, 64, 4, 3).estimate
-    assert not plan(an, 1, 64, 64, 4, 3, available=need + 1).tiled
-    auto = plan(an, 1, 64, 64, 4, 3, available=need // 2)
+    need = plan(an, Pass(1, 64, 64, 4, 3, overhead=1.2)).estimate
+    assert not plan(an, Pass(1, 64, 64, 4, 3, overhead=1.2), available=need + 1).tiled
+    auto = plan(an, Pass(1, 64, 64, 4, 3, overhead=1.2), available=need // 2)
     assert auto.tiled and auto.estimate <= need // 2
 
 
@@ -200,12 +201,12 @@ def test_taef2_real_weights_winograd_tiling_is_seam_exact(taef2):
 
 def test_alignment_follows_the_winograd_grid(taef2):
     """Every crop start at a Winograd layer's input is a multiple of its tile size m."""
-    from taesd.runtime.tiling import input_alignment
+    from taesd.tiling.receptive import alignment_of, input_alignment
     an = analyse(taef2, "decoder")
     for i, layer in enumerate(an.module):
-        m = input_alignment(layer)
+        m = input_alignment(layer, alignment_of(taef2))
         assert an.align[i] % m == 0
-    assert max(input_alignment(layer) for layer in an.module) == 4
+    assert max(input_alignment(layer, alignment_of(taef2)) for layer in an.module) == 4
 
 
 def test_taef2_from_onnx_files_tiles(tmp_path):

@@ -10,7 +10,7 @@ Layout (imports flow one way, bottom to top; tests/test_layers.py enforces it):
     nn/                    layers and the published architectures
     io/                    files, images, latents, weight formats / identification / resolution
     value_checks           input checks (NaN/Inf, range), sync-free on a GPU
-    runtime/tiling         seam-exact tiling, planned from the layer list
+    tiling/                seam-exact tiling: receptive field, plan, run, free memory
     model                  TAESD: checks, run_part, encode/decode
     export/, runtime/      ONNX export; executors (runtime/executors: cpu, cuda, compile,
                            onnxruntime, plain; one resolve), previews
@@ -21,13 +21,14 @@ from taesd.errors import TaesdError
 from taesd.io.images import load_image, pad_to_multiple, save_image
 from taesd.io.latents import load_latents, save_latents
 from taesd.loader import load
-from taesd.model import TAESD, count_parameters, create
+from taesd.model import TAESD, count_parameters, create, encode_image
 from taesd.registry import VARIANTS, Variant, get_variant, list_variants
 from taesd.value_checks import raise_pending as raise_input_errors
 from taesd.version import __version__
 
 __all__ = ["TAESD", "TaesdError", "VARIANTS", "Variant", "count_parameters", "create", "get_variant",
-           "list_variants", "load", "load_image", "load_latents", "pad_to_multiple", "raise_input_errors",
+           "encode_image", "list_variants", "load", "load_image", "load_latents", "pad_to_multiple",
+           "raise_input_errors",
            "save_image", "save_latents", "__version__"]
 
 

@@ -2,17 +2,21 @@
 the checks around them: images and latents in, tiled when asked or when memory is short.
 
 ``run_part`` is the single place that executes the network; the executors in ``taesd.runtime``
-(fast CPU path, ONNX Runtime) change how it runs, never what it computes.
+(fast CPU path, ONNX Runtime) change how it runs, never what it computes. Tiling
+(``taesd.tiling``) asks the executor (``model.executor``) only for alignment and memory overhead.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn as nn
 
+from taesd import tiling
 from taesd.errors import TaesdError
+from taesd.io.images import pad_to_multiple
 from taesd.nn.arch import build_decoder, build_encoder
 from taesd.registry import VARIANTS, Variant, get_variant
-from taesd.runtime import tiling
 from taesd.value_checks import check_values
 
 
@@ -27,6 +31,10 @@ class TAESD(nn.Module):
     ``decode``: latents -> images clamped to [0, 1].
     Either part may be absent (``parts=("encoder",)``), e.g. when only one weight file exists.
     """
+
+    # How the parts run (taesd.runtime); None: the plain modules. Tiling asks it for
+    # ``tile_alignment(conv)`` and ``memory_overhead``.
+    executor = None
 
     def __init__(self, variant: str | Variant, parts=("encoder", "decoder")):
         super().__init__()
@@ -109,19 +117,39 @@ class TAESD(nn.Module):
 
     def encode(self, images: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
         """``tile_size`` (latent pixels) / ``max_memory`` (bytes or "1GiB"): seam-exact tiling; with
-        neither, tiling switches on when the untiled pass would not fit (see taesd.runtime.tiling)."""
+        neither, tiling switches on when the untiled pass would not fit (see taesd.tiling).
+        Image sides must be multiples of the variant's downscale; ``encode_image`` pads any size."""
         self.part("encoder")
         with torch.inference_mode():
             # contiguous: the fast executor works channels_last; callers get the standard layout
             x = self.prepare_images(images)
             return tiling.run(self, "encoder", x, tile_size, max_memory).contiguous()
 
-    def decode(self, latents: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
-        """Latents -> images in [0, 1]; tiling options as in ``encode``."""
+    def decode(self, latents: torch.Tensor, tile_size=None, max_memory=None,
+               size: "tuple[int, int] | None" = None) -> torch.Tensor:
+        """Latents -> images in [0, 1]; tiling options as in ``encode``. ``size`` (h, w): crop the
+        images to it (the size ``encode_image`` returned for a padded image)."""
         self.part("decoder")
         with torch.inference_mode():
             z = self.prepare_latents(latents)
-            return tiling.run(self, "decoder", z, tile_size, max_memory).contiguous()
+            if size is not None:
+                size = self._check_size(size, z)
+            images = tiling.run(self, "decoder", z, tile_size, max_memory)
+            if size is not None:
+                images = images[..., :size[0], :size[1]]
+            return images.contiguous()
+
+    def _check_size(self, size, z: torch.Tensor) -> tuple[int, int]:
+        """``size`` as (h, w) within what the latents ``z`` decode to, else a one-line error."""
+        full_h, full_w = (n * self.variant.downscale for n in z.shape[-2:])
+        try:
+            h, w = (operator.index(n) for n in size)   # whole numbers only (numpy's too)
+        except (TypeError, ValueError):
+            h = w = 0
+        if isinstance(size, (str, bytes)) or not (0 < h <= full_h and 0 < w <= full_w):
+            raise TaesdError(f"size must be (height, width) in pixels, at most the decoded "
+                             f"{full_h}x{full_w}; got {size!r}")
+        return h, w
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Round trip: encode then decode (differentiable, for training)."""
@@ -142,6 +170,17 @@ def check_image_values(images: torch.Tensor) -> None:
 def _guess_variant_hint(channels: int) -> str:
     names = [v.name for v in VARIANTS.values() if v.latent_channels == channels]
     return f" (those fit {'/'.join(names)})" if names else ""
+
+
+def encode_image(model: TAESD, image: torch.Tensor, tile_size=None, max_memory=None
+                 ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Encode an image (C x H x W) or batch (N x C x H x W) of any size: padded at the bottom/right
+    with edge pixels to the variant's downscale multiple. Returns (latents N x C x h x w, (H, W));
+    ``model.decode(latents, size=(H, W))`` gives back images of the original size."""
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+        raise TaesdError("images must be a tensor N x C x H x W (or C x H x W) with values in [0, 1]")
+    padded, size = pad_to_multiple(image if image.ndim == 4 else image[None], model.variant.downscale)
+    return model.encode(padded, tile_size=tile_size, max_memory=max_memory), (int(size[0]), int(size[1]))
 
 
 def create(variant: str | Variant, parts=("encoder", "decoder"), device=None,

@@ -140,3 +140,24 @@ def cudnn_benchmark() -> bool:
 
 def image_cache() -> int:
     return int(number("TAESD_IMAGE_CACHE", 64))
+
+
+# ---------------------------------------------------------------- byte sizes (--max-memory, max_memory=)
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+              "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: "int | float | str") -> int:
+    """``1073741824``, ``"1GiB"``, ``"512 MB"``, ``"1.5g"`` -> bytes (k/M/G are 1000-based,
+    KiB/MiB/GiB 1024)."""
+    import re
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise TaesdError(f"memory budget must be positive, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in SIZE_UNITS or float(m.group(1)) <= 0:
+        raise TaesdError(f"cannot read memory size {value!r}; write e.g. 1GiB, 512MiB, 2GB or a byte count")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])

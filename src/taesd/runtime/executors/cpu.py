@@ -43,14 +43,11 @@ import torch.nn as nn
 
 from taesd import settings
 from taesd.nn.layers import Block
-from taesd.runtime import memory, winograd
+from taesd.runtime import winograd
 from taesd.runtime.executors.base import Executor, eager_only, swap, unswap, without_caches
-from taesd.runtime.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
-
-try:   # the tiling package (taesd.tiling); the fallback goes when every branch has moved
-    from taesd.tiling.run import untiled_pixels
-except ImportError:
-    from taesd.runtime.tiling import untiled_pixels
+from taesd.tiling import memory
+from taesd.tiling.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
+from taesd.tiling.runner import untiled_pixels
 
 MMAP_THRESHOLD = 1 << 30      # blocks below 1 GiB come from the heap, not a fresh mmap
 # Keep up to 2 GiB of freed heap instead of returning it at once: a 1024² encode has ~1 GiB of

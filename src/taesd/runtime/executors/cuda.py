@@ -46,12 +46,7 @@ from taesd.runtime.executors.cuda_graphs import (
     capture_cuda_graph,
     graphable,
 )
-
-try:   # the tiling package (taesd.tiling); the fallback goes when every branch has moved
-    from taesd.tiling import analyse, estimate_peak
-except ImportError:
-    from taesd.runtime.tiling import analyse, estimate_peak
-
+from taesd.tiling import analyse, estimate_peak, pass_of
 
 # ---------------------------------------------------------------- fused cuDNN kernels
 
@@ -171,8 +166,7 @@ def graph_bytes(model, part: str) -> Callable:
 
     def estimate(_key, x: torch.Tensor) -> int:
         an = analyse(model, part)
-        h, w = x.shape[-2] // an.in_per_latent, x.shape[-1] // an.in_per_latent
-        return estimate_peak(an, x.shape[0], h, w, h, w, x.element_size(), an.layers[-1].out_channels)
+        return estimate_peak(an, pass_of(model, an, x))
 
     return estimate
 

@@ -22,11 +22,7 @@ from taesd.model import TAESD
 from taesd.nn.arch import build_part
 from taesd.registry import get_variant, normalize_parts
 from taesd.runtime.executors.base import Executor
-
-try:   # the tiling package (taesd.tiling); the fallback goes when every branch has moved
-    from taesd.tiling.receptive import is_global
-except ImportError:
-    from taesd.runtime.tiling import is_global
+from taesd.tiling.receptive import is_global
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 

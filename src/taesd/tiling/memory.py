@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from taesd import settings
+
 CGROUP_ENV = "TAESD_CGROUP_DIR"
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 # cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number (or close to it).
@@ -97,8 +99,8 @@ def own_cgroups(proc_cgroup: str = "/proc/self/cgroup", mount: Path = CGROUP_MOU
 
 def cgroup_available() -> "int | None":
     """The smallest headroom of any limiting cgroup this process is in (None: no limit found)."""
-    override = os.environ.get(CGROUP_ENV)
-    folders = [Path(override)] if override else own_cgroups()
+    override = settings.cgroup_dir()
+    folders = [override] if override else own_cgroups()
     rooms = [r for r in (cgroup_headroom(f) for f in folders) if r is not None]
     return min(rooms) if rooms else None
 
@@ -110,6 +112,15 @@ def available_bytes() -> int:
     return host if room is None else min(host, room)
 
 
+def available_memory(device) -> int:
+    """Free bytes for activations: the GPU's free memory, or what this process may still allocate
+    on the host (``available_bytes``)."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.mem_get_info(device)[0]
+    return available_bytes()
+
+
 # ---------------------------------------------------------------- glibc allocator thresholds
 
 # glibc mallopt parameters (malloc.h)
@@ -118,6 +129,9 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 # freed: a heap that keeps freed activations for reuse fragments (tiles of a new size do not fit
 # the holes) and held ~45% more than was live at once (docs/tiling.md).
 BUDGET_MMAP_THRESHOLD = 4 << 20
+# Where glibc's dynamic mmap threshold ends up once a process has freed a few large blocks (its
+# DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): restored after a budgeted run in a process nobody tuned.
+GLIBC_DYNAMIC_MAX = 32 << 20
 
 _lock = threading.Lock()
 _tuned: "dict[int, int]" = {}     # the process's tuned settings (param -> value); empty: glibc's own
@@ -135,24 +149,25 @@ def _mallopt():
     return fn
 
 
-def set_allocator(settings: "dict[int, int]") -> bool:
+def set_allocator(values: "dict[int, int]") -> bool:
     """Apply mallopt settings for the whole process and remember them; False where not glibc."""
     fn = _mallopt()
     if fn is None:
         return False
     with _lock:
-        ok = all(fn(param, value) == 1 for param, value in settings.items())
+        ok = all(fn(param, value) == 1 for param, value in values.items())
         if ok:
-            _tuned.update(settings)
+            _tuned.update(values)
     return ok
 
 
 @contextlib.contextmanager
 def budgeted_allocations():
     """While inside (any thread): big blocks are mmapped and unmapped on free, so the process's
-    resident memory follows what is live. A no-op unless the allocator was tuned to keep blocks."""
+    resident memory follows what is live (measured: glibc's heap otherwise keeps freed activations,
+    fragmented, 25-85% above the budget). A no-op with ``TAESD_MALLOPT=0``."""
     global _budget_users
-    fn = _mallopt() if _tuned else None
+    fn = _mallopt() if settings.mallopt() else None
     if fn is None:
         yield
         return
@@ -165,5 +180,5 @@ def budgeted_allocations():
     finally:
         with _lock:
             _budget_users -= 1
-            if _budget_users == 0 and M_MMAP_THRESHOLD in _tuned:
-                fn(M_MMAP_THRESHOLD, _tuned[M_MMAP_THRESHOLD])
+            if _budget_users == 0:
+                fn(M_MMAP_THRESHOLD, _tuned.get(M_MMAP_THRESHOLD, GLIBC_DYNAMIC_MAX))
