@@ -83,7 +83,8 @@ def gemm_weights(weight: torch.Tensor) -> torch.Tensor:
 def _cached(module: nn.Module, name: str, make) -> torch.Tensor:
     """A weight derived from ``module.weight``, remade when the weight changes (in place or not)."""
     w = module.weight
-    key = (w.data_ptr(), w.dtype, w.device, w._version)
+    version = None if w.is_inference() else w._version  # inference tensors have no version counter
+    key = (w.data_ptr(), w.dtype, w.device, version)
     hit = module.__dict__.get(name)
     if hit is None or hit[0] != key:
         with torch.no_grad():
