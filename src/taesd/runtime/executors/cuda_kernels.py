@@ -59,19 +59,17 @@ def available(device="cuda") -> bool:
 
 def tconv_weight(weight: torch.Tensor) -> torch.Tensor:
     """3x3 conv weights (O, I, 3, 3) -> the stride-2 transposed-conv weights (I, O, 4, 4) of
-    nearest-2x-upsample-then-conv (padding 1). Sums in fp32, then the weight's dtype."""
-    taps = TCONV_TAPS.to(weight.device)
-    return torch.einsum("tk,oikl,ul->iotu", taps, weight.float(), taps).to(weight.dtype)
+    nearest-2x-upsample-then-conv (padding 1). Sums in fp64, then the weight's dtype."""
+    taps = TCONV_TAPS.to(weight.device, torch.float64)
+    return torch.einsum("tk,oikl,ul->iotu", taps, weight.double(), taps).to(weight.dtype)
 
 
 def phase_weights(weight: torch.Tensor) -> torch.Tensor:
     """3x3 conv weights (O, I, 3, 3) -> the four 2x2 phase kernels laid out for the Triton kernel:
     (phase = 2a + b, tap row, tap col, I, O), contiguous."""
-    out = [
-        torch.einsum("ik,ockl,jl->ijco", PHASE_TAPS[a].to(weight.device), weight.float(),
-                     PHASE_TAPS[b].to(weight.device))
-        for a in (0, 1) for b in (0, 1)
-    ]
+    taps = [t.to(weight.device, torch.float64) for t in PHASE_TAPS]
+    w = weight.double()
+    out = [torch.einsum("ik,ockl,jl->ijco", taps[a], w, taps[b]) for a in (0, 1) for b in (0, 1)]
     return torch.stack(out).to(weight.dtype).contiguous()
 
 
@@ -268,7 +266,7 @@ def _upsample_pair(up: nn.Module, conv: nn.Module) -> bool:
             and up.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)) and _is_3x3(conv) and conv.stride == (1, 1))
 
 
-def rewrite(seq: nn.Sequential, subpixel: "str | None" = "tconv", triton_convs: bool = False) -> nn.Sequential:
+def rewrite(seq: nn.Sequential, subpixel: "str | None" = "tconv", triton_convs: bool = False):
     """Swap our kernels into ``seq`` in place and return it: every nearest-2x Upsample + 3x3 conv
     pair becomes ``FoldedUpsample`` + ``SubpixelConv2d`` (``subpixel``: "tconv", "triton", or None to
     keep the pair), and with ``triton_convs`` every other 3x3 conv runs ``conv3x3_nhwc`` and every
