@@ -219,7 +219,13 @@ class SubpixelConv2d(nn.Conv2d):
         if self.__dict__.get("subpixel_mode") == "triton" and _triton_ok(x):
             weights = _cached(self, "_phase_w", phase_weights)
             return conv3x3_nhwc(x.contiguous(memory_format=torch.channels_last), weights, self.bias, phases=4)
-        return F.conv_transpose2d(x, _cached(self, "_tconv_w", tconv_weight), self.bias, stride=2, padding=1)
+        weight = _cached(self, "_tconv_w", _tconv_weight_nhwc)
+        return F.conv_transpose2d(x, weight, self.bias, stride=2, padding=1)
+
+
+def _tconv_weight_nhwc(weight: torch.Tensor) -> torch.Tensor:
+    """``tconv_weight`` in channels_last, the layout cuDNN's NHWC kernels read without a transpose."""
+    return tconv_weight(weight).contiguous(memory_format=torch.channels_last)
 
 
 def _triton_conv(conv: nn.Conv2d, x, residual=None, relu=False) -> torch.Tensor:
