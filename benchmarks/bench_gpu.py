@@ -18,6 +18,7 @@ sizes (the smoke test of the harness, tests/test_cuda_path.py). benchmarks/gpu_c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -138,6 +139,13 @@ def network_gflop(op: str, size: int, batch: int) -> float:
 
 
 def traffic_bytes(op: str, size: int, batch: int, esize: int) -> float:
+    """The memory-traffic floor of a pass in bytes (``_traffic_elements`` scaled by area)."""
+    small, total = _traffic_elements(op)
+    return total * esize * batch * (size / small) ** 2
+
+
+@functools.lru_cache(maxsize=None)
+def _traffic_elements(op: str) -> "tuple[int, int]":
     """The memory-traffic floor of a layer-by-layer pass: every convolution reads its input and writes
     its output once, a block's residual is read once more, pointwise ops are fused, and a conv after
     an upsample reads the small map (upsampled on the fly). Counted at 64² and scaled by area."""
@@ -168,7 +176,7 @@ def traffic_bytes(op: str, size: int, batch: int, esize: int) -> float:
         module(x)
     for h in handles:
         h.remove()
-    return total * esize * batch * (size / small) ** 2
+    return small, total
 
 
 def known_gpu(name: str) -> "tuple[str, float, float] | None":
