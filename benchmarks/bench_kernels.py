@@ -53,7 +53,11 @@ def timed(fn, device: str, calls: int = 10, trials: int = 5) -> float:
     return best
 
 
-def layer_paths(kind: str, x, w, b, r, kernels, device: str) -> dict:
+# Launch shapes tried for the Triton kernel (block_m, num_warps, num_stages); the best is a row.
+SWEEP = [(64, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 2)]
+
+
+def layer_paths(kind: str, x, w, b, r, kernels, device: str, sweep: bool = False) -> dict:
     """path name -> zero-argument call, for one layer ``kind`` on input ``x`` (weights ``w``, bias
     ``b``, residual ``r``); paths that cannot run here are left out."""
     args = ([1, 1], [1, 1], [1, 1], 1)
@@ -78,11 +82,22 @@ def layer_paths(kind: str, x, w, b, r, kernels, device: str) -> dict:
             F.interpolate(x, scale_factor=2, mode="nearest"), w, None, padding=1
         )
         if kernels is not None:
-            tw = kernels.tconv_weight(w)
+            tw = kernels.tconv_weight(w).contiguous(memory_format=torch.channels_last)
             paths["subpixel-tconv"] = lambda: F.conv_transpose2d(x, tw, None, stride=2, padding=1)
         if triton_ok:
             pw = kernels.phase_weights(w)
             paths["subpixel-triton"] = lambda: kernels.conv3x3_nhwc(x, pw, None, phases=4)
+    if triton_ok and sweep:  # the same Triton call at other launch shapes
+        name = "subpixel-triton" if kind == "upsample+conv" else "triton"
+        call = {
+            "conv+relu": lambda cfg: kernels.conv3x3_nhwc(x, gw, b, relu=True, config=cfg),
+            "conv+residual+relu": lambda cfg: kernels.conv3x3_nhwc(x, gw, b, r, relu=True, config=cfg),
+            "upsample+conv": lambda cfg: kernels.conv3x3_nhwc(x, pw, None, phases=4, config=cfg),
+        }[kind]
+        for bm, warps, stages in SWEEP:
+            cfg = {"block_m": bm, "num_warps": warps, "num_stages": stages}
+            if any(cfg[k] != kernels.CONFIG[k] for k in cfg):
+                paths[f"{name}@{bm}/{warps}/{stages}"] = lambda cfg=cfg: call(cfg)
     return paths
 
 
@@ -98,8 +113,8 @@ def cases(small: bool) -> list[tuple[str, int, int, int]]:
     """(layer kind, channels, input map side, batch): the decoder's layers at a 512² decode."""
     c, maps, batches = (16, (8, 16), (1, 2)) if small else (64, (64, 128, 256, 512), (1, 16))
     out = []
-    for batch in batches:
-        for side in maps:
+    for side in maps:  # batch 1 and 16 side by side, so a spent time budget cuts the biggest maps only
+        for batch in batches:
             out += [("conv+relu", c, side, batch), ("conv+residual+relu", c, side, batch)]
             if side < maps[-1]:
                 out.append(("upsample+conv", c, side, batch))
@@ -136,7 +151,7 @@ def run(args) -> int:
         flop = 2 * batch * out_side**2 * c * c * 9
         traffic = x.nbytes + batch * c * out_side**2 * x.element_size() * (2 if kind.startswith("conv+res") else 1)
         base = None
-        for path, fn in layer_paths(kind, x, w, b, r, kernels, device).items():
+        for path, fn in layer_paths(kind, x, w, b, r, kernels, device, args.sweep).items():
             try:
                 with torch.inference_mode():
                     err = (fn().float() - ref).abs().max().item()
@@ -159,22 +174,32 @@ def write(path, rows, device, dtype, c) -> None:
         "",
         f"{device}, {str(dtype).removeprefix('torch.')}, {c} channels, NHWC (channels_last); us per call: "
         "CUDA events around 10 calls, best of 5; min traffic: input + output (+ residual) once; "
-        "max abs diff against the fp32 conv of the same inputs. 'map' is the layer's input side.",
+        "max abs diff against the fp32 conv of the same inputs. 'map' is the layer's input side. "
+        "triton@M/W/S: the Triton kernel at block_m M, W warps, S stages (only the fastest of the sweep "
+        "is shown; plain 'triton' is cuda_kernels.CONFIG).",
         "",
         "| layer | map | batch | path | us/call | TFLOP/s | min-traffic GB/s | x vs cudnn | max abs diff |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     best: dict = {}
+    best_triton: dict = {}  # of the Triton launch shapes, only the fastest gets a row
+    for kind, side, batch, p, t, *_ in rows:
+        if t is not None and "triton" in p:
+            key = (kind, side, batch)
+            if key not in best_triton or t < best_triton[key][1]:
+                best_triton[key] = (p, t)
     for kind, side, batch, p, t, tflops, gbps, extra in rows:
         if t is None:
             lines.append(f"| {kind} | {side}² | {batch} | {p} | {extra or '-'} | - | - | - | - |")
+            continue
+        key = (kind, side, batch)
+        if "@" in p and best_triton.get(key, (None,))[0] != p:
             continue
         speedup, err = extra
         lines.append(
             f"| {kind} | {side}² | {batch} | {p} | {1e6 * t:.1f} | {tflops:.1f} | {gbps:.0f} "
             f"| {'-' if speedup is None else f'{speedup:.2f}'} | {err:.1e} |"
         )
-        key = (kind, side, batch)
         if key not in best or t < best[key][1]:
             best[key] = (p, t)
     lines += ["", "Fastest path per layer:", ""]
@@ -194,6 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--small", action="store_true", help="tiny shapes (the CPU smoke run)")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--sweep", action="store_true", help="also time the Triton kernel at other launch shapes")
     p.add_argument("--budget-s", type=float, default=60)
     p.add_argument("-o", "--output", default=str(HERE / "KERNELS.md"))
     return run(p.parse_args(argv))

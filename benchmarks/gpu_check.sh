@@ -99,8 +99,8 @@ else
   dev=cuda small=""
   output=${output:-${OUT:+$OUT/GPU.md}}
   output=${output:-benchmarks/GPU.md}
-  acc_size=512 calls="" rounds=""
-  lim_acc=90 lim_nan=45 lim_tests=75 lim_kernels=45
+  acc_size=512 calls="--sweep" rounds=""
+  lim_acc=90 lim_nan=45 lim_tests=75 lim_kernels=60
 fi
 
 # ---- facts and carried wheels
@@ -165,7 +165,7 @@ if [ -n "$pre_pid" ]; then
   stamp "precompiled: $(cat "$logdir/precompiled.json" 2>/dev/null)"
 fi
 section kernels "$(min $lim_kernels "$(left 90)")" "$PY" benchmarks/bench_kernels.py --device $dev $small $calls \
-  --budget-s 30 -o "$logdir/kernels.md"
+  --budget-s $(( lim_kernels - 15 )) -o "$logdir/kernels.md"
 bench_left=$(left 20)
 section bench "$bench_left" "$PY" benchmarks/bench_gpu.py --device $dev $small $rounds $compile_names \
   --budget-s "$(( bench_left > 50 ? bench_left - 40 : 10 ))" --config-reserve-s 12 --compile-reserve-s 30 \

@@ -164,11 +164,18 @@ def _pow2(v: int, lo: int, hi: int) -> int:
     return p
 
 
-def conv3x3_nhwc(x, weights, bias=None, residual=None, relu=False, stride=1, phases=1,
-                 block_m: int = 128):
+# Launch shape of conv3x3_nhwc: rows of output pixels per program, warps, pipelining depth.
+# benchmarks/bench_kernels.py sweeps alternatives on the GPU and reports the fastest.
+CONFIG = {"block_m": 128, "num_warps": 4, "num_stages": 2}
+
+
+def conv3x3_nhwc(x, weights, bias=None, residual=None, relu=False, stride=1, phases=1, config=None):
     """One launch: y = [relu](conv(x) + bias [+ residual]), NHWC in and out (channels_last NCHW
     tensors). ``weights`` from ``gemm_weights`` (phases=1, 3x3 taps, ``stride`` 1 or 2, padding 1)
-    or ``phase_weights`` (phases=4: nearest-2x upsample + 3x3 conv, output twice the size)."""
+    or ``phase_weights`` (phases=4: nearest-2x upsample + 3x3 conv, output twice the size).
+    ``config``: launch shape overrides of ``CONFIG``."""
+    cfg = {**CONFIG, **(config or {})}
+    block_m = cfg["block_m"]
     if triton is None:
         raise RuntimeError("triton is not installed")
     n, c, h, w = x.shape
@@ -192,7 +199,7 @@ def conv3x3_nhwc(x, weights, bias=None, residual=None, relu=False, stride=1, pha
         r.stride(0), r.stride(2), r.stride(3), r.stride(1),
         C=c, STRIDE=stride, TAPS=taps, PHASES=phases, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=2,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 
