@@ -93,7 +93,7 @@ if [ "$mode" = smoke ]; then
   output=${output:-${TMPDIR:-/tmp}/GPU-cpu-smoke.md}
   "$PY" -c "import triton" 2>/dev/null && export TRITON_INTERPRET=1  # Triton kernels in its interpreter
   acc_size=32 calls="--calls 1 --trials 1" rounds="--rounds 1 --per-turn 1 --warmup 1 --bound 1MiB"
-  [ "$budget" = 465 ] && budget=270
+  [ "$budget" = 465 ] && budget=240
   lim_acc=80 lim_nan=30 lim_tests=40 lim_kernels=40
 else
   dev=cuda small=""
