@@ -134,7 +134,7 @@ def test_triton_conv_matches_conv2d(interpret, c, o, stride, residual, relu, dty
 
     out = ck.conv3x3_nhwc(cast(x), ck.gemm_weights(cast(conv.weight)), cast(conv.bias), cast(r), relu, stride)
     assert out.is_contiguous(memory_format=cl) and out.shape == ref.shape
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    tol = 1e-4 if dtype == torch.float32 and not CUDA else 2e-2  # fp32 tl.dot is TF32 on a GPU
     torch.testing.assert_close(out.float().cpu(), ref.detach(), atol=tol, rtol=tol)
 
 
@@ -148,24 +148,27 @@ def test_triton_phase_kernel_is_upsample_then_conv(interpret, dtype):
     xs = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     out = ck.conv3x3_nhwc(xs, ck.phase_weights(conv.weight.detach().to(DEVICE, dtype)),
                           conv.bias.detach().to(DEVICE, dtype), phases=4)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    tol = 1e-4 if dtype == torch.float32 and not CUDA else 2e-2
     torch.testing.assert_close(out.float().cpu(), ref, atol=tol, rtol=tol)
 
 
 @needs_triton
 def test_triton_rewrite_matches_the_plain_network(interpret):
-    model = taesd.create("taesd", seed=0).to(DEVICE)
-    plain = copy.deepcopy(model)
+    plain = taesd.create("taesd", seed=0).to(DEVICE)
+    model = copy.deepcopy(plain).to(torch.float16 if CUDA else torch.float32)  # fp16: what runs on a GPU
+    tol = 3e-2 if CUDA else 1e-4
     for part in model.parts:
         ck.rewrite(model.part(part), subpixel="triton", triton_convs=True)
     assert any(type(m).__name__ == "TritonBlock" for m in model.decoder.modules())
     assert any(type(m).__name__ == "TritonConv2d" for m in model.encoder.modules())
     gen = torch.Generator().manual_seed(2)
-    z = torch.randn(1, 4, 4, 4, generator=gen).to(DEVICE)
-    x = torch.rand(1, 3, 32, 32, generator=gen).to(DEVICE)
+    z = torch.randn(1, 4, 2, 2, generator=gen).to(DEVICE)  # small: the interpreter runs each program
+    x = torch.rand(1, 3, 16, 16, generator=gen).to(DEVICE)
     with torch.inference_mode():
-        torch.testing.assert_close(model.decoder(z), plain.decoder(z), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(model.encoder(x), plain.encoder(x), atol=1e-4, rtol=1e-4)
+        for part, inp in ((model.decoder, z), (model.encoder, x)):
+            ref = (plain.decoder if part is model.decoder else plain.encoder)(inp)
+            out = part(inp.to(model.dtype)).float()
+            torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 @needs_triton
