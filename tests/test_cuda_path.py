@@ -255,7 +255,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
-    for heading in ("## Machine", "## Targets (issue 15)", "## Speed", "## Accuracy", "## Notes"):
+    for heading in ("## Machine", "## Targets (issue 19)", "## Speed", "## Accuracy", "## Notes"):
         assert heading in text
     assert (
         "| decode | 32² | 1 | taesd | float32 |" in text and "| decode | 32² | 1 | plain | float32 |" in text
