@@ -11,7 +11,9 @@ import torch
 import taesd
 from conftest import ROOT
 from taesd.cli import main
-from taesd.io.weights.formats import FORMATS, read_source, save_weights, state_dicts
+from taesd.io.weights.layouts import FORMATS
+from taesd.io.weights.source import read_source
+from taesd.io.weights.write import save_weights, state_dicts
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -27,6 +29,8 @@ def fresh_parts(name, dtype=torch.float16):
 def test_every_format_round_trips_bit_exactly(tmp_path, name):
     parts = fresh_parts(name)
     formats = [f for f in FORMATS if f != "diffusers" or taesd.get_variant(name).arch == "base"]
+    if name == "taesana":   # ComfyUI has no Sana network: refused (test_weights_guards.py)
+        formats.remove("comfyui")
     for fmt in formats:
         written = save_weights(parts, name, fmt, tmp_path / fmt)
         got = {}

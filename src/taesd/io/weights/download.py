@@ -19,7 +19,9 @@ import json
 import os
 import re
 import socket
+import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -247,25 +249,48 @@ def fetch(src: WeightFile, progress: bool = True) -> Path:
 
 
 def probe(url: str) -> None:
-    """Fail fast, in one line, when ``url``'s host does not answer within ``PROBE_TIMEOUT`` seconds
-    (refused, unknown name, silence); remembered for the rest of the process. Any HTTP answer passes."""
-    host = "/".join(url.split("/", 3)[:3])
+    """Fail fast, in one line, when ``url``'s host (or the proxy in front of it) does not answer within
+    ``PROBE_TIMEOUT`` seconds: refused, unknown name, unreachable, silence. It sends no HTTP request for
+    a file: https hosts answer with a TLS handshake, http hosts to ``OPTIONS /``. Remembered for the
+    rest of the process (a host that answered is not asked again)."""
+    parts = urllib.parse.urlsplit(url)
+    host = f"{parts.scheme}://{parts.netloc}"
     if host in _reachable:
         return
     if host in _unreachable:
         raise DownloadFailed(f"{host} cannot be reached ({_unreachable[host]})")
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": f"taesd/{__version__}"})
+    proxy = _proxy_for(parts)
+    https = parts.scheme == "https"
+    target = proxy or (parts.hostname, parts.port or (443 if https else 80))
     try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT):
-            _reachable.add(host)
-            return
-    except urllib.error.HTTPError:
-        _reachable.add(host)
-        return   # the host answers; the download reports the status
-    except (urllib.error.URLError, http.client.HTTPException, OSError, socket.timeout) as e:
-        reason = getattr(e, "reason", e)
-        _unreachable[host] = _short(reason if isinstance(reason, BaseException) else e)
-        raise DownloadFailed(f"{host} cannot be reached ({_unreachable[host]})") from e
+        with socket.create_connection(target, timeout=PROBE_TIMEOUT) as sock:
+            if proxy is None and https:
+                try:
+                    ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname).close()
+                except ssl.SSLError:
+                    pass   # it answered; the download reports what is wrong with its certificate
+            elif proxy is None:
+                ask = f"OPTIONS / HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"
+                sock.sendall(ask.encode())
+                if not sock.recv(1):
+                    raise ConnectionError("it closed the connection without an answer")
+    except socket.timeout:
+        _unreachable[host] = f"no answer within {PROBE_TIMEOUT:g} s"
+    except OSError as e:
+        _unreachable[host] = _short(e)
+    if host in _unreachable:
+        raise DownloadFailed(f"{host} cannot be reached ({_unreachable[host]})")
+    _reachable.add(host)
+
+
+def _proxy_for(parts) -> tuple[str, int] | None:
+    """The (host, port) of the proxy urllib/httpx would use for this URL, or None."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return (p.hostname, p.port or 80) if p.hostname else None
 
 
 def _short(e: BaseException) -> str:
