@@ -169,6 +169,8 @@ def test_pth_whose_tensors_share_storage_reads_right_and_converts(tmp_path):
     for k, t in sd.items():            # every tensor a view into one storage
         shared[k] = flat[offset:offset + t.numel()].view(t.shape)
         offset += t.numel()
+    shared["1.conv.2.weight"] = shared["1.conv.0.weight"]   # tied: one tensor under two keys
+    sd["1.conv.2.weight"] = sd["1.conv.0.weight"]
     torch.save(shared, tmp_path / "taesd_encoder.pth")
     src = read_source(tmp_path / "taesd_encoder.pth")
     assert all(torch.equal(src.parts["encoder"][k], sd[k]) for k in sd)
