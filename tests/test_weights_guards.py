@@ -313,3 +313,26 @@ def test_every_caller_uses_the_one_resolver():
             assert "def fetch_parts(" not in text and "def sources_for(" not in text, rel
     for rel in ("io/weights/download.py", "io/weights/source.py", "cli/download.py"):
         assert "hashlib" not in (src / rel).read_text(), rel   # weight hashing lives in io/weights/read.py
+
+
+def test_from_pretrained_hub_errors_reach_the_user_in_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    from huggingface_hub import constants as hf_constants
+
+    from taesd.integrations.diffusers.model import TaesdVAE
+    for var in ("TAESD_WEIGHTS", "TAESD_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TAESD_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_refusing_port()}")
+    with pytest.raises(TaesdError) as e:       # a repo outside the registry: its own hub error
+        TaesdVAE.from_pretrained("someone/my-taef2", taesd_variant="taef2")
+    text = str(e.value)
+    assert "someone/my-taef2" in text and "cannot be reached" in text and "\n" not in text
+    monkeypatch.setenv("TAESD_OFFLINE", "1")
+    with pytest.raises(TaesdError) as e:       # a published repo: the one resolver, and what to do
+        TaesdVAE.from_pretrained("madebyollin/taef2")
+    text = str(e.value)
+    assert text.startswith("no weights found for the taef2 encoder") and "TAESD_WEIGHTS" in text
+    assert "\n" not in text and not any(p.is_file() for p in tmp_path.rglob("*"))
