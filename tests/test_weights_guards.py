@@ -151,14 +151,13 @@ def test_a_decompression_bomb_pth_fails_fast_in_one_line_under_a_memory_limit(tm
     assert (tmp_path / "bomb.pth").stat().st_size < 4 << 20
     with zipfile.ZipFile(tmp_path / "bomb.pth") as z:
         assert sum(i.file_size for i in z.infolist()) > 3 << 30
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30)); "
-            "from taesd.cli import main; sys.exit(main(['info', sys.argv[1]]))")
-    start = time.monotonic()
+    code = ("import resource, sys, time; resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30)); "
+            "from taesd.cli import main; t = time.monotonic(); rc = main(['info', sys.argv[1]]); "
+            "print(time.monotonic() - t); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bomb.pth")], env=ENV, capture_output=True,
-                       text=True, timeout=120)
-    took = time.monotonic() - start
+                       text=True, timeout=300)
     assert r.returncode == 2, r.stderr
-    assert "decompression bomb" in one_line(r.stderr) and took < 60
+    assert "decompression bomb" in one_line(r.stderr) and float(r.stdout.split()[-1]) < 10
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1 << 20   # KiB: under 1 GiB
 
 
@@ -265,16 +264,17 @@ def test_first_run_without_network_fails_fast_naming_what_to_do(tmp_path, how):
                HF_HUB_CACHE=str(tmp_path / "hf"), HF_HOME=str(tmp_path / "hfhome"))
     if how == "offline":
         env["TAESD_OFFLINE"] = "1"
-    start = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "taesd", "download", "taef2"], env=env, capture_output=True,
-                       text=True, timeout=120)
-    took = time.monotonic() - start
+    # timed inside the process: importing torch on a loaded machine is not what is measured
+    code = ("import sys, time; from taesd.cli import main; t = time.monotonic(); rc = main(['download', 'taef2']); "
+            "print(time.monotonic() - t); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     srv.close()
     assert r.returncode == 2 and "Retrying" not in r.stderr and "Traceback" not in r.stderr
     line = one_line(r.stderr)
     for words in ("taef2_encoder.pth", "TAESD_WEIGHTS", "--weights", "TAESD_OFFLINE"):
         assert words in line, (words, line)
-    assert took < 25, took          # huggingface_hub's own retries alone take ~25 s
+    took = float(r.stdout.split()[-1])
+    assert took < 15, took          # huggingface_hub's own retries alone take ~25 s
     assert not (tmp_path / "c").exists() or not any(p.is_file() for p in (tmp_path / "c").rglob("*"))
 
 
