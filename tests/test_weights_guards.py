@@ -9,7 +9,6 @@ import resource
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 import zlib
 from pathlib import Path
