@@ -446,7 +446,11 @@ def not_found(v: Variant, part: str, candidates: list[WeightFile], why: str | No
     name = first.filename if first else v.part_file(part)
     src = f" ({url_of(first)})" if first else ""
     where = [str(folder_for(github))] if github else []
-    where.append(f"$TAESD_WEIGHTS ({env})" if env else "a folder named by TAESD_WEIGHTS")
+    if env is not None and env.is_file():
+        where.append(f"a folder named by TAESD_WEIGHTS (it names the file {env}, which holds no "
+                     f"{v.name} {part})")
+    else:
+        where.append(f"$TAESD_WEIGHTS ({env})" if env else "a folder named by TAESD_WEIGHTS")
     switch = "" if offline() else "; TAESD_OFFLINE=1 skips the network"
     return TaesdError(f"no weights found for the {v.name} {part}: put {name}{src} in {' or '.join(where)}, "
                       f"or pass --weights PATH (weights= in Python){switch}; {why}")
