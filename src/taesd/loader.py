@@ -7,17 +7,15 @@ executor's ``apply`` (how it runs: ``taesd.runtime.executors``).
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import torch
 
 from taesd.errors import TaesdError
-from taesd.io.weights.formats import WeightSource, read_source
-from taesd.io.weights.resolve import find_weights, load_part
+from taesd.io.weights.read import WeightSource
+from taesd.io.weights.resolve import load_part, resolve  # noqa: F401  (the one resolver)
 from taesd.model import TAESD
 from taesd.options import LoadOptions, default_device, legacy_switches
-from taesd.registry import PARTS, Variant, normalize_parts
+from taesd.registry import Variant
 from taesd.runtime import executors
 from taesd.runtime.executors.plain import PlainExecutor
 
@@ -68,35 +66,6 @@ def load_with(opts: LoadOptions) -> TAESD:
     model.to(device=opts.device, dtype=opts.dtype)
     model.eval().requires_grad_(False)
     return opts.executor.apply(model)
-
-
-def resolve(v: Variant, weights=None, parts=None, revision: str | None = None,
-            source: str | None = None) -> dict[str, WeightSource]:
-    """{part: the read WeightSource holding it}: explicit weights -> $TAESD_WEIGHTS -> cache -> download."""
-    given: dict[str, WeightSource] = {}
-    if isinstance(weights, (list, tuple)):
-        for w in weights:
-            src = read_source(w)
-            for p in src.parts:
-                given.setdefault(p, src)
-        if parts is None:
-            parts = tuple(p for p in PARTS if p in given)
-    elif isinstance(weights, (str, os.PathLike)) and Path(weights).is_file() and parts is None:
-        src = read_source(weights)
-        given = dict.fromkeys(src.parts, src)
-        parts = tuple(p for p in PARTS if p in src.parts)
-    parts = normalize_parts(PARTS if parts is None else parts)
-    by_path: dict[Path, WeightSource] = {s.path: s for s in given.values()}
-    out: dict[str, WeightSource] = {}
-    for part in parts:
-        if part in given:
-            out[part] = given[part]
-            continue
-        if isinstance(weights, (list, tuple)):
-            raise TaesdError(f"none of the given files holds the {v.name} {part}")
-        path = find_weights(v, part, weights, revision, source)
-        out[part] = by_path.setdefault(path, read_source(path))
-    return out
 
 
 def build(v: Variant, sources: dict[str, WeightSource]) -> TAESD:

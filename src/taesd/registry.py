@@ -83,13 +83,14 @@ class Variant:
 
     @property
     def encoder_file(self) -> str:
-        return f"{self.name}_encoder.pth"
+        return self.part_file("encoder")
 
     @property
     def decoder_file(self) -> str:
-        return f"{self.name}_decoder.pth"
+        return self.part_file("decoder")
 
     def part_file(self, part: str) -> str:
+        """The published ``<name>_<part>.pth`` name: the one place it is made."""
         return f"{self.name}_{part}.pth"
 
 

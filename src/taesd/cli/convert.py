@@ -8,9 +8,11 @@ from pathlib import Path
 from taesd.cli.common import add_output_options, command_parser
 from taesd.errors import TaesdError
 from taesd.io.files import deferred_renames
-from taesd.io.weights.formats import FORMATS, read_source, save_weights
-from taesd.io.weights.identify import identify
-from taesd.io.weights.resolve import find_weights
+from taesd.io.weights.identify import identify_variant
+from taesd.io.weights.layouts import FORMATS
+from taesd.io.weights.resolve import resolve
+from taesd.io.weights.source import read_source
+from taesd.io.weights.write import cast_parts, save_weights
 from taesd.registry import PARTS, VARIANTS, get_variant
 from taesd.runtime.dtypes import DTYPE_CHOICES, resolve_dtype
 
@@ -20,9 +22,13 @@ def add_parser(sub):
                        "taesd convert taef2_encoder.pth taef2_decoder.pth --to comfyui -o taef2.safetensors",
                        "Convert TAESD weights between formats: pth (original), safetensors (one file "
                        "per part), diffusers (AutoencoderTiny folder; base variants only) and comfyui "
-                       "(one combined file). Sources are files/folders, or a variant name to convert "
+                       "(one combined file as ComfyUI loads it; taef2: per-part files; taesana is refused, "
+                       "ComfyUI has no Sana network). Sources are files/folders, or a variant name to "
+                       "convert "
                        "the weights found in $TAESD_WEIGHTS. Tensors are copied bit-exactly unless "
-                       "--dtype is given. Nothing is written when a target is one of the files read, or "
+                       "--dtype is given (a tensor that would overflow or vanish in it is refused). "
+                       "Nothing is "
+                       "written when a target is one of the files read, or "
                        "exists (unless --overwrite).")
     p.add_argument("sources", nargs="+", help="weight files/folders, or a variant name")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
@@ -35,18 +41,21 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def _pick_variant(candidates: list[str], hint_names: list[str], asked: str | None, what: str) -> str:
-    if asked:
-        if asked not in candidates:
-            raise TaesdError(f"{what}; not {asked}")
-        return asked
-    if len(candidates) == 1:
-        return candidates[0]
-    for name in hint_names:  # a file named taesdxl_encoder.pth settles taesd vs taesdxl
-        for c in sorted(candidates, key=len, reverse=True):
-            if Path(name).name.lower().startswith(c):
-                return c
-    raise TaesdError(f"{what}; pass --variant {' or --variant '.join(candidates)}")
+def _variant_sources(name: str, names: list[str]) -> dict:
+    """The parts of variant ``name`` that resolve (given weights aside): $TAESD_WEIGHTS, the cache,
+    a download; a part that does not is left out, and nothing at all is an error naming why."""
+    parts, errors = {}, []
+    for part in PARTS:
+        try:
+            src = resolve(name, None, part)[part]
+        except TaesdError as e:
+            errors.append(str(e))
+            continue
+        parts[part] = src.parts[part]
+        names.append(str(src.path))
+    if not parts:
+        raise TaesdError(errors[0])
+    return parts
 
 
 def run(args) -> int:
@@ -54,17 +63,7 @@ def run(args) -> int:
     for s in args.sources:
         if s in VARIANTS and not Path(s).exists():
             args.variant = args.variant or s
-            for part in PARTS:
-                try:
-                    path = find_weights(s, part)
-                except TaesdError:
-                    continue
-                src = read_source(path)
-                if part in src.parts:
-                    parts[part] = src.parts[part]
-                    names.append(str(path))
-            if not parts:
-                raise TaesdError(f"no {s} weights found; set $TAESD_WEIGHTS or pass the files")
+            parts.update(_variant_sources(s, names))
             continue
         src = read_source(s)
         for part, sd in src.parts.items():
@@ -73,18 +72,12 @@ def run(args) -> int:
             parts[part] = sd
         extras.update(src.extras)
         names.append(str(s))
-    candidates = None
-    for part, sd in parts.items():
-        c = identify(sd, part)
-        candidates = c if candidates is None else [x for x in candidates if x in c]
-    if not candidates:
-        raise TaesdError("the encoder and decoder given belong to different variants")
-    from taesd.io.weights.identify import describe
-    what = " and ".join(describe(sd, p) for p, sd in parts.items())
-    variant = get_variant(_pick_variant(candidates, names, args.variant, f"the sources hold {what}"))
+    variant = get_variant(identify_variant(parts, names, args.variant))
+    if args.to == "comfyui":
+        from taesd.io.weights.comfyui import check_target
+        check_target(variant)
     if args.dtype:
-        dt = resolve_dtype(args.dtype)
-        parts = {p: {k: t.to(dt) for k, t in sd.items()} for p, sd in parts.items()}
+        parts = cast_parts(parts, resolve_dtype(args.dtype))
     check = _target_check([Path(n) for n in names], args.overwrite)
     made = _missing_folders(Path(args.output))
     try:

@@ -1,14 +1,11 @@
 """taesd download: fetch a variant's published weights into the cache, verified, and say where."""
 from __future__ import annotations
 
-import os
-
 from taesd.cli.common import command_parser
-from taesd.errors import TaesdError
 from taesd.io.weights import download
-from taesd.io.weights.formats import WEIGHTS_ENV
-from taesd.io.weights.resolve import SOURCES, not_found, sources_for
-from taesd.registry import PARTS, VARIANTS, get_variant, normalize_parts
+from taesd.io.weights.download import SOURCES
+from taesd.io.weights.read import sha256_of
+from taesd.registry import PARTS, VARIANTS
 
 
 def add_parser(sub):
@@ -31,33 +28,13 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def fetch_parts(variant: str, parts, source: str | None, revision: str | None) -> list[tuple]:
-    """[(WeightFile, path, sha256)] of the files that hold ``parts``, downloading what is missing:
-    per part the first source that works, each file once."""
-    v = get_variant(variant)
-    done: list[tuple] = []
-    for part in normalize_parts(parts):
-        if any(part in src.parts for src, _, _ in done):
-            continue
-        failures, candidates = [], sources_for(v, part, source, revision)
-        if download.offline() and not any(download.cached(s) for s in candidates):
-            raise not_found(v, part, os.environ.get(WEIGHTS_ENV), candidates)
-        for src in candidates:
-            try:
-                path = download.cached(src) or download.fetch(src)
-            except download.DownloadFailed as e:
-                failures.append(str(e))
-                continue
-            done.append((src, path, download.sha256_of(path)))
-            break
-        else:
-            raise TaesdError(f"cannot download the {v.name} {part}: " + "; then ".join(failures))
-    return done
-
-
 def run(args) -> int:
-    for src, path, sha in fetch_parts(args.variant, args.parts, args.source, args.revision):
+    seen = set()
+    for src, path in download.fetch_parts(args.variant, args.parts, args.source, args.revision).values():
+        if path in seen:
+            continue
+        seen.add(path)
         print(f"{args.variant} {'+'.join(src.parts)}: {download.url_of(src)}")
-        print(f"  sha256 {sha}")
+        print(f"  sha256 {sha256_of(path)}")
         print(f"  cached {download.location(src, path)}")
     return 0

@@ -34,8 +34,8 @@ def variants_table() -> str:
 
 
 def describe_file(path: Path) -> str:
-    from taesd.io.weights.formats import read_source
     from taesd.io.weights.identify import describe
+    from taesd.io.weights.source import read_source
     src = read_source(path)
     lines = [f"{path}", f"  format: {src.format}", f"  sha256: {src.sha256}"]
     for part, sd in src.parts.items():
@@ -43,15 +43,22 @@ def describe_file(path: Path) -> str:
         n = sum(t.numel() for t in sd.values())
         lines.append(f"  {part}: {describe(sd, part)}, {n:,} parameters, {'/'.join(dtypes)}")
     for k, val in src.extras.items():
-        lines.append(f"  {k}: {val:g}")
+        lines.append(f"  {k}: {_values(val)}")
     return "\n".join(lines)
+
+
+def _values(val) -> str:
+    """A scalar, or per-channel values summarised (64 numbers do not fit a line)."""
+    if not isinstance(val, list):
+        return f"{val:g}"
+    return f"{len(val)} per-channel values, {min(val):g} .. {max(val):g}"
 
 
 def sources_table(variant: str, revision: str | None = None, source: str | None = None) -> str:
     """Every published file of ``variant``: where, layout, parts, the sha256 known, what is cached."""
     from taesd.errors import TaesdError
     from taesd.io.weights import download
-    from taesd.io.weights.resolve import sources_for
+    from taesd.io.weights.download import sources_for
     lines = [f"{variant} sources, preferred first:"]
     pinned = sources_for(variant, None, source, revision)
     for src in (pinned if revision else sources_for(variant, None, source)):
@@ -74,12 +81,12 @@ def sources_table(variant: str, revision: str | None = None, source: str | None 
 def resolved(variant: str, revision: str | None, source: str | None = None) -> str:
     """Which file each part of ``variant`` resolves to, with its sha256 (no download)."""
     from taesd.errors import TaesdError
-    from taesd.io.weights.resolve import find_weights
+    from taesd.io.weights.resolve import resolve
     from taesd.registry import PARTS
     lines = [f"{variant} resolves to:"]
     for part in PARTS:
         try:
-            path = find_weights(variant, part, revision=revision, source=source, fetch=False)
+            path = resolve(variant, None, part, revision, source, fetch=False)[part].path
         except TaesdError as e:
             lines.append(f"  {part}: not found ({e})")
             continue

@@ -118,11 +118,30 @@ def metadata(variant, part: str, fp16: bool) -> dict[str, str]:
         "taesd.downscale": str(v.downscale),
         "taesd.image_range": IMAGE_RANGE
         + (" (decoder output unclamped: clamp to [0, 1])" if part == "decoder" else ""),
-        "taesd.latent_convention": "TAESD latents = (raw VAE latents - vae_shift) * vae_scale",
-        "taesd.vae_scale": repr(v.vae_scale),
-        "taesd.vae_shift": repr(v.vae_shift),
+        **latent_contract(v),
         "taesd.version": __version__,
     }
+
+
+# The latent contract per normalisation, as this project defines it (registry.Variant.normalization;
+# integrations/diffusers/contracts.py applies it). Only scale_shift has scalar constants to state.
+LATENT_CONVENTIONS = {
+    "scale_shift": "TAESD latents = (raw VAE latents - vae_shift) * vae_scale",
+    "batchnorm": "TAESD latents = the VAE's BatchNorm-normalised latents (128 channels at 1/16 size), "
+                 "unpatchified 2x2 to 32 channels at 1/8 size; no scale or shift (the BatchNorm running "
+                 "statistics are in the FLUX.2 VAE, not here)",
+    "mean_std": "TAESD latents = (raw VAE latents - latents_mean) / latents_std, per channel (the VAE "
+                "config's statistics); no scalar scale or shift",
+}
+
+
+def latent_contract(v) -> dict[str, str]:
+    """The metadata stating how ``v``'s latents relate to its family's raw VAE latents."""
+    meta = {"taesd.normalization": v.normalization,
+            "taesd.latent_convention": LATENT_CONVENTIONS[v.normalization], "taesd.packing": v.packing}
+    if v.normalization == "scale_shift":
+        meta.update({"taesd.vae_scale": repr(v.vae_scale), "taesd.vae_shift": repr(v.vae_shift)})
+    return meta
 
 
 def check_opset(opset: int) -> int:

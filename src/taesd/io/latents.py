@@ -128,10 +128,8 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
     if variant is None and stored is None:
         raise TaesdError(f"{path} does not say which variant made it; pass the variant (--variant)")
     v = get_variant(variant if variant is not None else stored)
-    if stored is not None and variant is not None \
-            and get_variant(stored).latent_channels != v.latent_channels:
-        raise TaesdError(f"{path} holds {stored} latents ({get_variant(stored).latent_channels} channels); "
-                         f"{v.name} needs {v.latent_channels}")
+    if stored is not None and variant is not None and get_variant(stored).name != v.name:
+        raise contradiction(path, v, get_variant(stored))
     if latents is None:
         latents = from_png_array(arr, v.latent_channels)[None]
     if latents.shape[1] != v.latent_channels:
@@ -150,6 +148,15 @@ def load_latents(path: "str | os.PathLike", variant: "str | Variant | None" = No
         size = tuple(_json_ints(path, meta, "image_size"))
         check_image_size(path, size, latents.shape[-2:], v)
     return latents, v, size
+
+
+def contradiction(path, asked: Variant, stored: Variant) -> TaesdError:
+    """The variant asked for (--variant) disagrees with the one the file says made it: the flag is the
+    culprit (the metadata is written by ``taesd encode`` with the latents), named with the fix."""
+    same = "the same channel count, another latent space" if asked.latent_channels == stored.latent_channels \
+        else f"{stored.latent_channels} channels; {asked.name} needs {asked.latent_channels}"
+    return TaesdError(f"--variant {asked.name} contradicts {path}: it holds {stored.name} latents ({same}); "
+                      f"drop --variant (or pass --variant {stored.name}) to decode them right")
 
 
 def _variant_or_none(name: str) -> "Variant | None":

@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 
 from taesd.errors import TaesdError
-from taesd.io.weights.formats import DIFFUSERS_WEIGHTS, read_source
-from taesd.io.weights.identify import identify
+from taesd.io.weights.identify import identify_variant
+from taesd.io.weights.read import DIFFUSERS_WEIGHTS
+from taesd.io.weights.resolve import resolve
+from taesd.io.weights.source import read_source
 from taesd.registry import VARIANTS, get_variant
 
 CONFIG_NAME = "config.json"
@@ -37,20 +39,7 @@ def _read_config(folder: Path) -> dict:
 
 
 def _from_tensors(path: Path, hint: str | None) -> str:
-    src = read_source(path)
-    fits = None
-    for part, sd in src.parts.items():
-        names = set(identify(sd, part))
-        fits = names if fits is None else fits & names
-    fits = [v for v in VARIANTS if v in (fits or set())]
-    if len(fits) == 1:
-        return fits[0]
-    if hint in fits:
-        return hint
-    if not fits:
-        raise TaesdError(f"{path} holds no TAESD weights of one variant; pass a TAESD weight file or folder")
-    raise TaesdError(f"{path} fits {' and '.join(fits)} (same shapes, different latent spaces); "
-                     f"pass taesd_variant= (one of {', '.join(fits)})")
+    return identify_variant(read_source(path).parts, [hint] if hint else [], flag="taesd_variant='{}'")
 
 
 def _local(path: Path, variant: str | None, label: str) -> tuple[Path, str, dict]:
@@ -70,22 +59,54 @@ def _local(path: Path, variant: str | None, label: str) -> tuple[Path, str, dict
     return path, get_variant(variant).name, config
 
 
+def _published(repo: str, variant: str | None, subfolder: str | None) -> str | None:
+    """The variant whose published hub repo ``repo`` is (madebyollin/taef2), or None."""
+    if subfolder:
+        return None
+    names = [v.name for v in VARIANTS.values() if any(s.host == "hub" and s.repo == repo for s in v.sources)]
+    if variant is not None:
+        return get_variant(variant).name if get_variant(variant).name in names else None
+    return names[0] if len(names) == 1 else None
+
+
 def _hub(repo: str, variant: str | None, subfolder: str | None, revision: str | None):
+    published = _published(repo, variant, subfolder)
+    if published is not None:   # a registry source: the one resolver (cache, verified download)
+        sources = resolve(published, None, None, revision, "hub")
+        paths = {p: src.path for p, src in sources.items()}
+        folder = next(iter(paths.values()))
+        config = _read_config(folder) if folder.is_dir() else {}
+        return (folder if len(set(paths.values())) == 1 else paths), published, config
+    return _other_repo(repo, variant, subfolder, revision)
+
+
+def _other_repo(repo: str, variant: str | None, subfolder: str | None, revision: str | None):
+    """A hub repo outside the registry: the first layout whose files it has. A file the repo lacks
+    is the next layout; any other hub error (network, offline, no such repo) is reported in one line."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from taesd.io.weights import download
 
     def fetch(filename):
         try:
+            if not download.offline():
+                download.probe(f"{download.hub_endpoint()}/{repo}")   # fail fast, no retry storm
             return Path(hf_hub_download(repo, filename, subfolder=subfolder, revision=revision))
-        except Exception:
+        except LocalEntryNotFoundError as e:    # offline, or the hub cannot be reached
+            raise _hub_error(repo, filename, e) from e
+        except EntryNotFoundError:             # the repo lacks this file: try the next layout
             return None
+        except Exception as e:
+            raise _hub_error(repo, filename, e) from e
 
     config = fetch(CONFIG_NAME)
     if config is not None and fetch(DIFFUSERS_WEIGHTS) is not None:
         return _local(config.parent, variant, repo)
     name = variant or name_hint(repo)
     if name is None:
-        raise TaesdError(f"{repo} is no local path, and no hub repo with {CONFIG_NAME} + {DIFFUSERS_WEIGHTS} "
-                         f"could be read; pass taesd_variant= for a repo of per-variant files")
+        raise TaesdError(f"{repo} has no {CONFIG_NAME} + {DIFFUSERS_WEIGHTS}; pass taesd_variant= for a "
+                         f"repo of per-variant files")
     v = get_variant(name)
     combined = fetch(f"{v.name}.safetensors")
     if combined is not None:
@@ -93,10 +114,15 @@ def _hub(repo: str, variant: str | None, subfolder: str | None, revision: str | 
     parts = [fetch(v.part_file(p)) for p in ("encoder", "decoder")]
     if all(parts):
         return _local(parts[0].parent, v.name, repo)
-    raise TaesdError(f"found no {v.name} weights in the hub repo {repo} "
-                     f"({CONFIG_NAME} + {DIFFUSERS_WEIGHTS}, "
-                     f"{v.name}.safetensors or {v.encoder_file} + {v.decoder_file}); check the name, or that "
-                     f"the hub can be reached (HF_HUB_OFFLINE)")
+    raise TaesdError(f"found no {v.name} weights in the hub repo {repo} ({CONFIG_NAME} + "
+                     f"{DIFFUSERS_WEIGHTS}, {v.name}.safetensors or {v.encoder_file} + {v.decoder_file})")
+
+
+def _hub_error(repo: str, filename: str, e: Exception) -> TaesdError:
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return TaesdError(f"cannot read {filename} from the hub repo {repo}: {type(e).__name__}"
+                      f"{': ' + text if text else ''}; check the name and the network (HF_HUB_OFFLINE, "
+                      f"HF_ENDPOINT), or pass a local path")
 
 
 def locate(name_or_path, variant: str | None = None, subfolder: str | None = None,

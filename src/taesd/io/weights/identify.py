@@ -38,3 +38,33 @@ def describe(sd: StateDict, part: str) -> str:
         return f"{len(sd)} tensors that are no TAESD {part}"
     channels = get_variant(names[0]).latent_channels
     return f"a {channels}-channel {part} ({'/'.join(names)})"
+
+
+def identify_variant(parts: dict[str, StateDict], hints=(), asked: str | None = None,
+                     flag: str = "--variant {}") -> str:
+    """The one variant whose shapes fit every part: the ``asked`` one (checked), the only fit, or the
+    fit a file/folder/repo name in ``hints`` starts with (taesdxl_encoder.pth settles taesd vs
+    taesdxl); else a one-line error naming ``flag`` with the choices."""
+    from taesd.errors import TaesdError
+    candidates = None
+    for part, sd in parts.items():
+        names = identify(sd, part)
+        candidates = names if candidates is None else [n for n in candidates if n in names]
+    what = " and ".join(describe(sd, p) for p, sd in parts.items())
+    if not candidates:
+        raise TaesdError(f"the weights given hold {what}: no one variant has them all"
+                         if len(parts) > 1 else f"the weights given hold {what}")
+    if asked:
+        asked = get_variant(asked).name
+        if asked not in candidates:
+            raise TaesdError(f"{flag.format(asked)} contradicts the weights: they hold {what}")
+        return asked
+    if len(candidates) == 1:
+        return candidates[0]
+    for hint in hints:
+        stem = str(hint).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1].lower()
+        for name in sorted(candidates, key=len, reverse=True):
+            if stem == name or stem.startswith((f"{name}_", f"{name}-", f"{name}.")):
+                return name
+    raise TaesdError(f"the weights hold {what}, which fits {' and '.join(candidates)} (same shapes, "
+                     f"different latent spaces); pass {' or '.join(flag.format(c) for c in candidates)}")

@@ -1,9 +1,11 @@
-"""Where a variant's weights come from, in order: an explicit path -> the folder in ``$TAESD_WEIGHTS``
--> the download cache -> a download from the variant's published sources (preferred first; the hub's
-diffusers folders and combined files, the GitHub .pth files); and the checked state dict of one part.
+"""The one resolver: which file holds each part of a variant. ``taesd.load``, ``taesd convert``,
+``taesd info`` and ``TaesdVAE.from_pretrained`` ask here (``taesd download`` asks its network end,
+``download.fetch_parts``, which this module also uses).
 
-``source`` ("hub" | "github") keeps only that host's files; ``revision`` pins the first remaining
-source (a hub revision, or a GitHub commit), and then only that one is tried.
+Order per part: the given weights (files, a folder, a list, {part: path}) -> the folder in
+``$TAESD_WEIGHTS`` -> the download cache -> a download from the variant's published sources
+(preferred first; ``fetch=False``: none). ``source`` ("hub" | "github") keeps only that host's files;
+``revision`` pins the first remaining source (a hub revision, or a GitHub commit).
 """
 from __future__ import annotations
 
@@ -11,18 +13,73 @@ import json
 import os
 from pathlib import Path
 
+from taesd import settings
 from taesd.errors import TaesdError
 from taesd.io.weights import download
-from taesd.io.weights.formats import DIFFUSERS_WEIGHT_NAMES, WEIGHTS_ENV, StateDict, WeightSource, read_source
+from taesd.io.weights.download import SOURCES, sources_for  # noqa: F401  (re-exported)
 from taesd.io.weights.identify import describe, identify
-from taesd.registry import Variant, WeightFile, get_variant
+from taesd.io.weights.read import DIFFUSERS_WEIGHT_NAMES, StateDict, WeightSource
+from taesd.io.weights.source import read_source
+from taesd.registry import PARTS, Variant, get_variant, normalize_parts
 
-SOURCES = ("hub", "github")
+
+def resolve(variant: str | Variant, weights=None, parts=None, revision: str | None = None,
+            source: str | None = None, fetch: bool = True) -> dict[str, WeightSource]:
+    """{part: the read WeightSource holding it}. ``parts`` None: both, or what given files hold."""
+    v = get_variant(variant)
+    given: dict[str, WeightSource] = {}
+    if isinstance(weights, (list, tuple)):
+        for w in weights:
+            src = read_source(w)
+            for p in src.parts:
+                given.setdefault(p, src)
+        if parts is None:
+            parts = tuple(p for p in PARTS if p in given)
+    elif isinstance(weights, (str, os.PathLike)) and Path(weights).is_file() and parts is None:
+        src = read_source(weights)
+        given = dict.fromkeys(src.parts, src)
+        parts = tuple(p for p in PARTS if p in src.parts)
+    parts = normalize_parts(PARTS if parts is None else parts)
+    by_path: dict[Path, WeightSource] = {s.path: s for s in given.values()}
+    out: dict[str, WeightSource] = {}
+    missing = []
+    for part in parts:
+        if part in given:
+            out[part] = given[part]
+        elif isinstance(weights, (list, tuple)):
+            raise TaesdError(f"none of the given files holds the {v.name} {part}")
+        elif weights is not None:
+            path = _explicit(v, part, weights)
+            out[part] = by_path.setdefault(path, read_source(path))
+        elif (path := _from_env(v, part)) is not None:
+            out[part] = by_path.setdefault(path, read_source(path))
+        else:
+            missing.append(part)
+    if missing:
+        for part, (src, path) in download.fetch_parts(v, missing, source, revision, fetch).items():
+            where = download.location(src, path)
+            out[part] = by_path.setdefault(where, read_source(where))
+    return {p: out[p] for p in parts}
+
+
+def find_weights(variant: str | Variant, part: str, weights=None, revision: str | None = None,
+                 source: str | None = None, fetch: bool = True) -> Path:
+    """The path ``resolve`` reads ``part`` from."""
+    return resolve(variant, weights, part, revision, source, fetch)[part].path
+
+
+def _from_env(v: Variant, part: str) -> Path | None:
+    env = settings.weights_path()
+    if env is None:
+        return None
+    if env.is_file():
+        return env if part in read_source(env).parts else None
+    return _from_folder(env, v, part)
 
 
 def _candidates(folder: Path, v: Variant, part: str) -> list[Path]:
     n = v.name
-    return [folder / f"{n}_{part}.pth", folder / f"{n}_{part}.safetensors",
+    return [folder / v.part_file(part), folder / f"{n}_{part}.safetensors",
             folder / n, folder / f"{n}.safetensors", folder / f"{n}_{part}.bin"]
 
 
@@ -47,49 +104,6 @@ def _folder_is_variant(folder: Path, v: Variant) -> bool:
     return int(cfg.get("latent_channels", v.latent_channels)) == v.latent_channels
 
 
-def sources_for(variant: str | Variant, part: str | None = None, source: str | None = None,
-                revision: str | None = None) -> list[WeightFile]:
-    """The published files of ``variant`` (holding ``part``) on ``source``, preferred first; with a
-    ``revision``, the first of them pinned to it."""
-    v = get_variant(variant)
-    if source is not None and source not in SOURCES:
-        raise TaesdError(f"unknown source {source!r}; use 'hub' or 'github'")
-    found = [s for s in v.sources if (part is None or part in s.parts) and source in (None, s.host)]
-    if not found and source is not None:
-        hosts = sorted({s.host for s in v.sources if part is None or part in s.parts})
-        raise TaesdError(f"{v.name} has no {part or 'weights'} on the {source}; its sources: "
-                         f"{', '.join(hosts) or 'none'}")
-    return [found[0].at(revision)] if revision and found else found
-
-
-def find_weights(variant: str | Variant, part: str, weights=None, revision: str | None = None,
-                 source: str | None = None, fetch: bool = True) -> Path:
-    """Where the weights of one part come from: explicit path -> $TAESD_WEIGHTS -> cache -> download
-    (``fetch=False``: no download)."""
-    v = get_variant(variant)
-    if weights is not None:
-        return _explicit(v, part, weights)
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        found = _from_folder(Path(env), v, part)
-        if found is not None:
-            return found
-    candidates = sources_for(v, part, source, revision)
-    for src in candidates:
-        path = download.cached(src)
-        if path is not None:
-            return download.location(src, path)
-    if not fetch or download.offline() or not candidates:
-        raise not_found(v, part, env, candidates, None if fetch else "not downloaded")
-    failures = []
-    for src in candidates:
-        try:
-            return download.location(src, download.fetch(src))
-        except download.DownloadFailed as e:   # a network failure: the next source may work
-            failures.append(str(e))
-    raise TaesdError(f"no weights found for the {v.name} {part}: " + "; then ".join(failures))
-
-
 def _explicit(v: Variant, part: str, weights) -> Path:
     if isinstance(weights, dict):
         weights = weights.get(part)
@@ -101,31 +115,10 @@ def _explicit(v: Variant, part: str, weights) -> Path:
     if p.is_dir():
         found = _from_folder(p, v, part)
         if found is None:
-            raise TaesdError(f"no {v.name} {part} weights in {p}: expected {v.name}_{part}.pth "
+            raise TaesdError(f"no {v.name} {part} weights in {p}: expected {v.part_file(part)} "
                              f"(or .safetensors, or a diffusers folder {v.name}/)")
         return found
     return p
-
-
-def not_found(v: Variant, part: str, env: str | None, candidates: list[WeightFile],
-              why: str | None = None) -> TaesdError:
-    """One line: the file to fetch and the folder to put it in."""
-    why = why or (f"downloads are off ({download.offline()})" if download.offline() else "it has no source")
-    name = v.part_file(part)
-    github = next((s for s in candidates if s.host == "github"), None)
-    if github is not None:
-        fetch, folder = download.url_of(github), download.folder_for(github)
-        name = github.filename
-    elif candidates:
-        fetch, folder = download.url_of(candidates[0]), None
-        name = candidates[0].filename
-    else:
-        fetch, folder = None, None
-    where = [str(folder)] if folder else []
-    where.append(f"${WEIGHTS_ENV} ({env})" if env else f"a folder named by ${WEIGHTS_ENV}")
-    src = f" ({fetch})" if fetch else ""
-    return TaesdError(f"no weights found for the {v.name} {part}: put {name}{src} in {' or '.join(where)}, "
-                      f"or pass weights=PATH; {why}")
 
 
 def load_part(variant: str | Variant, part: str, path: Path, source: WeightSource | None = None
@@ -141,5 +134,4 @@ def load_part(variant: str | Variant, part: str, path: Path, source: WeightSourc
         held = " and ".join(f"{describe(sd, p)}" for p, sd in source.parts.items())
         raise TaesdError(f"{path} holds {held}, not the {v.name} {part} it was asked for; "
                          f"pass the {part} file too")
-    sd = source.parts[part]
-    return sd, source
+    return source.parts[part], source
