@@ -306,7 +306,7 @@ def test_every_caller_uses_the_one_resolver():
     for path in src.rglob("*.py"):
         rel = path.relative_to(src).as_posix()
         text = path.read_text()
-        if rel != "io/weights/resolve.py":
+        if rel not in ("io/weights/resolve.py", "runtime/executors/__init__.py"):   # executors resolve a name
             assert not re.search(r"^def (resolve|find_weights)\(", text, re.M), rel
         if rel != "io/weights/download.py":
             assert "def fetch_parts(" not in text and "def sources_for(" not in text, rel
