@@ -19,6 +19,7 @@ from taesd.model import TAESD
 from taesd.registry import PARTS, Variant, get_variant, normalize_parts
 from taesd.runtime import cuda as cuda_executor
 from taesd.runtime import fast as fast_executor
+from taesd.runtime.devices import check_device
 from taesd.runtime.dtypes import resolve_dtype
 
 EXECUTORS = ("fast", "plain", "compile", "onnxruntime")
@@ -59,6 +60,7 @@ def load(variant: str | Variant, weights=None, device=None, dtype=None, parts=No
       >>> model = taesd.load("taef2", dtype="fp32")
       >>> images = model.decode(latents)
     """
+    check_device(device)   # one line for a device this machine lacks, before any weight is read
     executor = _executor(executor, fast, compile, backend, weights)
     if executor == "onnxruntime":
         return _load_onnxruntime(variant, weights, device, dtype, parts, revision, source)

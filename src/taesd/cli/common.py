@@ -6,7 +6,12 @@ Outputs (``plan_outputs``), decided for the whole batch before any work:
 - two inputs that would write one output, an output onto an input (or a weight file being read)
   and an output that can never be a file (a folder, a path under a file) are refused up front;
 - an existing output is refused up front (the first one is named) unless ``--overwrite``
-  (replace) or ``--skip-existing`` (leave it, skip that input, say so) is given.
+  (replace it, if taesd wrote it: it carries taesd's marker) or ``--skip-existing`` (leave it, skip
+  that input, say so) is given;
+- every output folder is probed for writing (a temporary file made and removed) before any work;
+- the rule holds again at the moment each file is written (``taesd.io.files.output_policy``): a file
+  that appeared meanwhile is never replaced.
+Names come from ``taesd.io.naming`` (the input collector recognises them there).
 Batches (``run_batch``): a failing input is reported and the batch goes on; at the end every
 failure is printed, one line each (``path: reason``), and the exit code is 2. ``--fail-fast``
 stops at the first failure.
@@ -14,8 +19,10 @@ stops at the first failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from taesd.errors import TaesdError
-from taesd.io.files import check_output_target
+from taesd.io.files import check_output_target, check_replaceable, os_error_message, output_policy
 from taesd.io.inputs import InputFile, collect_inputs
 from taesd.registry import VARIANTS
 from taesd.runtime.dtypes import DTYPE_CHOICES
@@ -59,12 +66,15 @@ def add_tiling_options(p: argparse.ArgumentParser) -> None:
                    help="memory budget for activations, e.g. 1GiB or 512MiB (picks the tile size)")
 
 
+OVERWRITE_HELP = ("replace existing outputs that taesd wrote (they carry its marker; a file of yours with "
+                  "an output's name is never replaced); default: refuse before doing anything")
+
+
 def add_output_options(p: argparse.ArgumentParser, skip_existing: bool = True,
                        fail_fast: bool = True) -> None:
     g = p.add_argument_group("outputs")
     existing = g.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true",
-                          help="replace existing outputs (default: refuse before doing anything)")
+    existing.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     if skip_existing:
         existing.add_argument("--skip-existing", action="store_true",
                               help="leave existing outputs alone and skip their inputs")
@@ -95,27 +105,8 @@ def check_options(args) -> None:
 
 def check_device(name: str | None) -> None:
     """Refuse, before anything is read, a device this machine does not have."""
-    if name is None:
-        return
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise TaesdError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cpu":
-        return
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is built without CUDA" if torch.version.cuda is None
-                   else "no CUDA GPU is visible")
-            raise TaesdError(f"--device {name}: {why}; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise TaesdError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise TaesdError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-        return
-    raise TaesdError(f"--device {name}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
+    from taesd.runtime.devices import check_device as check
+    check(name, "--device")
 
 
 def open_model(args, parts):
