@@ -19,7 +19,6 @@ stops at the first failure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -127,12 +126,10 @@ def gather_inputs(args, suffixes: tuple[str, ...], what: str) -> list[InputFile]
     return files
 
 
-def output_path(out: str | None, src: "InputFile | Path", suffix: str, single: bool,
-                stem: str | None = None) -> Path:
-    """Where ``src``'s output goes: beside it (no ``-o``); ``-o`` itself when one input is given and
-    it has a suffix (and is no folder); else inside the ``-o`` folder, below the same relative folder."""
-    src = src if isinstance(src, InputFile) else InputFile(Path(src))
-    name = (stem if stem is not None else src.path.stem) + suffix
+def output_path(out: str | None, src: InputFile, name: str, single: bool) -> Path:
+    """Where ``src``'s output ``name`` (from ``taesd.io.naming``) goes: beside it (no ``-o``); ``-o``
+    itself when one input is given and it has a suffix (and is no folder); else inside the ``-o``
+    folder, below the same relative folder."""
     if out is None:
         return src.path.parent / name
     o = Path(out)
@@ -162,8 +159,14 @@ def plan_outputs(args, jobs: "Sequence[tuple[InputFile, list[Path]]]", protected
                                  f"or write them to different -o folders")
             writers[k] = src
             check_output_target(dst)
+    check_writable_folders([d for _, dsts in jobs for d in dsts])
     existing = [(src, dsts) for src, dsts in jobs if any(d.exists() for d in dsts)]
-    if not existing or getattr(args, "overwrite", False):
+    if not existing:
+        return list(jobs)
+    if getattr(args, "overwrite", False):
+        for _, dsts in existing:
+            for d in dsts:
+                check_replaceable(d)
         return list(jobs)
     first = next(d for d in existing[0][1] if d.exists())
     if getattr(args, "skip_existing", False):
@@ -174,24 +177,44 @@ def plan_outputs(args, jobs: "Sequence[tuple[InputFile, list[Path]]]", protected
     raise TaesdError(f"{first} exists{more}; pass --overwrite to replace it{batch}")
 
 
+def check_writable_folders(targets: Sequence[Path]) -> None:
+    """Probe, once per folder, that files can be made where the outputs go (a temporary file made
+    and removed in the nearest folder that exists): a read-only or foreign folder is found before
+    any input is encoded, not after."""
+    probed: set[str] = set()
+    for target in targets:
+        folder = next((p for p in Path(target).parents if p.exists()), Path("."))
+        if _key(folder) in probed:
+            continue
+        probed.add(_key(folder))
+        try:
+            fd, name = tempfile.mkstemp(prefix=".taesd-probe.", dir=folder)
+        except OSError as e:
+            raise TaesdError(os_error_message(e, Path(target))) from e
+        os.close(fd)
+        os.unlink(name)
+
+
 def describe_failure(path: Path, e: BaseException) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return msg if str(path) in msg else f"{path}: {msg}"
 
 
 def run_batch(args, jobs: list, work: Callable, desc: str) -> int:
-    """Run ``work(job)`` for each job (``job[0]`` an InputFile); failing jobs are collected and
-    reported at the end, one line each; returns the exit code (2 if any failed)."""
+    """Run ``work(job)`` for each job (``job[0]`` an InputFile) under the no-clobber rule of
+    ``--overwrite`` (held again as each file is written); failing jobs are collected and reported at
+    the end, one line each; returns the exit code (2 if any failed)."""
     failures: list[str] = []
-    for job in progress(jobs, desc):
-        try:
-            work(job)
-        except (TaesdError, MemoryError, torch.OutOfMemoryError) as e:
-            if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-                e = TaesdError("out of memory; try --max-memory or --tile-size")
-            if getattr(args, "fail_fast", False):
-                raise TaesdError(describe_failure(job[0].path, e)) from e
-            failures.append(describe_failure(job[0].path, e))
+    with output_policy(getattr(args, "overwrite", False)):
+        for job in progress(jobs, desc):
+            try:
+                work(job)
+            except (TaesdError, MemoryError, torch.OutOfMemoryError) as e:
+                if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                    e = TaesdError("out of memory; try --max-memory or --tile-size")
+                if getattr(args, "fail_fast", False):
+                    raise TaesdError(describe_failure(job[0].path, e)) from e
+                failures.append(describe_failure(job[0].path, e))
     return report_failures(args, failures, len(jobs), "the others were done") if failures else 0
 
 
@@ -205,7 +228,13 @@ def report_failures(args, failures: list[str], total: int, rest: str) -> int:
 
 
 def note(args, text: str) -> None:
-    print(f"taesd {args.command}: note: {text}", file=sys.stderr)
+    tqdm.write(f"taesd {args.command}: note: {text}", file=sys.stderr)
+
+
+def say(text: str) -> None:
+    """A result line on stdout, above a progress bar if one is drawn (never onto it)."""
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def progress(items, desc: str):
@@ -218,3 +247,23 @@ def weight_files(args) -> list[Path]:
     """The weight files named with --weights: no output may land on them."""
     w = getattr(args, "weights", None) or []
     return [Path(p) for p in ([w] if isinstance(w, str) else w)]
+
+
+# ---------------------------------------------------------------- pad -> encode, decode -> crop
+# taesd.encode_image / model.decode(size=) come with the tiling branch; until then, this one copy.
+
+def encode_image(model, image, tile_size=None, max_memory=None):
+    """An image (C x H x W) of any size -> (latents 1 x C x h x w, its (H, W))."""
+    try:
+        from taesd.model import encode_image as library_encode_image
+    except ImportError:
+        from taesd.io.images import pad_to_multiple
+        padded, size = pad_to_multiple(image[None], model.variant.downscale)
+        return model.encode(padded, tile_size=tile_size, max_memory=max_memory), tuple(size)
+    return library_encode_image(model, image, tile_size=tile_size, max_memory=max_memory)
+
+
+def decode_image(model, latents, size, tile_size=None, max_memory=None):
+    """Latents -> images cropped to ``size`` (H, W) when given (the size ``encode_image`` returned)."""
+    images = model.decode(latents, tile_size=tile_size, max_memory=max_memory)
+    return images if size is None else images[..., : size[0], : size[1]]
