@@ -24,7 +24,8 @@ def check_device(name: "str | torch.device | None", option: str = "device") -> N
         return
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
             raise TaesdError(f"{spell(name)}: {why}; use {spell('cpu')}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise TaesdError(f"{spell(name)}: this machine has {torch.cuda.device_count()} CUDA device(s)")
