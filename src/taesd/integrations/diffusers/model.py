@@ -144,6 +144,12 @@ class TaesdVAE(ModelMixin, ConfigMixin):
             return vae
         return vae.to(device=device, dtype=torch_dtype)
 
+    def to_autoencoder_tiny(self):
+        """diffusers' own ``AutoencoderTiny`` with these weights (taesd/taesdxl/taesd3/taef1): a pipeline
+        saved with it loads where taesd is not installed (taesd.integrations.diffusers.portable)."""
+        from taesd.integrations.diffusers.portable import autoencoder_tiny
+        return autoencoder_tiny(self.taesd)
+
     # ------------------------------------------------------------ saving: AutoencoderTiny's keys
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
@@ -238,3 +244,8 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         """Encode then decode (diffusers' VAE ``forward``)."""
         image = self.decode(self.encode(sample).latents).sample
         return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+# A saved pipeline names ["taesd", "TaesdVAE"] in model_index.json (diffusers records __module__), which
+# loads once `import taesd` has run (taesd.__getattr__ gives the class), not only after this module.
+TaesdVAE.__module__ = "taesd"
