@@ -266,6 +266,8 @@ CASES = [
     Case("eval-cuda-missing", ["eval", "photos", *E, "--device", "cuda"], 2, ("--device cuda",), skip=CUDA),
     Case("encode-bad-memory-budget", ["encode", "photos", *E, "--max-memory", "a lot", "-o", "out"], 2,
          ("memory size",)),
+    Case("encode-zero-memory-budget", ["encode", "photos", *E, "--max-memory", "0GiB", "-o", "out"], 2,
+         ("--max-memory 0GiB: a budget of nothing",)),
     Case("roundtrip-zero-tile-size", ["roundtrip", "photos", *E, "--tile-size", "0"], 2, ("--tile-size",)),
     Case("encode-output-under-a-file", ["encode", "taken.png", *E, "-o", "afile/x.taef2.safetensors"], 2,
          ("afile is a file, not a folder",)),

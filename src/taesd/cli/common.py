@@ -93,6 +93,10 @@ def check_tiling(args) -> None:
     if getattr(args, "tile_size", None) is not None and args.tile_size < 1:
         raise TaesdError(f"--tile-size must be at least 1 latent pixel, not {args.tile_size}")
     if getattr(args, "max_memory", None) is not None:
+        amount = str(args.max_memory).strip().rstrip("bBkKmMgGtTiI ").strip()
+        if amount and amount.replace(".", "", 1).isdigit() and float(amount) == 0:
+            raise TaesdError(f"--max-memory {args.max_memory}: a budget of nothing cannot run a layer; give "
+                             f"the memory the activations may take, e.g. 512MiB or 2GiB")
         parse_bytes(args.max_memory)
 
 
