@@ -415,15 +415,20 @@ def test_two_processes_writing_one_output_one_wins(base, tmp_path):
 def test_publish_without_overwrite_never_replaces(tmp_path):
     from taesd.errors import TaesdError
     from taesd.io.files import atomic_path, output_policy
-    (tmp_path / "x.txt").write_text("theirs")
+    (tmp_path / "x.png").write_bytes(b"theirs")
     with output_policy(False), pytest.raises(TaesdError, match="appeared while taesd was writing"):
-        with atomic_path(tmp_path / "x.txt") as tmp:
-            tmp.write_text("ours")
-    assert (tmp_path / "x.txt").read_text() == "theirs" and sorted(os.listdir(tmp_path)) == ["x.txt"]
-    with output_policy(True), pytest.raises(TaesdError, match="not written by taesd"):
-        with atomic_path(tmp_path / "x.txt") as tmp:
-            tmp.write_text("ours")
-    assert (tmp_path / "x.txt").read_text() == "theirs" and sorted(os.listdir(tmp_path)) == ["x.txt"]
+        with atomic_path(tmp_path / "x.png") as tmp:
+            tmp.write_bytes(b"ours")
+    assert (tmp_path / "x.png").read_bytes() == b"theirs" and sorted(os.listdir(tmp_path)) == ["x.png"]
+    with output_policy(True), pytest.raises(TaesdError, match="not written by taesd"):   # no marker
+        with atomic_path(tmp_path / "x.png") as tmp:
+            tmp.write_bytes(b"ours")
+    assert (tmp_path / "x.png").read_bytes() == b"theirs" and sorted(os.listdir(tmp_path)) == ["x.png"]
+    (tmp_path / "eval.csv").write_text("earlier")   # a format with no room for a marker: taesd's by name
+    with output_policy(True):
+        with atomic_path(tmp_path / "eval.csv") as tmp:
+            tmp.write_text("new")
+    assert (tmp_path / "eval.csv").read_text() == "new"
 
 
 # ---------------------------------------------------------------- class 7: SIGTERM

@@ -48,9 +48,10 @@ def output_policy(overwrite: bool) -> Iterator[None]:
 
 
 def check_replaceable(path: Path) -> None:
-    """Refuse to replace ``path`` unless taesd wrote it (it carries taesd's marker)."""
-    from taesd.io.naming import has_taesd_marker
-    if path.is_file() and not has_taesd_marker(path):
+    """Refuse to replace ``path`` unless taesd wrote it (it carries taesd's marker, for the formats
+    that have room for one)."""
+    from taesd.io.naming import carries_markers, has_taesd_marker
+    if path.is_file() and carries_markers(path) and not has_taesd_marker(path):
         raise TaesdError(f"{path} exists and was not written by taesd (it has no taesd marker); --overwrite "
                          f"replaces only taesd's own outputs: move it away or choose another -o")
 

@@ -11,7 +11,8 @@ Marker: every image ``save_image`` writes, every latent file and every ONNX expo
 says taesd wrote it (``taesd_*`` PNG chunks, a JPEG/GIF comment, WebP XMP, the TIFF description,
 ``format: taesd-latents`` safetensors metadata, ``taesd.*`` ONNX metadata). ``--overwrite`` replaces an
 existing file only when it carries the marker (``has_taesd_marker``), so a user's own file that happens
-to have an output's name is never replaced.
+to have an output's name is never replaced. Formats with no place for a marker (CSV, JSON, BMP, .pth)
+are taesd's by name alone (``carries_markers``).
 """
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ def image_marker_options(fmt: str) -> dict:
     if fmt == "TIFF":
         return {"tiffinfo": {270: MARKER}}
     return {}
+
+
+# The formats taesd marks; a file of another format (eval.csv, a .pth, a BMP) is taesd's by its name.
+MARKED_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff", ".safetensors", ".onnx")
+
+
+def carries_markers(path: Path) -> bool:
+    return Path(path).suffix.lower() in MARKED_SUFFIXES
 
 
 def has_taesd_marker(path: Path) -> bool:
