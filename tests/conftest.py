@@ -8,18 +8,37 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The suites that start many subprocesses or train: deselected by `bash test.sh` (the fast suite a
+# user runs), run by `bash test.sh --all` (CI, .ci/run).
+SLOW_FILES = {"test_hostile.py", "test_training_cli.py", "test_train.py", "test_pipelines.py",
+              "test_core_install.py", "test_download.py", "test_memory.py", "test_onnx.py", "test_eval.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 def weights_dir() -> Path:
-    """The published weights: $TAESD_WEIGHTS, else ../shared/weights beside the checkout."""
+    """The published weights, found the one way every test uses: $TAESD_WEIGHTS, else
+    ../shared/weights beside the checkout."""
     env = os.environ.get("TAESD_WEIGHTS")
     return Path(env) if env else ROOT.parent / "shared" / "weights"
 
 
-@pytest.fixture(scope="session")
-def weights() -> Path:
+def require_weights() -> Path:
+    """The weights folder, or skip the calling test with the reason (a fresh clone has none)."""
     d = weights_dir()
     if not (d / "taef2_encoder.pth").is_file():
-        pytest.fail(f"published weights not found in {d}; set TAESD_WEIGHTS")
+        pytest.skip(f"needs the published taef2 weights: none in {d} (set TAESD_WEIGHTS to a folder "
+                    f"holding taef2_encoder.pth and taef2_decoder.pth)")
     return d
+
+
+@pytest.fixture(scope="session")
+def weights() -> Path:
+    return require_weights()
 
 
 @pytest.fixture(scope="session")

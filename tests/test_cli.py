@@ -115,3 +115,78 @@ def test_bad_input_fails_with_one_line_and_no_output(tmp_path, weights):
         assert len(lines) == 1 and expect in lines[0], (name, r.stderr)
         assert "Traceback" not in r.stderr and "pwned" not in r.stdout
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), name
+
+
+def test_every_file_gets_a_result_line_and_decode_reports_the_original_size(weights, tmp_path, capsys):
+    """A batch prints one line per file also into a log (stdout not a terminal); a single decode
+    names the size it wrote (the original 451 x 300, not the padded 456 x 304)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+    w = ["--weights", str(weights)]
+    assert main(["encode", str(src), "-v", "taef2", *w, "-o", str(tmp_path / "lat")]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(" -> ")[0] for line in out.splitlines()] == [str(src / "p0.png"), str(src / "p1.png")]
+    assert main(["decode", str(tmp_path / "lat"), *w, "-o", str(tmp_path / "dec")]) == 0
+    assert capsys.readouterr().out.count("(451x300)") == 2
+    assert main(["decode", str(tmp_path / "lat" / "p0.taef2.safetensors"), *w,
+                 "-o", str(tmp_path / "one.png")]) == 0
+    assert capsys.readouterr().out.strip().endswith("(451x300)")
+    assert Image.open(tmp_path / "one.png").size == (451, 300)
+
+
+def test_output_names_and_the_input_skipper_agree():
+    """The writers' names (io.naming) are exactly what the input collector recognises as outputs."""
+    from taesd.io import naming
+    for variant in taesd.VARIANTS:
+        assert naming.is_latent_png_name(naming.latent_name("a.b", variant, "png"))
+        assert naming.is_output_image_name(naming.roundtrip_name("a.b", variant))
+        for n in (1, 3):
+            assert all(naming.is_output_image_name(x)
+                       for x in naming.decoded_names(naming.latent_name("a.b", variant, "png")[:-4], variant, n))
+    assert naming.decoded_names("photo.taef2", "taef2", 1) == ["photo.decoded.png"]
+    assert not naming.is_output_image_name("photo.png") and not naming.is_latent_png_name("photo.v2.png")
+
+
+def test_images_taesd_writes_carry_its_marker_in_every_format(tmp_path):
+    from taesd.io.naming import has_taesd_marker
+    image = torch.rand(3, 16, 16)
+    for suffix in (".png", ".jpg", ".webp", ".gif", ".tiff"):
+        taesd.save_image(image, tmp_path / f"a{suffix}")
+        assert has_taesd_marker(tmp_path / f"a{suffix}"), suffix
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / f"user{suffix}")
+        assert not has_taesd_marker(tmp_path / f"user{suffix}"), suffix
+
+
+def test_bench_never_writes_a_tracked_file_and_asks_before_replacing(tmp_path, capsys, monkeypatch):
+    from taesd.cli import bench
+    assert main(["bench", "-o", str(ROOT / "benchmarks" / "RESULTS.md")]) == 2
+    assert "a file the checkout tracks" in capsys.readouterr().err
+    (tmp_path / "mine.md").write_text("earlier")
+    assert main(["bench", "-o", str(tmp_path / "mine.md")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "mine.md").read_text() == "earlier"
+    assert bench.report_target(["--sizes", "64"]) == (["--sizes", "64", "-o", "taesd-bench.md"],
+                                                       Path("taesd-bench.md"), False)
+    monkeypatch.setattr(bench, "SCRIPT", tmp_path / "no" / "bench_speed.py")   # an installed package
+    assert main(["bench"]) == 2
+    assert "clone the taesd repository" in capsys.readouterr().err
+
+
+def test_python_api_errors_are_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(taesd.TaesdError, match=r"device='cuda': .*use device='cpu'"):
+        taesd.load("taef2", device="cuda")
+    code = ("import sys; sys.modules.update(dict.fromkeys(['diffusers', 'onnx', 'onnxscript']))\n"
+            "import taesd\n"
+            "for get in (lambda: taesd.TaesdVAE, lambda: __import__('taesd.export.onnx', fromlist=['x'])"
+            ".to_onnx(taesd.create('taesd'), 'decoder')):\n"
+            "    try:\n        get()\n    except taesd.TaesdError as e:\n        print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["this needs diffusers, which is not installed: pip install 'taesd[diffusers]'",
+                                     "this needs onnx, which is not installed: pip install 'taesd[onnx]'"]

@@ -12,10 +12,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "taesd"
 # Bottom (0) to top. A module may import modules of a lower layer, or of its own layer as long as
 # that makes no cycle. The longest matching prefix decides a module's layer.
 LAYERS = {
-    "taesd.errors": 0, "taesd.version": 0, "taesd.settings": 0,
+    "taesd.errors": 0, "taesd.version": 0, "taesd.settings": 0, "taesd.extras": 0,
     "taesd.registry": 1,
     "taesd.nn": 2,
     "taesd.io": 3, "taesd.runtime.dtypes": 3, "taesd.value_checks": 3,
+    "taesd.runtime.devices": 3,
     "taesd.runtime.executors.base": 3,   # what an executor is: tiling may read it, the model may hold one
     "taesd.tiling": 4,
     "taesd.model": 5,

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import taesd
+from conftest import require_weights
 from taesd.training.loop import CHECKPOINT, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def photos(tmp_path_factory):
 
 def tiny(out, data, **kw) -> TrainConfig:
     base = dict(data=str(data), out=str(out), teacher="taef2",
-                teacher_weights=os.environ.get("TAESD_WEIGHTS"),
+                teacher_weights=str(require_weights()),
                 student="custom", width=16, depth=1, batch=4, crop=16, eval_crop=32, steps=4, lr=1e-3,
                 log_every=1, eval_every=1000, ckpt_every=1000, cpu=True, threads=1, progress=False, seed=3)
     return TrainConfig(**{**base, **kw})

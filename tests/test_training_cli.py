@@ -80,6 +80,7 @@ FRESH_FOLDER_CASES = [  # (extra options, what the one line must say); --out doe
     (["--resume"], "no checkpoint at"),
     (["--holdout", "MISSING"], "does not exist"),
     (["--teacher", "MISSING-FOLDER"], "does not exist"),
+    (["--batch", "1000000000"], "--batch 1000000000 at crop 16 needs at least"),   # not a half-made run
 ]
 
 
@@ -105,6 +106,26 @@ def test_all_corrupt_data_fails_before_the_run_folder_exists(tmp_path, weights):
     out = tmp_path / "run"
     assert_one_line_failure(taesd_train(*base_args(data, out, weights)), "none of the 3 images can be read")
     assert not out.exists()
+
+
+def test_decompression_bomb_in_the_data_is_refused_like_any_input(tmp_path, weights):
+    """The same pixel guard as the CLI's inputs: one line, no traceback, no run folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("1", (20000, 20000)).save(data / "bomb.png")          # 400 Mpx in 48 kB
+    out = tmp_path / "run"
+    result = taesd_train(*base_args(data, out, weights))
+    assert_one_line_failure(result, "none of the 1 images can be read")
+    assert "decompression bomb" in result.stderr and not out.exists()
+
+
+def test_decompression_bomb_beside_good_images_is_skipped(photos, tmp_path, weights):
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    Image.new("1", (20000, 20000)).save(data / "bomb.png")
+    result = taesd_train(*base_args(data, tmp_path / "run", weights), "--steps", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def truncate(folder: Path) -> None:
@@ -148,15 +169,38 @@ def test_a_run_folder_is_left_as_it_was(photos, finished_run, tmp_path, weights,
     assert snapshot(out) == before
 
 
-def test_overwrite_starts_the_run_over(photos, finished_run, tmp_path, weights):
+def test_overwrite_starts_the_run_over_and_keeps_the_users_files(photos, finished_run, tmp_path, weights):
+    from safetensors.torch import save_file
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     (out / "samples" / "step_000099.png").write_bytes(b"from the old run")
+    mine = {"samples/notes.txt": b"my notes", "tensorboard/plot.png": b"my plot", "notes.md": b"mine"}
+    for rel, data in mine.items():
+        (out / rel).write_bytes(data)
+    save_file({"w": torch.zeros(2)}, str(out / "student" / "taef2_decoder.safetensors"))   # no taesd marker
+    (out / "student" / "mine.pth").write_bytes(b"my weights")
+    before = snapshot(out)
+    assert any(p.startswith("tensorboard/events.out.tfevents") for p in before)
     result = taesd_train(*base_args(photos, out, weights), "--overwrite", "--steps", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 1
     assert not (out / "samples" / "step_000099.png").exists()
     assert [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]] == ["0", "1"]
+    after = snapshot(out)
+    for rel in [*mine, "student/taef2_decoder.safetensors", "student/mine.pth"]:
+        assert after[rel] == before[rel], rel
+    old_events = {p for p in before if p.startswith("tensorboard/events")}
+    assert not old_events & set(after)     # taesd's own event files went
+
+
+def test_overwrite_refuses_a_folder_taesd_did_not_mark(photos, finished_run, tmp_path, weights):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / ".taesd-run").unlink()
+    before = snapshot(out)
+    assert_one_line_failure(taesd_train(*base_args(photos, out, weights), "--overwrite"),
+                            "no .taesd-run marker")
+    assert snapshot(out) == before
 
 
 def test_help_works_and_shows_every_group():

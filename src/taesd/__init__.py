@@ -38,5 +38,11 @@ def __getattr__(name):
     # and picks its load method by looking up its base class there too (getattr(taesd, "ModelMixin")).
     if name in ("TaesdVAE", "TaesdEncoderOutput", "ModelMixin"):
         import importlib
-        return getattr(importlib.import_module("taesd.integrations.diffusers.model"), name)
+
+        from taesd.extras import missing_extra
+        try:
+            module = importlib.import_module("taesd.integrations.diffusers.model")
+        except ModuleNotFoundError as e:   # a core install: one line naming the extra
+            raise (missing_extra(e) or e) from e
+        return getattr(module, name)
     raise AttributeError(f"module 'taesd' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from taesd.model import TAESD
 from taesd.options import LoadOptions, default_device, legacy_switches
 from taesd.registry import Variant
 from taesd.runtime import executors
+from taesd.runtime.devices import check_device
 from taesd.runtime.executors.plain import PlainExecutor
 
 __all__ = ["LoadOptions", "build", "default_device", "load", "load_with", "resolve", "with_executor"]
@@ -54,6 +55,7 @@ def load(variant: str | Variant, weights=None, device=None, dtype=None, parts=No
       >>> model = taesd.load("taef2", dtype="fp32")
       >>> images = model.decode(latents)
     """
+    check_device(device)   # one line for a device this machine lacks, before any weight is read
     return load_with(LoadOptions.resolve(variant, weights, device, dtype, parts, executor, revision, source))
 
 

@@ -14,15 +14,11 @@ import sys
 import threading
 
 from taesd.errors import TaesdError
+from taesd.extras import missing_extra
 
 # Each name is a module taesd.cli.<name> with add_parser(subparsers) and run(args) -> int.
 COMMANDS = ["encode", "decode", "roundtrip", "info", "download", "convert", "export", "bench", "train",
             "eval"]
-
-# Optional packages -> the extra that installs them: a missing one is one line naming the extra.
-EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "diffusers": "diffusers",
-          "transformers": "diffusers", "accelerate": "train", "tensorboard": "train", "matplotlib": "train",
-          "skimage": "train", "psutil": "test", "pytest": "test"}
 
 EXAMPLES = """examples:
   taesd roundtrip photo.jpg --variant taef2             # encode + decode, print PSNR/SSIM
@@ -90,11 +86,10 @@ def main(argv=None) -> int:
         print(f"taesd {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        extra = EXTRAS.get((e.name or "").split(".")[0])
-        if extra is None:
+        error = missing_extra(e)
+        if error is None:
             raise
-        print(f"taesd {args.command}: error: this needs {e.name}, which is not installed: "
-              f"pip install 'taesd[{extra}]'", file=sys.stderr)
+        print(f"taesd {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"taesd {args.command}: interrupted", file=sys.stderr)

@@ -6,7 +6,12 @@ Outputs (``plan_outputs``), decided for the whole batch before any work:
 - two inputs that would write one output, an output onto an input (or a weight file being read)
   and an output that can never be a file (a folder, a path under a file) are refused up front;
 - an existing output is refused up front (the first one is named) unless ``--overwrite``
-  (replace) or ``--skip-existing`` (leave it, skip that input, say so) is given.
+  (replace it, if taesd wrote it: it carries taesd's marker) or ``--skip-existing`` (leave it, skip
+  that input, say so) is given;
+- every output folder is probed for writing (a temporary file made and removed) before any work;
+- the rule holds again at the moment each file is written (``taesd.io.files.output_policy``): a file
+  that appeared meanwhile is never replaced.
+Names come from ``taesd.io.naming`` (the input collector recognises them there).
 Batches (``run_batch``): a failing input is reported and the batch goes on; at the end every
 failure is printed, one line each (``path: reason``), and the exit code is 2. ``--fail-fast``
 stops at the first failure.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from taesd.errors import TaesdError
-from taesd.io.files import check_output_target
+from taesd.io.files import check_output_target, check_replaceable, os_error_message, output_policy
 from taesd.io.inputs import InputFile, collect_inputs
 from taesd.options import executor_from_switches
 from taesd.registry import VARIANTS
@@ -65,12 +71,15 @@ def add_tiling_options(p: argparse.ArgumentParser) -> None:
                         "held within 10%% on the CPU executors unless TAESD_MALLOPT=0")
 
 
+OVERWRITE_HELP = ("replace existing outputs that taesd wrote (they carry its marker; a file of yours with "
+                  "an output's name is never replaced); default: refuse before doing anything")
+
+
 def add_output_options(p: argparse.ArgumentParser, skip_existing: bool = True,
                        fail_fast: bool = True) -> None:
     g = p.add_argument_group("outputs")
     existing = g.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true",
-                          help="replace existing outputs (default: refuse before doing anything)")
+    existing.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     if skip_existing:
         existing.add_argument("--skip-existing", action="store_true",
                               help="leave existing outputs alone and skip their inputs")
@@ -90,6 +99,10 @@ def check_tiling(args) -> None:
     if getattr(args, "tile_size", None) is not None and args.tile_size < 1:
         raise TaesdError(f"--tile-size must be at least 1 latent pixel, not {args.tile_size}")
     if getattr(args, "max_memory", None) is not None:
+        amount = str(args.max_memory).strip().rstrip("bBkKmMgGtTiI ").strip()
+        if amount and amount.replace(".", "", 1).isdigit() and float(amount) == 0:
+            raise TaesdError(f"--max-memory {args.max_memory}: a budget of nothing cannot run a layer; give "
+                             f"the memory the activations may take, e.g. 512MiB or 2GiB")
         parse_bytes(args.max_memory)
 
 
@@ -101,27 +114,8 @@ def check_options(args) -> None:
 
 def check_device(name: str | None) -> None:
     """Refuse, before anything is read, a device this machine does not have."""
-    if name is None:
-        return
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise TaesdError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cpu":
-        return
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is built without CUDA" if torch.version.cuda is None
-                   else "no CUDA GPU is visible")
-            raise TaesdError(f"--device {name}: {why}; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise TaesdError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise TaesdError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-        return
-    raise TaesdError(f"--device {name}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
+    from taesd.runtime.devices import check_device as check
+    check(name, "--device")
 
 
 def open_model(args, parts):
@@ -143,12 +137,10 @@ def gather_inputs(args, suffixes: tuple[str, ...], what: str) -> list[InputFile]
     return files
 
 
-def output_path(out: str | None, src: "InputFile | Path", suffix: str, single: bool,
-                stem: str | None = None) -> Path:
-    """Where ``src``'s output goes: beside it (no ``-o``); ``-o`` itself when one input is given and
-    it has a suffix (and is no folder); else inside the ``-o`` folder, below the same relative folder."""
-    src = src if isinstance(src, InputFile) else InputFile(Path(src))
-    name = (stem if stem is not None else src.path.stem) + suffix
+def output_path(out: str | None, src: InputFile, name: str, single: bool) -> Path:
+    """Where ``src``'s output ``name`` (from ``taesd.io.naming``) goes: beside it (no ``-o``); ``-o``
+    itself when one input is given and it has a suffix (and is no folder); else inside the ``-o``
+    folder, below the same relative folder."""
     if out is None:
         return src.path.parent / name
     o = Path(out)
@@ -178,8 +170,14 @@ def plan_outputs(args, jobs: "Sequence[tuple[InputFile, list[Path]]]", protected
                                  f"or write them to different -o folders")
             writers[k] = src
             check_output_target(dst)
+    check_writable_folders([d for _, dsts in jobs for d in dsts])
     existing = [(src, dsts) for src, dsts in jobs if any(d.exists() for d in dsts)]
-    if not existing or getattr(args, "overwrite", False):
+    if not existing:
+        return list(jobs)
+    if getattr(args, "overwrite", False):
+        for _, dsts in existing:
+            for d in dsts:
+                check_replaceable(d)
         return list(jobs)
     first = next(d for d in existing[0][1] if d.exists())
     if getattr(args, "skip_existing", False):
@@ -190,24 +188,44 @@ def plan_outputs(args, jobs: "Sequence[tuple[InputFile, list[Path]]]", protected
     raise TaesdError(f"{first} exists{more}; pass --overwrite to replace it{batch}")
 
 
+def check_writable_folders(targets: Sequence[Path]) -> None:
+    """Probe, once per folder, that files can be made where the outputs go (a temporary file made
+    and removed in the nearest folder that exists): a read-only or foreign folder is found before
+    any input is encoded, not after."""
+    probed: set[str] = set()
+    for target in targets:
+        folder = next((p for p in Path(target).parents if p.exists()), Path("."))
+        if _key(folder) in probed:
+            continue
+        probed.add(_key(folder))
+        try:
+            fd, name = tempfile.mkstemp(prefix=".taesd-probe.", dir=folder)
+        except OSError as e:
+            raise TaesdError(os_error_message(e, Path(target))) from e
+        os.close(fd)
+        os.unlink(name)
+
+
 def describe_failure(path: Path, e: BaseException) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     return msg if str(path) in msg else f"{path}: {msg}"
 
 
 def run_batch(args, jobs: list, work: Callable, desc: str) -> int:
-    """Run ``work(job)`` for each job (``job[0]`` an InputFile); failing jobs are collected and
-    reported at the end, one line each; returns the exit code (2 if any failed)."""
+    """Run ``work(job)`` for each job (``job[0]`` an InputFile) under the no-clobber rule of
+    ``--overwrite`` (held again as each file is written); failing jobs are collected and reported at
+    the end, one line each; returns the exit code (2 if any failed)."""
     failures: list[str] = []
-    for job in progress(jobs, desc):
-        try:
-            work(job)
-        except (TaesdError, MemoryError, torch.OutOfMemoryError) as e:
-            if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-                e = TaesdError("out of memory; try --max-memory or --tile-size")
-            if getattr(args, "fail_fast", False):
-                raise TaesdError(describe_failure(job[0].path, e)) from e
-            failures.append(describe_failure(job[0].path, e))
+    with output_policy(getattr(args, "overwrite", False)):
+        for job in progress(jobs, desc):
+            try:
+                work(job)
+            except (TaesdError, MemoryError, torch.OutOfMemoryError) as e:
+                if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                    e = TaesdError("out of memory; try --max-memory or --tile-size")
+                if getattr(args, "fail_fast", False):
+                    raise TaesdError(describe_failure(job[0].path, e)) from e
+                failures.append(describe_failure(job[0].path, e))
     return report_failures(args, failures, len(jobs), "the others were done") if failures else 0
 
 
@@ -221,7 +239,13 @@ def report_failures(args, failures: list[str], total: int, rest: str) -> int:
 
 
 def note(args, text: str) -> None:
-    print(f"taesd {args.command}: note: {text}", file=sys.stderr)
+    tqdm.write(f"taesd {args.command}: note: {text}", file=sys.stderr)
+
+
+def say(text: str) -> None:
+    """A result line on stdout, above a progress bar if one is drawn (never onto it)."""
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def progress(items, desc: str):
@@ -234,3 +258,23 @@ def weight_files(args) -> list[Path]:
     """The weight files named with --weights: no output may land on them."""
     w = getattr(args, "weights", None) or []
     return [Path(p) for p in ([w] if isinstance(w, str) else w)]
+
+
+# ---------------------------------------------------------------- pad -> encode, decode -> crop
+# taesd.encode_image / model.decode(size=) come with the tiling branch; until then, this one copy.
+
+def encode_image(model, image, tile_size=None, max_memory=None):
+    """An image (C x H x W) of any size -> (latents 1 x C x h x w, its (H, W))."""
+    try:
+        from taesd.model import encode_image as library_encode_image
+    except ImportError:
+        from taesd.io.images import pad_to_multiple
+        padded, size = pad_to_multiple(image[None], model.variant.downscale)
+        return model.encode(padded, tile_size=tile_size, max_memory=max_memory), tuple(size)
+    return library_encode_image(model, image, tile_size=tile_size, max_memory=max_memory)
+
+
+def decode_image(model, latents, size, tile_size=None, max_memory=None):
+    """Latents -> images cropped to ``size`` (H, W) when given (the size ``encode_image`` returned)."""
+    images = model.decode(latents, tile_size=tile_size, max_memory=max_memory)
+    return images if size is None else images[..., : size[0], : size[1]]

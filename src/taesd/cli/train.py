@@ -13,7 +13,10 @@ import os
 import typing
 from dataclasses import MISSING, Field, fields
 
+import torch
+
 from taesd.cli.common import command_parser
+from taesd.errors import TaesdError
 from taesd.training.config import TrainConfig, config_from_dict, flag
 from taesd.training.loop import train
 
@@ -80,7 +83,11 @@ def add_parser(sub):
 
 def run(args) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata.get("group")}
-    report = train(config_from_dict(given))
+    try:
+        report = train(config_from_dict(given))
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        raise TaesdError(f"out of memory while training; lower --batch or --crop (--grad-accum keeps the "
+                         f"effective batch); --resume continues from {args.out}'s last checkpoint") from e
     if report.get("stopped_early"):
         print(f"stopped at step {report['step']}; checkpoint in {args.out}; continue with --resume")
         return 130

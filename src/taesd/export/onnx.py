@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from taesd.errors import TaesdError
+from taesd.extras import needs_extra
 from taesd.io.files import atomic_path
 from taesd.nn.arch import build_part
 from taesd.registry import Arch, get_variant
@@ -151,6 +152,7 @@ def check_opset(opset: int) -> int:
     return int(opset)
 
 
+@needs_extra   # a core install: one line naming taesd[onnx]
 def to_onnx(model, part: str, fp16: bool = False, opset: int = DEFAULT_OPSET):
     """One part of a ``TAESD`` model as a simplified ``onnx.ModelProto`` (weights on CPU).
 

@@ -10,6 +10,12 @@
   renames happen together when the block ends, after ``check`` approved every target. Commands
   whose output names are decided deep inside a writer (weights, ONNX) use it so that a refused
   target (an input, an existing file) leaves nothing written at all.
+- ``output_policy(overwrite)``: the commands' no-clobber guarantee, held at the moment of writing and
+  not only when the batch was planned. ``overwrite=False``: the finished file is hard-linked to its
+  name, which fails if anything appeared there meanwhile (another process, a user): one line, the
+  other file left alone. ``overwrite=True``: an existing file is replaced only if it carries taesd's
+  marker (``taesd.io.naming.has_taesd_marker``). Outside the block (the library, training's own
+  checkpoints and logs) a finished file replaces its target, as ``os.replace`` does.
 """
 from __future__ import annotations
 
@@ -27,6 +33,60 @@ from taesd.errors import TaesdError
 
 _pending: contextvars.ContextVar["list[tuple[Path, Path]] | None"] = contextvars.ContextVar(
     "taesd_pending_renames", default=None)
+# None: replace (the library's default); False: never replace; True: replace only taesd's own files.
+_overwrite: contextvars.ContextVar["bool | None"] = contextvars.ContextVar("taesd_overwrite", default=None)
+
+
+@contextlib.contextmanager
+def output_policy(overwrite: bool) -> Iterator[None]:
+    """Inside the block, finished files are published under the no-clobber rule (module docstring)."""
+    token = _overwrite.set(bool(overwrite))
+    try:
+        yield
+    finally:
+        _overwrite.reset(token)
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless taesd wrote it (it carries taesd's marker, for the formats
+    that have room for one)."""
+    from taesd.io.naming import carries_markers, has_taesd_marker
+    if path.is_file() and carries_markers(path) and not has_taesd_marker(path):
+        raise TaesdError(f"{path} exists and was not written by taesd (it has no taesd marker); --overwrite "
+                         f"replaces only taesd's own outputs: move it away or choose another -o")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Give the finished temporary file ``tmp`` its name ``path`` under the current output policy."""
+    overwrite = _overwrite.get()
+    if overwrite is None:
+        os.replace(tmp, path)
+        return
+    if overwrite:
+        check_replaceable(path)
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)   # atomic, and fails if the name exists: no window between check and write
+    except FileExistsError:
+        raise TaesdError(f"{path} appeared while taesd was writing it (another process?); it was left as "
+                         f"it is; pass --overwrite to replace it") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        _claim_then_replace(tmp, path)   # a file system without hard links
+        return
+    tmp.unlink(missing_ok=True)
+
+
+def _claim_then_replace(tmp: Path, path: Path) -> None:
+    """No hard links: claim the name with O_EXCL (fails if it exists), then rename over the claim."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        raise TaesdError(f"{path} appeared while taesd was writing it (another process?); it was left as "
+                         f"it is; pass --overwrite to replace it") from None
+    os.replace(tmp, path)
 
 
 def current_umask() -> int:
@@ -111,7 +171,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if pending is not None:
             pending.append((tmp, path))
         else:
-            os.replace(tmp, path)
+            publish(tmp, path)
     except OSError as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -146,7 +206,7 @@ def deferred_renames(check: "Callable[[list[Path]], None] | None" = None) -> Ite
             check(targets)
         for tmp, dst in pending:
             try:
-                os.replace(tmp, dst)
+                publish(tmp, dst)
             except OSError as e:
                 raise TaesdError(os_error_message(e, dst)) from e
     finally:

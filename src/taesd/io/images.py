@@ -7,10 +7,16 @@ Rules:
 - Sizes that are not a multiple of the variant's downscale factor are padded at the bottom and
   right by repeating the edge pixels; the decoded image is cropped back to the original size
   (the latent file records it).
+- Every image read goes through one guard (``open_image``): its header's pixel count is checked
+  before any pixel is decoded, against ``TAESD_MAX_IMAGE_PIXELS`` when set, else twice PIL's
+  decompression-bomb threshold (PIL's own rule). CLI inputs, training data and hold-out images alike.
+- Every image written carries taesd's marker (``taesd.io.naming``); a size its format cannot hold
+  (WebP 16383, JPEG 65500, GIF 65535 pixels a side) is refused in one line before anything is written.
 """
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +24,42 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from taesd import settings
 from taesd.errors import TaesdError
 from taesd.io.files import atomic_path
+from taesd.io.naming import image_marker_options
+
+# The largest side each format can store (PIL raises deep inside its encoders otherwise).
+MAX_SIDE = {"WEBP": 16383, "JPEG": 65500, "GIF": 65535}
+_pil_limit_lock = threading.Lock()   # Image.MAX_IMAGE_PIXELS is a global: switch it off under a lock
+
+
+def pixel_limit() -> tuple[int, str]:
+    """(the most pixels an input may have, what sets that limit, for messages)."""
+    limit = settings.max_image_pixels()
+    if limit is not None:
+        return limit, f"TAESD_MAX_IMAGE_PIXELS={limit}"
+    default = Image.MAX_IMAGE_PIXELS or 89_478_485
+    return 2 * default, f"PIL's decompression-bomb limit ({2 * default} pixels)"
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """The decoded image, after its header's size passed the pixel limit (PIL's own check is off
+    meanwhile, so the message names the limit the user set, not PIL's twice-over rule)."""
+    limit, source = pixel_limit()
+    with _pil_limit_lock:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        w, h = img.size
+        if w * h > limit:
+            raise TaesdError(f"refusing {path}: {w}x{h} = {w * h} pixels is over {source} (a decompression "
+                             f"bomb?); set TAESD_MAX_IMAGE_PIXELS to allow bigger images")
+        img.load()
+        return ImageOps.exif_transpose(img)
 
 
 def open_image(path: "str | os.PathLike") -> Image.Image:
@@ -29,9 +69,7 @@ def open_image(path: "str | os.PathLike") -> Image.Image:
     if path.stat().st_size == 0:
         raise TaesdError(f"image {path} is empty")
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        img = _open_checked(path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         reason = str(e).splitlines()[0][:120] if str(e).strip() else "corrupt file"
         raise TaesdError(f"cannot read image {path}: {reason}") from e
@@ -83,11 +121,21 @@ def save_image(x: torch.Tensor, path: "str | os.PathLike") -> Path:
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise TaesdError(f"cannot tell the image format of {path}; use .png, .jpg or .webp")
+    check_writable_size(path, img.height, img.width)
     if fmt == "JPEG" and img.mode == "RGBA":
         img = img.convert("RGB")
     with atomic_path(path) as tmp:
-        img.save(tmp, format=fmt)
+        img.save(tmp, format=fmt, **image_marker_options(fmt))
     return path
+
+
+def check_writable_size(path: "str | os.PathLike", height: int, width: int) -> None:
+    """Refuse, in one line, an image size the format of ``path`` cannot store (before any work)."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    side = MAX_SIDE.get(fmt or "")
+    if side is not None and max(height, width) > side:
+        raise TaesdError(f"cannot write {path}: {fmt} images are at most {side} pixels a side, this one is "
+                         f"{width}x{height}; write it as .png")
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -6,26 +6,22 @@ take the first run's outputs for inputs. They are recognised by name, the names 
 give them: ``*.<variant>.png`` (8-bit latents), ``*.roundtrip.<ext>``, ``*.decoded.<ext>``,
 ``*.<n>.decoded.<ext>``, ``grid.png`` beside an ``eval.json``; and, for PNGs under any name, by
 the ``taesd_variant`` text chunk every latent PNG carries. Each input keeps the folder argument it
-was found under (``root``), so outputs can keep its relative path.
+was found under (``root``), so outputs can keep its relative path. The names come from
+``taesd.io.naming``, the module the commands make them with.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import warnings
 from pathlib import Path
 
+from taesd import settings
 from taesd.errors import TaesdError
-from taesd.registry import VARIANTS
+from taesd.io.naming import is_latent_png_name, is_output_image_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LATENT_SUFFIXES = (".safetensors", ".png")
-
-_VARIANT_NAMES = "|".join(sorted(map(re.escape, VARIANTS), key=len, reverse=True))
-# Names of the images taesd writes (roundtrip, decode, eval's grid is handled apart).
-_IMAGE_OUTPUT = re.compile(r".+\.(roundtrip|decoded|\d+\.decoded)\.[a-z]+$", re.IGNORECASE)
-_LATENT_PNG = re.compile(rf".+\.({_VARIANT_NAMES})\.png$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +38,10 @@ class InputFile:
 def is_taesd_output(path: Path, what: str) -> bool:
     """Whether ``path`` looks like a file taesd wrote that is no ``what`` input (image or latent)."""
     name = path.name
-    if _IMAGE_OUTPUT.match(name) or (name == "grid.png" and (path.parent / "eval.json").is_file()):
+    if is_output_image_name(name) or (name == "grid.png" and (path.parent / "eval.json").is_file()):
         return True
     if what == "image" and path.suffix.lower() == ".png":
-        return bool(_LATENT_PNG.match(name)) or _has_latent_marker(path)
+        return is_latent_png_name(name) or _has_latent_marker(path)
     return False
 
 
@@ -98,28 +94,16 @@ def expand_inputs(paths, suffixes: tuple[str, ...], what: str = "image") -> list
 
 
 def read_image(path: "str | os.PathLike", channels: int = 3):
-    """``load_image`` with PIL's decompression-bomb guard as one-line errors: over twice
-    ``TAESD_MAX_IMAGE_PIXELS`` (default PIL's 89.5 M) is refused; over it, a warning is returned
-    as text. Returns (image tensor, warning or None)."""
+    """``load_image`` (whose pixel guard refuses an image over the limit, see ``taesd.io.images``),
+    plus a note for an image over PIL's decompression-bomb warning threshold when no limit is set.
+    Returns (image tensor, note or None)."""
     from PIL import Image
 
     from taesd.io.images import load_image
-    limit = os.environ.get("TAESD_MAX_IMAGE_PIXELS", "").strip()
-    if limit and not limit.isdigit():
-        raise TaesdError(f"TAESD_MAX_IMAGE_PIXELS must be a whole number of pixels, not {limit!r}")
-    saved, note = Image.MAX_IMAGE_PIXELS, None
-    try:
-        if limit:
-            Image.MAX_IMAGE_PIXELS = int(limit)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", Image.DecompressionBombWarning)
-            image = load_image(path, channels)
-        for w in caught:
-            if issubclass(w.category, Image.DecompressionBombWarning):
-                note = f"{path}: {str(w.message).split(',')[0]} (PIL's decompression-bomb warning)"
-    except Image.DecompressionBombError as e:
-        raise TaesdError(f"refusing {path}: {str(e).split(',')[0]} (a decompression bomb?); set "
-                         f"TAESD_MAX_IMAGE_PIXELS to allow bigger images") from e
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    image = load_image(path, channels)
+    pixels = image.shape[-1] * image.shape[-2]
+    note = None
+    if settings.max_image_pixels() is None and Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        note = (f"{path}: {pixels} pixels, over PIL's decompression-bomb warning threshold of "
+                f"{Image.MAX_IMAGE_PIXELS}; set TAESD_MAX_IMAGE_PIXELS to silence this")
     return image, note

@@ -97,8 +97,10 @@ class TrainConfig:
     ckpt_every: int = option(200, "checkpoint every N steps (also on Ctrl-C and at the end)", "run", min=1)
     log_every: int = option(10, "log every N steps", "run", min=1)
     resume: bool = option(False, "continue from OUT/checkpoint.pt", "run")
-    overwrite: bool = option(False, "start over in an OUT that holds a run (deletes its checkpoint, logs, "
-                                    "samples and student; keeps the latent cache)", "run")
+    overwrite: bool = option(False, "start over in an OUT that holds a taesd run: deletes only the files "
+                                    "taesd wrote there (checkpoint, logs, its samples, tensorboard events "
+                                    "and student weights); your own files in samples/, student/ or "
+                                    "tensorboard/ stay, and so does the latent cache", "run")
     time_limit: float = option(0.0, "stop after this many seconds and finish normally (0: no limit)", "run",
                                min=0)
     save_formats: list[str] | None = option(None, "weight formats of the trained student (default: all "

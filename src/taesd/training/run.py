@@ -7,13 +7,15 @@
 2. The accelerator, the teacher (frozen) and the networks: student (fresh weights, the same on every
    process: same seed), its EMA, the discriminator, optimizers and schedulers; the checkpoint's
    state put back into them.
-3. Only then the run folder: created (or cleared with ``--overwrite``), the latent cache, the crop
+3. Only then the run folder: created (or cleared with ``--overwrite``: only the files taesd wrote, see
+   ``taesd.training.run_folder``) and marked as taesd's, the latent cache, the crop
    streams, the logs and the hold-out set. A failure in this step removes a folder it created, so
    no failure leaves an empty run folder behind.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,11 +34,13 @@ from taesd.training.data import ImageCrops, build_latent_cache, crop_loader, loa
 from taesd.training.discriminator import PatchDiscriminator
 from taesd.training.holdout import Holdout, evaluate
 from taesd.training.logs import CsvLog, Tensorboard, save_grid
+from taesd.training.run_folder import check_overwritable, clear_run, held_run_files, mark
 from taesd.training.students import Student, build_student
 from taesd.training.teachers import load_teacher
 
-RUN_MARKERS = (CHECKPOINT, "metrics.csv", "report.json")  # a folder with one of these holds a run
-RUN_OUTPUTS = (*RUN_MARKERS, "learning_curve.png", "samples", "tensorboard", "student")  # --overwrite deletes
+# The least memory one micro-batch takes, per input value: the teacher's first layers hold 64 channels
+# for each 3 of the input. A --batch far beyond the machine is refused before the run folder exists.
+MIN_BYTES_PER_INPUT_VALUE = 4 * 64 / 3
 
 
 @dataclass(eq=False)
@@ -151,11 +155,29 @@ def preflight(cfg: TrainConfig) -> dict | None:
         checkpoint = read_checkpoint(out / CHECKPOINT)
         check_resumable(cfg, checkpoint, out / CHECKPOINT)
         return checkpoint
-    held = [name for name in RUN_MARKERS if (out / name).exists()]
+    held = held_run_files(out)
     if held and not cfg.overwrite:
         raise TaesdError(f"{out} holds a run ({', '.join(held)}); pass --resume to continue or --overwrite "
                          f"to start over")
+    if cfg.overwrite:
+        check_overwritable(out)
+    check_batch_fits(cfg)
     return None
+
+
+def check_batch_fits(cfg: TrainConfig) -> None:
+    """Refuse a micro-batch that cannot fit in this machine's memory, whatever the networks."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    crop = max(crop_sizes(cfg))
+    need = cfg.batch * 3 * crop * crop * MIN_BYTES_PER_INPUT_VALUE
+    if need > total:
+        most = max(1, int(total // (3 * crop * crop * MIN_BYTES_PER_INPUT_VALUE)))
+        raise TaesdError(f"--batch {cfg.batch} at crop {crop} needs at least {need / 2**30:.0f} GiB for one "
+                         f"micro-batch, more than this machine's {total / 2**30:.0f} GiB; use --batch {most} "
+                         f"or less (and --grad-accum for a larger effective batch)")
 
 
 def first_readable(files: list[Path], what: str) -> None:
@@ -223,11 +245,10 @@ def removed_on_failure(folder: Path, main: bool):
 
 def open_run_folder(run: Run) -> None:
     if run.main:
-        if run.cfg.overwrite:
-            for name in RUN_OUTPUTS:
-                path = run.out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if run.cfg.overwrite and run.out.is_dir():
+            clear_run(run.out)
         run.out.mkdir(parents=True, exist_ok=True)
+        mark(run.out)
     run.acc.wait_for_everyone()
 
 

@@ -14,7 +14,7 @@ Contract (diffusers' VAE conventions, our network and executor):
   latents_std 1 (``z_dim`` 64). ``block_out_channels`` / ``encoder_block_out_channels`` have
   log2(downscale) + 1 entries, which is how pipelines compute their VAE scale factor.
 - Inputs are cast to the model's dtype and device; outputs come back in the input's dtype.
-- ``enable_tiling(tile_size)`` runs our seam-exact tiling (taesd.runtime.tiling: equal to the untiled
+- ``enable_tiling(tile_size)`` runs our seam-exact tiling (taesd.tiling: equal to the untiled
   pass up to float rounding), ``enable_slicing()`` one image of the batch at a time.
 - The network runs through the executor ``taesd.runtime.executors.resolve`` picks for the model's device,
   as ``taesd.load`` does ("fast": the CUDA executor on a GPU, Winograd/oneDNN on a CPU); after
@@ -176,6 +176,12 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         # No dtype: the library's one rule for the device (fp16 on a tensor-core GPU), as taesd.load.
         return vae.to(device=device, dtype=default_dtype(device, torch_dtype))
 
+    def to_autoencoder_tiny(self):
+        """diffusers' own ``AutoencoderTiny`` with these weights (taesd/taesdxl/taesd3/taef1): a pipeline
+        saved with it loads where taesd is not installed (taesd.integrations.diffusers.portable)."""
+        from taesd.integrations.diffusers.portable import autoencoder_tiny
+        return autoencoder_tiny(self.taesd)
+
     # ------------------------------------------------------------ saving: AutoencoderTiny's keys
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
@@ -283,3 +289,8 @@ class TaesdVAE(ModelMixin, ConfigMixin):
         """Encode then decode (diffusers' VAE ``forward``)."""
         image = self.decode(self.encode(sample).latents).sample
         return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+# A saved pipeline names ["taesd", "TaesdVAE"] in model_index.json (diffusers records __module__), which
+# loads once `import taesd` has run (taesd.__getattr__ gives the class), not only after this module.
+TaesdVAE.__module__ = "taesd"

@@ -10,32 +10,16 @@ executor behind diffusers' VAE interface, with a config that makes the family's 
 conversion (scale/shift, FLUX.2's BatchNorm inverse, Qwen 2.1's mean/std) the identity. A TAESD of
 another family is refused with one line, even at the same channel count (taesd3 vs taef1).
 
-``autoencoder_tiny`` builds diffusers' own ``AutoencoderTiny`` from our weights (base variants):
-the same network in diffusers' implementation, kept for comparison (benchmarks/bench_diffusers.py).
+``autoencoder_tiny`` (now in ``portable``) builds diffusers' own ``AutoencoderTiny`` from our weights
+(base variants): the portable form of a saved pipeline, and the comparison in benchmarks/bench_diffusers.py.
 """
 from __future__ import annotations
 
 from taesd.errors import TaesdError
 from taesd.integrations.diffusers.contracts import variant_for
-from taesd.io.weights.formats import diffusers_config, state_dicts, to_diffusers_keys
+from taesd.integrations.diffusers.portable import autoencoder_tiny  # noqa: F401  (its older home)
 from taesd.model import TAESD
-from taesd.registry import PARTS, Arch, get_variant
-
-
-def autoencoder_tiny(model: TAESD):
-    """A diffusers ``AutoencoderTiny`` holding the weights of ``model`` (taesd/taesdxl/taesd3/taef1)."""
-    from diffusers import AutoencoderTiny
-    v = model.variant
-    if v.arch != Arch.BASE:
-        raise TaesdError(f"AutoencoderTiny cannot hold {v.name} ({v.arch} architecture); use TaesdVAE")
-    missing = [p for p in PARTS if p not in model.parts]
-    if missing:
-        raise TaesdError(f"AutoencoderTiny needs both parts; this {v.name} has no {missing[0]}: "
-                         f"load it with parts=('encoder', 'decoder')")
-    config = {k: val for k, val in diffusers_config(v).items() if not k.startswith("_")}
-    vae = AutoencoderTiny.from_config(config)
-    vae.load_state_dict(to_diffusers_keys(state_dicts(model)))
-    return vae.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
+from taesd.registry import get_variant
 
 
 def tiny_vae(model):
