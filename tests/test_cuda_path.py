@@ -18,13 +18,14 @@ import pytest
 import torch
 
 import taesd
+from conftest import weights_dir
 from taesd import tiling
 from taesd.loader import load, with_executor
 from taesd.runtime.dtypes import default_dtype
 from taesd.runtime.executors import cuda, cuda_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = os.environ.get("TAESD_WEIGHTS")
+WEIGHTS = str(weights_dir())   # $TAESD_WEIGHTS, else ../shared/weights (conftest)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_weights = pytest.mark.skipif(
     not (WEIGHTS and Path(WEIGHTS, "taef2_decoder.pth").is_file()),

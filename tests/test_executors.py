@@ -178,8 +178,10 @@ def test_to_and_half_re_resolve_the_executor(monkeypatch):
 
 @pytest.mark.parametrize("device, capability, want", [
     ("cpu", None, torch.float32), ("cuda", (9, 0), torch.float16), ("cuda", (6, 1), torch.float32)])
-def test_every_entry_point_gives_the_same_dtype(device, capability, want, recorded, monkeypatch, tmp_path):
+def test_every_entry_point_gives_the_same_dtype(device, capability, want, recorded, monkeypatch, tmp_path,
+                                                weights):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(taesd.loader, "check_device", lambda name: None)
     from taesd.cli import build_parser, common
     from taesd.cli import eval as cli_eval
     from taesd.cli.common import open_model
@@ -200,7 +202,7 @@ def test_every_entry_point_gives_the_same_dtype(device, capability, want, record
     assert recorded[-1].executor == executors.resolve(None, device)
     moved = []
     monkeypatch.setattr(TaesdVAE, "to", lambda self, device=None, dtype=None: moved.append(dtype) or self)
-    TaesdVAE.from_pretrained(os.environ["TAESD_WEIGHTS"], taesd_variant="taef2", device=device)
+    TaesdVAE.from_pretrained(str(weights), taesd_variant="taef2", device=device)
     got["TaesdVAE"] = moved[-1]
     assert got == dict.fromkeys(got, want)
 
