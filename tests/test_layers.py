@@ -17,7 +17,7 @@ LAYERS = {
     "taesd.nn": 2,
     "taesd.io": 3, "taesd.runtime.dtypes": 3, "taesd.runtime.memory": 3,
     "taesd.runtime.tiling": 4,
-    "taesd.model": 5,
+    "taesd.model": 5, "taesd.video": 5,
     "taesd.export": 6, "taesd.runtime.winograd": 6,
     "taesd.runtime": 7,
     "taesd.loader": 8,

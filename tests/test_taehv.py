@@ -1,0 +1,145 @@
+"""The TAEHV family against the published taehv.py: every layout, loaded from fresh weights written in
+both published file layouts, matches the outputs recorded by scripts/make_taehv_refs.py (fp32,
+<= 1e-5), in whole, bounded and streaming mode; and the three modes agree exactly."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from taesd.errors import TaesdError
+from taesd.registry import VIDEO_VARIANTS
+from taesd.video import TAEHV, identify_video, load_taehv
+
+ROOT = Path(__file__).resolve().parents[1]
+REFS = ROOT / "tests" / "data" / "taehv" / "refs.safetensors"
+TOL = 1e-5
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_taehv_refs", ROOT / "scripts" / "make_taehv_refs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REF = _script()
+CASES = [(name, *case) for name in REF.NAMES for case in REF.CASES.get(name, REF.DEFAULT_CASES)]
+
+
+@pytest.fixture(scope="module")
+def refs() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(REFS))
+
+
+def _model_kwargs(kwargs: dict) -> dict:
+    t = kwargs.get("decoder_time_upscale")
+    return {"time_upscale": (False, *t) if t is not None and len(t) == 2 else t} if t is not None else {}
+
+
+def _published_file(name: str, folder: Path, fmt: str) -> Path:
+    """Fresh seeded weights (the refs' own) saved as upstream publishes them."""
+    shapes = {k: tuple(v.shape) for k, v in TAEHV(name).state_dict().items()}
+    sd = REF.fresh_state_dict(name, shapes)
+    if fmt == "pth":
+        path = folder / f"{name}.pth"
+        torch.save(sd, path)
+    else:
+        from safetensors.torch import save_file
+        (folder / "safetensors").mkdir(exist_ok=True)
+        path = folder / "safetensors" / f"{name}.safetensors"
+        save_file(sd, str(path))
+    return path
+
+
+def _assert_small_equal(frames: torch.Tensor, refs: dict, key: str) -> None:
+    got = frames[..., ::REF.SUBSAMPLE, ::REF.SUBSAMPLE]
+    assert got.shape == refs[f"{key}/pixels"].shape, key
+    assert (got - refs[f"{key}/pixels"]).abs().max() <= TOL, key
+    assert (frames.double().mean(dim=(2, 3, 4)) - refs[f"{key}/means"]).abs().max() <= TOL, key
+
+
+def _inputs(model: TAEHV, n_frames: int, n_latents: int):
+    frames = REF.clip("frames", 1, n_frames, 3, REF.SIZE)
+    latents = REF.clip("latents", 1, n_latents, model.variant.latent_channels,
+                       REF.SIZE // model.variant.downscale)
+    return frames, latents
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+@pytest.mark.parametrize("name,case,n_frames,n_latents,kwargs", CASES,
+                         ids=[f"{c[0]}{'-' + c[1] if c[1] else ''}" for c in CASES])
+@torch.no_grad()
+def test_whole_clip_matches_published_code(refs, tmp_path, fmt, name, case, n_frames, n_latents, kwargs):
+    model = load_taehv(_published_file(name, tmp_path, fmt), variant=name, **_model_kwargs(kwargs))
+    frames, latents = _inputs(model, n_frames, n_latents)
+    key = f"{name}/{case}" if case else name
+    latents_out = model.encode(frames)
+    assert latents_out.shape == refs[f"{key}/encode"].shape
+    assert (latents_out - refs[f"{key}/encode"]).abs().max() <= TOL
+    _assert_small_equal(model.decode(latents), refs, f"{key}/decode")
+
+
+@pytest.mark.parametrize("name,case,n_frames,n_latents,kwargs", CASES,
+                         ids=[f"{c[0]}{'-' + c[1] if c[1] else ''}" for c in CASES])
+@torch.no_grad()
+def test_bounded_and_streaming_equal_whole_exactly(tmp_path, name, case, n_frames, n_latents, kwargs):
+    model = load_taehv(_published_file(name, tmp_path, "pth"), variant=name, **_model_kwargs(kwargs))
+    frames, latents = _inputs(model, n_frames, n_latents)
+    whole_latents, whole_frames = model.encode(frames), model.decode(latents)
+    for chunk in (1, 2, 5):
+        assert torch.equal(model.encode(frames, chunk=chunk), whole_latents), (name, chunk)
+        if model.variant.trim != "cogvideox":   # cogvideox's trim depends on the count: see below
+            assert torch.equal(model.decode(latents, chunk=chunk), whole_frames), (name, chunk)
+    stream = model.stream()
+    got = [stream.encode(frames[:, t:t + 1]) for t in range(frames.shape[1])] + [stream.flush_encoder()]
+    assert torch.equal(torch.cat([g for g in got if g is not None], 1), whole_latents)
+    if model.variant.trim != "cogvideox":
+        got = [stream.decode(latents[:, t:t + 1]) for t in range(latents.shape[1])] + [stream.flush_decoder()]
+        assert torch.equal(torch.cat([g for g in got if g is not None], 1), whole_frames)
+
+
+@pytest.mark.parametrize("n_latents", [3, 4])
+@torch.no_grad()
+def test_cogvideox_framing(refs, tmp_path, n_latents):
+    """Whole and bounded trim an odd latent count as upstream's decode_video; streaming (count
+    unknown) keeps every frame, as upstream's StreamingTAEHV."""
+    model = load_taehv(_published_file("taecvx", tmp_path, "pth"), variant="taecvx")
+    key = "taecvx" if n_latents == 3 else "taecvx/even"
+    _, latents = _inputs(model, 9, n_latents)
+    for chunk in (None, 1, 2):
+        _assert_small_equal(model.decode(latents, chunk=chunk), refs, f"{key}/decode")
+    stream = model.stream()
+    got = [stream.decode(latents[:, t:t + 1]) for t in range(n_latents)] + [stream.flush_decoder()]
+    _assert_small_equal(torch.cat([g for g in got if g is not None], 1), refs, f"{key}/stream_decode")
+
+
+def test_identified_from_shapes(tmp_path):
+    groups = {}
+    for name in VIDEO_VARIANTS:
+        sd = TAEHV(name).state_dict()
+        found = identify_video(sd)
+        assert name in found
+        groups.setdefault(tuple(found), set()).add(name)
+    # the layouts that differ only in framing share a signature; every other file is told apart
+    assert {"taehv", "taew2_1", "taecvx", "taeos1_3"} <= set(identify_video(TAEHV("taehv").state_dict()))
+    assert identify_video(TAEHV("taew2_2_super").state_dict()) == ["taew2_2_super"]
+    assert identify_video(TAEHV("taeh3").state_dict()) == ["taeh3"]
+    assert identify_video(TAEHV("taeltx2_3_wide").state_dict()) == ["taeltx2_3_wide"]
+    decoder_only = {k: v for k, v in TAEHV("taehv1_5").state_dict().items() if k.startswith("decoder.")}
+    assert identify_video(decoder_only) == ["taehv1_5"]
+    path = _published_file("taew2_2", tmp_path, "pth")
+    assert load_taehv(path).variant.name == "taew2_2"        # unique layout: no name needed
+    with pytest.raises(TaesdError, match="pass variant="):
+        load_taehv(_published_file("taehv", tmp_path, "pth"))
+    with pytest.raises(TaesdError, match="not a taehv1_5 file"):
+        load_taehv(path, variant="taehv1_5")
+
+
+def test_bad_input_shape_names_the_layout():
+    model = TAEHV("taew2_1")
+    with pytest.raises(TaesdError, match="NTCHW"):
+        model.encode(torch.zeros(1, 3, 4, 32, 32))
