@@ -11,11 +11,14 @@ import torch
 
 from taesd.errors import TaesdError
 from taesd.registry import VIDEO_VARIANTS
-from taesd.video import TAEHV, identify_video, load_taehv
+from taesd.video import TAEHV, identify_video, load, load_taehv
 
 ROOT = Path(__file__).resolve().parents[1]
 REFS = ROOT / "tests" / "data" / "taehv" / "refs.safetensors"
 TOL = 1e-5
+# The fast executor sums the 3x3 weights of an upsample+conv into 2x2 phase kernels and fuses adds:
+# fp32 rounding of those sums, amplified by these seeded weights' large activations (measured <= 1.1e-5).
+TOL_FAST = 3e-5
 
 
 def _script():
@@ -55,11 +58,11 @@ def _published_file(name: str, folder: Path, fmt: str) -> Path:
     return path
 
 
-def _assert_small_equal(frames: torch.Tensor, refs: dict, key: str) -> None:
+def _assert_small_equal(frames: torch.Tensor, refs: dict, key: str, tol: float = TOL) -> None:
     got = frames[..., ::REF.SUBSAMPLE, ::REF.SUBSAMPLE]
     assert got.shape == refs[f"{key}/pixels"].shape, key
-    assert (got - refs[f"{key}/pixels"]).abs().max() <= TOL, key
-    assert (frames.double().mean(dim=(2, 3, 4)) - refs[f"{key}/means"]).abs().max() <= TOL, key
+    assert (got - refs[f"{key}/pixels"]).abs().max() <= tol, key
+    assert (frames.double().mean(dim=(2, 3, 4)) - refs[f"{key}/means"]).abs().max() <= tol, key
 
 
 def _inputs(model: TAEHV, n_frames: int, n_latents: int):
@@ -69,25 +72,28 @@ def _inputs(model: TAEHV, n_frames: int, n_latents: int):
     return frames, latents
 
 
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "pth-fast"])
 @pytest.mark.parametrize("name,case,n_frames,n_latents,kwargs", CASES,
                          ids=[f"{c[0]}{'-' + c[1] if c[1] else ''}" for c in CASES])
 @torch.no_grad()
 def test_whole_clip_matches_published_code(refs, tmp_path, fmt, name, case, n_frames, n_latents, kwargs):
-    model = load_taehv(_published_file(name, tmp_path, fmt), variant=name, **_model_kwargs(kwargs))
+    path = _published_file(name, tmp_path, fmt.split("-")[0])
+    model = load(path, variant=name, fast=fmt.endswith("fast"), **_model_kwargs(kwargs))
     frames, latents = _inputs(model, n_frames, n_latents)
     key = f"{name}/{case}" if case else name
+    tol = TOL_FAST if fmt.endswith("fast") else TOL
     latents_out = model.encode(frames)
     assert latents_out.shape == refs[f"{key}/encode"].shape
-    assert (latents_out - refs[f"{key}/encode"]).abs().max() <= TOL
-    _assert_small_equal(model.decode(latents), refs, f"{key}/decode")
+    assert (latents_out - refs[f"{key}/encode"]).abs().max() <= tol
+    _assert_small_equal(model.decode(latents), refs, f"{key}/decode", tol)
 
 
 @pytest.mark.parametrize("name,case,n_frames,n_latents,kwargs", CASES,
                          ids=[f"{c[0]}{'-' + c[1] if c[1] else ''}" for c in CASES])
 @torch.no_grad()
 def test_bounded_and_streaming_equal_whole_exactly(tmp_path, name, case, n_frames, n_latents, kwargs):
-    model = load_taehv(_published_file(name, tmp_path, "pth"), variant=name, **_model_kwargs(kwargs))
+    fast = name in ("taew2_1", "taew2_2_super", "taeltx2_3_wide", "taeh3")   # the fast executor too
+    model = load(_published_file(name, tmp_path, "pth"), variant=name, fast=fast, **_model_kwargs(kwargs))
     frames, latents = _inputs(model, n_frames, n_latents)
     whole_latents, whole_frames = model.encode(frames), model.decode(latents)
     for chunk in (1, 2, 5):
