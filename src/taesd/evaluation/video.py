@@ -76,7 +76,8 @@ def compare_clips(original: torch.Tensor, decoded: torch.Tensor) -> VideoMetrics
                         flicker=flicker)
 
 
-def _pad_to(frames: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_frames(frames: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad each frame at the bottom and right (edge pixels repeated) to multiples of ``multiple``."""
     h, w = frames.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
     if not (ph or pw):
@@ -94,7 +95,7 @@ def roundtrip_video(model, source: Clip | str | os.PathLike, output: str | os.Pa
     clip = source if isinstance(source, Clip) else read_video(source)
     frames = clip.frames.to(next(model.parameters()).dtype)
     h, w = frames.shape[-2:]
-    latents = model.encode(_pad_to(frames, model.variant.downscale), chunk=chunk)
+    latents = model.encode(pad_frames(frames, model.variant.downscale), chunk=chunk)
     latent_chunk = None if chunk is None else max(1, chunk // model.time_downscale)
     decoded = model.decode(latents, chunk=latent_chunk)[..., :h, :w].float()
     n = min(decoded.shape[1], frames.shape[1])
