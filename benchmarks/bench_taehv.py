@@ -40,6 +40,8 @@ def speed(args) -> None:
     ours = TAEHV(args.variant, parts="decoder").eval()
     v = ours.variant
     ref = ref_module.TAEHV(checkpoint_path=None, patch_size=v.patch_size, latent_channels=v.latent_channels,
+                           encoder_time_downscale=v.encoder_time_downscale,
+                           decoder_time_upscale=v.decoder_time_upscale,
                            arch_variant="super" if v.decoder_block == "super" else None).eval()
     ref.decoder.load_state_dict(ours.decoder.state_dict())
     make_fast(ours)
