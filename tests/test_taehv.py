@@ -215,3 +215,53 @@ def test_cli_video_roundtrip_encode_decode(tmp_path, monkeypatch, capsys):
     assert read_video(tmp_path / "dec.gif").frames.shape == clip.frames.shape
     with pytest.raises(TaesdError, match="taew2_1 latents"):
         cli("decode", tmp_path / "lat.safetensors", "--variant", "taehv")
+
+
+# --- diffusers drop-in -------------------------------------------------------------------------------------
+def _spy_decode(vae):
+    seen, orig = [], vae.decode
+
+    def decode(z, *args, **kwargs):
+        seen.append(z.clone())
+        return orig(z, *args, **kwargs)
+    vae.decode = decode
+    return seen
+
+
+@torch.no_grad()
+def test_diffusers_wan_and_qwen_image_pipelines_drop_in(tmp_path):
+    """Tiny local Wan / Qwen Image pipelines generate with taew2_1 as pipe.vae, and the tensor the
+    pipeline hands to the VAE is its own latents after its own conversion (the identity here)."""
+    diffusers = pytest.importorskip("diffusers")
+    from taesd.integrations.diffusers.video import TaehvVAE
+    vae = TaehvVAE.from_file(_published_file("taew2_1", tmp_path, "pth"), "taew2_1")
+    torch.manual_seed(0)
+    wan_tr = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                             in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                             num_layers=1, rope_max_seq_len=32)
+    wan = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=wan_tr,
+                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    emb = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
+    kw = dict(prompt_embeds=emb, height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=1.0)
+    latents = wan(**kw, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+    seen = _spy_decode(vae)
+    video = wan(**kw, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 9, 3, 32, 32) and torch.equal(seen[0], latents)
+    direct = vae.taehv.decode(latents.transpose(1, 2))      # the pipeline's video is our decode
+    assert (video[0] - direct[0]).abs().max() < 1e-5
+
+    qwen_tr = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                                                    attention_head_dim=16, num_attention_heads=2,
+                                                    joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+    qwen = diffusers.QwenImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                       text_encoder=None, tokenizer=None, transformer=qwen_tr)
+    assert qwen.vae_scale_factor == 8
+    kw = dict(prompt_embeds=emb, prompt_embeds_mask=torch.ones(1, 8, dtype=torch.long), height=32, width=32,
+              num_inference_steps=2, true_cfg_scale=1.0)
+    packed = qwen(**kw, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    seen.clear()
+    image = qwen(**kw, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 32, 32)
+    assert torch.equal(seen[0], qwen._unpack_latents(packed, 32, 32, 8))   # N x 16 x 1 x 4 x 4
+    # encode: an image (one frame) to the latents Qwen Image Edit would condition on
+    assert vae.encode(image * 2 - 1).latents.shape == (1, 16, 1, 4, 4)
