@@ -265,3 +265,38 @@ def test_diffusers_wan_and_qwen_image_pipelines_drop_in(tmp_path):
     assert torch.equal(seen[0], qwen._unpack_latents(packed, 32, 32, 8))   # N x 16 x 1 x 4 x 4
     # encode: an image (one frame) to the latents Qwen Image Edit would condition on
     assert vae.encode(image * 2 - 1).latents.shape == (1, 16, 1, 4, 4)
+
+
+@pytest.mark.parametrize("name", ["taew2_1", "taehv1_5_super", "taeltx2_3_wide"])
+@pytest.mark.parametrize("fast", [False, True])
+@torch.no_grad()
+def test_functional_step_has_fixed_state_and_equals_whole(tmp_path, name, fast):
+    model = load(_published_file(name, tmp_path, "pth"), variant=name, fast=fast)
+    v = model.variant
+    frames = REF.clip("frames", 1, 2 * model.time_downscale, 3, REF.SIZE)
+    latents = REF.clip("latents", 1, 3, v.latent_channels, REF.SIZE // v.downscale)
+    state = model.init_state("encoder", 1, REF.SIZE, REF.SIZE)
+    shapes, out = [s.shape for s in state], []
+    for t in range(0, frames.shape[1], model.time_downscale):
+        y, state = model.step("encoder", frames[:, t:t + model.time_downscale], state)
+        assert [s.shape for s in state] == shapes
+        out.append(y)
+    assert torch.equal(torch.cat(out, 1), model.encode(frames))
+    state = model.init_state("decoder", 1, *latents.shape[-2:])
+    shapes, out = [s.shape for s in state], []
+    for t in range(latents.shape[1]):
+        y, state = model.step("decoder", latents[:, t:t + 1], state)
+        assert [s.shape for s in state] == shapes
+        out.append(y)
+    assert torch.equal(torch.cat(out, 1)[:, model.time_upscale - 1:], model.decode(latents))
+
+
+@torch.no_grad()
+def test_decoder_step_compiles_without_graph_breaks():
+    model = TAEHV("taew2_1", parts="decoder").eval()
+    latents = torch.randn(1, 2, 16, 2, 2)
+    state = model.init_state("decoder", 1, 2, 2)
+    compiled = torch.compile(lambda x, s: model.step("decoder", x, s), fullgraph=True, backend="eager")
+    eager_y, eager_state = model.step("decoder", latents[:, :1], state)
+    y, new_state = compiled(latents[:, :1], state)
+    assert torch.equal(y, eager_y) and all(torch.equal(a, b) for a, b in zip(new_state, eager_state))

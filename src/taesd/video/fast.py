@@ -80,6 +80,7 @@ def _fuse_upsamples(seq: nn.Sequential) -> None:
                 and conv.stride == (1, 1) and conv.groups == 1):
             seq[i] = nn.Identity()
             conv.__class__ = UpsampledConv2d
+            conv.upsample_factor = 2
 
 
 def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True) -> TAEHV:

@@ -21,6 +21,7 @@ from taesd.errors import TaesdError
 from taesd.nn.taehv import TGrow, TPool, build_video_decoder, build_video_encoder
 from taesd.registry import VideoVariant, get_video_variant
 from taesd.video.runs import DecodeRun, EncodeRun, _cat
+from taesd.video.temporal import state_shapes, step
 
 
 class TAEHV(nn.Module):
@@ -118,6 +119,28 @@ class TAEHV(nn.Module):
 
     def stream(self) -> VideoStream:
         return VideoStream(self)
+
+    # --- the functional step (fixed-shape state: CUDA graphs, torch.compile) ---------------------------
+    def init_state(self, part: str, batch: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Zeros for ``step``: one ``batch x C x H x W`` tensor per memory block of ``part``, for
+        frames of ``height x width`` pixels (encoder) or latents of that size (decoder)."""
+        layers = self._part(part)
+        p = self.variant.patch_size
+        c, h, w = ((self.variant.image_channels * p * p, height // p, width // p) if part == "encoder"
+                   else (self.variant.latent_channels, height, width))
+        ref = next(self.parameters())
+        return tuple(ref.new_zeros(batch, *shape) for shape in state_shapes(layers, c, h, w))
+
+    def step(self, part: str, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        """``(output, new_state)`` for one group: the encoder takes ``time_downscale`` frames
+        (N x t x 3 x H x W in [0, 1]) and gives one latent; the decoder takes latents and gives the
+        *raw* frames (no trimming: drop the first ``time_upscale - 1`` of a clip as ``decode`` does).
+        Pure: no Python state, same shapes every step."""
+        if part == "encoder":
+            y, state = step(self._part(part), self.preprocess(x), state)
+            return y, state
+        y, state = step(self._part(part), x, state)
+        return self.postprocess(y), state
 
     # --- weights ----------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

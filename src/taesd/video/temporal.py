@@ -75,3 +75,40 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor, state: State, start: int 
         else:
             x = _unflat(_call(layer, _flat(x)), n)
     return x
+
+
+# --- the functional step: fixed-shape state for CUDA graphs and torch.compile ------------------------------
+def memory_indices(layers: nn.Sequential) -> list[int]:
+    return [i for i, layer in enumerate(layers) if isinstance(layer, MEMORY_BLOCKS)]
+
+
+def state_shapes(layers: nn.Sequential, channels: int, h: int, w: int) -> list[tuple[int, int, int]]:
+    """(C, H, W) of each memory block's input for ``channels x h x w`` network input frames."""
+    shapes = []
+    for layer in layers:
+        if isinstance(layer, MEMORY_BLOCKS):
+            shapes.append((channels, h, w))
+        if isinstance(layer, nn.Conv2d):
+            k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
+            h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            channels = layer.out_channels
+            up = getattr(layer, "upsample_factor", 1)    # the fast executor's upsample+conv
+            h, w = h * up, w * up
+        elif isinstance(layer, nn.Upsample):
+            f = int(layer.scale_factor)
+            h, w = h * f, w * f
+        elif isinstance(layer, nn.PixelShuffle):
+            r = layer.upscale_factor
+            channels, h, w = channels // (r * r), h * r, w * r
+    return shapes
+
+
+def step(layers: nn.Sequential, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+    """One step as a pure function: ``(output, new_state)``, the state one tensor per memory block
+    (``N x C x H x W``, zeros at the start of a clip). Fed a whole group of frames per step (the time
+    downscale for an encoder, any count for a decoder), no ``TPool`` ever holds frames back, so the
+    state keeps its shapes from step to step and a compiled or graph-captured step can be replayed."""
+    index = memory_indices(layers)
+    carried: State = dict(zip(index, state))
+    y = run_layers(layers, x, carried)
+    return y, tuple(carried[i] for i in index)
