@@ -20,6 +20,8 @@ LAYERS = {
     "taesd.runtime.executors.base": 3,   # what an executor is: tiling may read it, the model may hold one
     "taesd.tiling": 4,
     "taesd.model": 5,
+    "taesd.video.model": 5, "taesd.video.temporal": 5, "taesd.video.runs": 5, "taesd.video.weights": 5,
+    "taesd.video.fast": 7, "taesd.video": 8,
     "taesd.export": 6, "taesd.runtime.winograd": 6,
     "taesd.runtime": 7,   # taesd.runtime.executors: cpu, cuda, compile, onnxruntime, plain, resolve
     "taesd.loader": 8, "taesd.options": 8,

@@ -196,3 +196,113 @@ def normalize_parts(parts) -> tuple[str, ...]:
     if bad or not items:
         raise TaesdError(f"parts must be 'encoder', 'decoder' or both, not {parts!r}")
     return tuple(p for p in PARTS if p in items)
+
+
+# --- Video variants: the TAEHV family (madebyollin/taehv) -------------------------------------------------
+# A separate record: these networks run on clips (N x T x C x H x W) with temporal state, so they are built by
+# taesd.nn.taehv and run by taesd.video.TAEHV, never by TAESD. Facts from taehv.py at TAEHV_GITHUB_COMMIT
+# (and at TAEHV_WIDE_COMMIT, the side branch that holds taeltx2_3_wide).
+
+TAEHV_GITHUB = "madebyollin/taehv"
+TAEHV_GITHUB_COMMIT = "1f14a568f24bf8811e0a0ac601613e04fc1581e8"   # main, "Add TAEH3 ComfyUI node links" + 1
+TAEHV_WIDE_COMMIT = "32ac0146b11007cda5a57b60a3b35653361fb8a4"     # branch 2026_03_11_taeltx23_wide
+
+# Git blob ids (sha1 of "blob <size>\0" + bytes) of each file at its pinned commit, read from the repository
+# tree: they pin the bytes as well as a sha256 does. sha256 itself is unknown here (no TAEHV weights reach
+# this project's machines): recorded on first download.
+TAEHV_GIT_BLOBS = {
+    "taecvx.pth": "faf18249d011f1188d28ac3dbcca7d91316baef2",
+    "taeh3.pth": "8c459d15868be182ca52f95c82410767e06ef510",
+    "taehv.pth": "e1409542548a72fe9259cc6dc92f0504555616c4",
+    "taehv1_5.pth": "73960d2af787dd8e05c9e1df93da27dc0c32deb3",
+    "taehv1_5_super.pth": "b69a23b4db996fe47ca75371a0f840b5def1ce83",
+    "taeltx2_3.pth": "d1b7ab9b7e106aed3b1ca907dc3ec02ef8e61005",
+    "taeltx_2.pth": "415c1d34395097beed07efe5b3b9432771b02d70",
+    "taeos1_3.pth": "932cae63cf7c1f0cbfb37a35cce233e154dd044b",
+    "taew2_1.pth": "d6ffa27358914606153bbb790bd1da1c5cf822fd",
+    "taew2_2.pth": "4b51ee2578346051cb091d6280213927b9403d61",
+    "taew2_2_super.pth": "88641133a999bd6a9f4aa17a41d2bc9b6241d077",
+    "taeltx2_3_wide.pth": "1da8954033693369aa34de1840dc0fad00fe7d46",
+    "safetensors/taecvx.safetensors": "64e2fd755c9356db4c5c1e24d4a67135640a1085",
+    "safetensors/taeh3.safetensors": "9eff5f6da1f0baa60ede7f097507119b1488219f",
+    "safetensors/taehv.safetensors": "373253e5f877b3f6474a7ec874e5559f40381246",
+    "safetensors/taehv1_5.safetensors": "ede3340b89ae7c58c3e203d1872b8c595c604169",
+    "safetensors/taehv1_5_super.safetensors": "28a4a5a7aca3f3e0416082d1c400d206a0478377",
+    "safetensors/taeltx2_3.safetensors": "9553c906cd3d2a1deb85574d5236d256d795aa50",
+    "safetensors/taeltx_2.safetensors": "a3b56beaa4c3d5478cdcb78d984e65b2ad44bffa",
+    "safetensors/taeos1_3.safetensors": "599c53e7f43c8e439cca31c68eed1c68855d12a4",
+    "safetensors/taew2_1.safetensors": "ec1a2be453a250aa406e912bb630c34463ba0b2f",
+    "safetensors/taew2_2.safetensors": "9d0ef19504c0b918eb6a8efea1ed8596cf666400",
+    "safetensors/taew2_2_super.safetensors": "f13f912d19f81eb742ba784a04d1cc228e1ce287",
+    "safetensors/taeltx2_3_wide.safetensors": "c48ef97dadf1cb9fa81eb836d21426a6e76c57d9",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoVariant:
+    """One published TAEHV weight set: a video VAE's latent space and the network that speaks it.
+
+    Both parts live in one file with keys ``encoder.N.*`` / ``decoder.N.*`` (N: the index in the
+    published ``nn.Sequential``), as ``<name>.pth`` and ``safetensors/<name>.safetensors``.
+    """
+    name: str
+    family: str                        # the video VAE whose latents this speaks
+    serves: tuple[str, ...]            # the diffusion models that use that VAE
+    latent_channels: int
+    patch_size: int = 1                # pixel (un)shuffle around the network: 1, 2 or 4
+    encoder_time_downscale: tuple[bool, bool, bool] = (True, True, False)   # the three TPool stages
+    decoder_time_upscale: tuple[bool, bool, bool] = (False, True, True)     # the three TGrow stages
+    decoder_block: str = "mem"         # "mem" (MemBlock) | "super" (7x7 depthwise + PixelShuffle) | "wide"
+    trim: str = "causal"               # "causal": drop t_up - 1 leading frames | "cogvideox" | "h3"
+    sources: tuple[WeightFile, ...] = ()
+    image_channels: int = 3
+    downscale: int = 8                 # image pixels per latent pixel (8 x patch_size)
+
+    @property
+    def time_downscale(self) -> int:
+        return 2 ** sum(self.encoder_time_downscale)
+
+    @property
+    def time_upscale(self) -> int:
+        return 2 ** sum(self.decoder_time_upscale)
+
+
+def _taehv_files(name: str, revision: str = TAEHV_GITHUB_COMMIT) -> tuple[WeightFile, ...]:
+    """``<name>.pth`` at the root and ``safetensors/<name>.safetensors``, both parts in one file each."""
+    return tuple(WeightFile(host="github", repo=TAEHV_GITHUB, filename=f, layout="taehv", parts=PARTS,
+                            revision=revision) for f in (f"{name}.pth", f"safetensors/{name}.safetensors"))
+
+
+def _video(name: str, family: str, serves: tuple[str, ...], channels: int, patch: int = 1,
+           **kw) -> VideoVariant:
+    revision = kw.pop("revision", TAEHV_GITHUB_COMMIT)
+    return VideoVariant(name=name, family=family, serves=serves, latent_channels=channels, patch_size=patch,
+                        downscale=8 * patch, sources=_taehv_files(name, revision), **kw)
+
+
+_LTX = dict(encoder_time_downscale=(True, True, True), decoder_time_upscale=(True, True, True))
+
+VIDEO_VARIANTS: dict[str, VideoVariant] = {v.name: v for v in [
+    _video("taehv", "HunyuanVideo", ("HunyuanVideo",), 16),
+    _video("taew2_1", "Wan 2.1", ("Wan 2.1", "Wan 2.2 14B", "Qwen Image", "Qwen Image Edit", "Krea 2"), 16),
+    _video("taew2_2", "Wan 2.2 (5B)", ("Wan 2.2 5B",), 48, 2),
+    _video("taew2_2_super", "Wan 2.2 (5B)", ("Wan 2.2 5B",), 48, 2, decoder_block="super"),
+    _video("taehv1_5", "HunyuanVideo 1.5", ("HunyuanVideo 1.5",), 32, 2),
+    _video("taehv1_5_super", "HunyuanVideo 1.5", ("HunyuanVideo 1.5",), 32, 2, decoder_block="super"),
+    _video("taeh3", "MiniMax H3", ("MiniMax H3",), 24, 2, trim="h3"),
+    _video("taecvx", "CogVideoX", ("CogVideoX",), 16, trim="cogvideox"),
+    _video("taeos1_3", "Open-Sora 1.3", ("Open-Sora 1.3",), 16),
+    _video("taeltx_2", "LTX-2", ("LTX-2",), 128, 4, **_LTX),
+    _video("taeltx2_3", "LTX-2.3", ("LTX-2.3", "LTX-2.5"), 128, 4, **_LTX),
+    _video("taeltx2_3_wide", "LTX-2.3", ("LTX-2.3", "LTX-2.5"), 128, 4, decoder_block="wide",
+           revision=TAEHV_WIDE_COMMIT, **_LTX),
+]}
+
+
+def get_video_variant(name: str | VideoVariant) -> VideoVariant:
+    if isinstance(name, VideoVariant):
+        return name
+    key = str(name).lower().strip()
+    if key not in VIDEO_VARIANTS:
+        raise TaesdError(f"unknown video variant {name!r}; choose one of: {', '.join(VIDEO_VARIANTS)}")
+    return VIDEO_VARIANTS[key]

@@ -1,0 +1,114 @@
+"""Running a TAEHV layer list over a clip, a chunk of frames at a time, with its temporal state.
+
+One function, ``run_layers``, does every mode: the whole clip is one chunk, bounded memory is
+fixed-size chunks, streaming is whatever chunk arrives. The state is a dict of plain tensors keyed by
+layer index, so a chunk computes exactly what the whole clip would for those frames:
+
+- a memory block's state is its last input frame (``N x C x H x W``; zeros before the first frame);
+- a ``TPool``'s state is the frames waiting for a full group (``N x k x C x H x W``, ``k < stride``).
+
+Tensors are ``N x T x C x H x W`` (TAEHV's NTCHW). Non-temporal layers see all ``N*T`` frames as one
+batch, so a chunk is as fast as the batch it forms.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from taesd.nn.taehv import MEMORY_BLOCKS, TPool
+
+State = dict[int, torch.Tensor]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _unflat(y: torch.Tensor, n: int) -> torch.Tensor:
+    return y.reshape(n, y.shape[0] // n, *y.shape[1:])
+
+
+def _call(layer: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
+    """``layer(*xs)`` on a batch of frames. oneDNN runs a batch of one image with other kernels than
+    larger batches (results 1 ulp apart), so a single frame runs as a pair: streaming frame by
+    frame then computes bit for bit what the whole clip does (on the CPU; elsewhere it only costs)."""
+    if xs[0].shape[0] != 1 or xs[0].device.type != "cpu":
+        return layer(*xs)
+    y = layer(*(torch.cat([x, x]) for x in xs))
+    return y[: y.shape[0] // 2]      # a TGrow makes several frames of one
+
+
+def _memory(layer: nn.Module, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
+    last = state.get(i)
+    if last is None:
+        last = torch.zeros_like(x[:, 0])
+    past = torch.cat([last[:, None], x[:, :-1]], 1)
+    state[i] = x[:, -1]
+    return _unflat(_call(layer, _flat(x), _flat(past)), x.shape[0])
+
+
+def _pool(layer: TPool, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
+    if layer.stride > 1:
+        waiting = state.get(i)
+        if waiting is not None and waiting.shape[1]:
+            x = torch.cat([waiting, x], 1)
+        whole = x.shape[1] // layer.stride * layer.stride
+        state[i] = x[:, whole:]
+        x = x[:, :whole]
+        if not whole:
+            return x
+    return _unflat(_call(layer, _flat(x)), x.shape[0])
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor, state: State, start: int = 0) -> torch.Tensor | None:
+    """Run ``layers[start:]`` on the chunk ``x`` (N x T x C x H x W), updating ``state`` in place.
+    Returns the output frames, or None when a ``TPool`` still waits for frames."""
+    n = x.shape[0]
+    for i in range(start, len(layers)):
+        layer = layers[i]
+        if isinstance(layer, MEMORY_BLOCKS):
+            x = _memory(layer, x, state, i)
+        elif isinstance(layer, TPool):
+            x = _pool(layer, x, state, i)
+            if x.shape[1] == 0:
+                return None
+        else:
+            x = _unflat(_call(layer, _flat(x)), n)
+    return x
+
+
+# --- the functional step: fixed-shape state for CUDA graphs and torch.compile ------------------------------
+def memory_indices(layers: nn.Sequential) -> list[int]:
+    return [i for i, layer in enumerate(layers) if isinstance(layer, MEMORY_BLOCKS)]
+
+
+def state_shapes(layers: nn.Sequential, channels: int, h: int, w: int) -> list[tuple[int, int, int]]:
+    """(C, H, W) of each memory block's input for ``channels x h x w`` network input frames."""
+    shapes = []
+    for layer in layers:
+        if isinstance(layer, MEMORY_BLOCKS):
+            shapes.append((channels, h, w))
+        if isinstance(layer, nn.Conv2d):
+            k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
+            h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            channels = layer.out_channels
+            up = getattr(layer, "upsample_factor", 1)    # the fast executor's upsample+conv
+            h, w = h * up, w * up
+        elif isinstance(layer, nn.Upsample):
+            f = int(layer.scale_factor)
+            h, w = h * f, w * f
+        elif isinstance(layer, nn.PixelShuffle):
+            r = layer.upscale_factor
+            channels, h, w = channels // (r * r), h * r, w * r
+    return shapes
+
+
+def step(layers: nn.Sequential, x: torch.Tensor, state: tuple[torch.Tensor, ...]):
+    """One step as a pure function: ``(output, new_state)``, the state one tensor per memory block
+    (``N x C x H x W``, zeros at the start of a clip). Fed a whole group of frames per step (the time
+    downscale for an encoder, any count for a decoder), no ``TPool`` ever holds frames back, so the
+    state keeps its shapes from step to step and a compiled or graph-captured step can be replayed."""
+    index = memory_indices(layers)
+    carried: State = dict(zip(index, state))
+    y = run_layers(layers, x, carried)
+    return y, tuple(carried[i] for i in index)
