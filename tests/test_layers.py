@@ -15,7 +15,7 @@ LAYERS = {
     "taesd.errors": 0, "taesd.version": 0, "taesd.settings": 0,
     "taesd.registry": 1,
     "taesd.nn": 2,
-    "taesd.io": 3, "taesd.runtime.dtypes": 3, "taesd.runtime.memory": 3,
+    "taesd.io": 3, "taesd.runtime.dtypes": 3, "taesd.runtime.memory": 3, "taesd.runtime.isa": 3,
     "taesd.runtime.tiling": 4,
     "taesd.model": 5,
     "taesd.export": 6, "taesd.runtime.winograd": 6,

@@ -52,7 +52,8 @@ class Isa:
     def describe(self) -> str:
         names = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
                              "amx_int8") if getattr(self, f)]
-        return f"{self.level} ({', '.join(names) or 'none of avx2/avx512/amx'}; torch: {self.torch_capability})"
+        listed = ", ".join(names) or "none of avx2/avx512/amx"
+        return f"{self.level} ({listed}; torch: {self.torch_capability})"
 
 
 def parse_flags(cpuinfo: str) -> set[str]:
