@@ -33,6 +33,9 @@ COMPETITORS = {
     "plain": "published network, eager fp32 (taesd executor='plain')",
     "diffusers": "diffusers AutoencoderTiny, fp32",
     "onnxruntime": "ONNX Runtime, export of the published network, fp32",
+    "openvino": "OpenVINO CPU, the same ONNX export, its default precision (INFERENCE_PRECISION_HINT: bf16 "
+                "on CPUs with AVX-512-BF16 or AMX)",
+    "openvino-f32": "OpenVINO CPU, the same ONNX export, INFERENCE_PRECISION_HINT=f32",
     "sd-vae": "full SD VAE (diffusers AutoencoderKL, SD 1.5 config), fp32",
 }
 PEAK = "conv-peak"
@@ -108,26 +111,61 @@ def _make_call(name: str, op: str, size: int, batch: int):
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval()
         image = image * 2 - 1
         return (lambda: vae.decode(latent).sample) if op == "decode" else (lambda: vae.encode(image).latent_dist.mode())
-    if name == "onnxruntime":
-        return _onnx_call(op, latent if op == "decode" else image)
+    if name in ("onnxruntime", "openvino", "openvino-f32"):
+        return _onnx_call(op, latent if op == "decode" else image, name)
     raise ValueError(f"unknown competitor {name!r}")
 
 
-def _onnx_call(op: str, x: torch.Tensor):
-    """Export the plain published module to ONNX (dynamic batch and size), run it with ORT defaults."""
-    import onnxruntime as ort
-
-    from taesd.model import create
-    module = getattr(create(VARIANT), op + "r")
-    path = os.path.join(tempfile.mkdtemp(prefix="taesd-bench-"), f"{op}.onnx")
+def export_onnx(module: nn.Module, example: torch.Tensor) -> str:
+    """The plain module exported to ONNX (dynamic batch and size) into a temporary folder."""
+    path = os.path.join(tempfile.mkdtemp(prefix="taesd-bench-"), "model.onnx")
     dims = {0: "n", 2: "h", 3: "w"}
     with torch.no_grad():
-        torch.onnx.export(module, (x[:1, :, :64, :64] if op == "encode" else x[:1, :, :8, :8],), path,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": dims, "y": dims},
-                          dynamo=False)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feed = {"x": x.numpy()}
-    return lambda: session.run(None, feed)
+        torch.onnx.export(module, (example,), path, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": dims, "y": dims}, dynamo=False)
+    return path
+
+
+def onnx_runner(module: nn.Module, example: torch.Tensor, engine: str):
+    """A function numpy input -> numpy output running ``module``'s ONNX export with ``engine``:
+    "onnxruntime" (ORT defaults), "openvino" (OpenVINO defaults) or "openvino-f32"."""
+    path = export_onnx(module, example)
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"x": x})[0]
+    import openvino as ov
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32"} if engine == "openvino-f32" else {}
+    compiled = {}
+
+    def run(x):   # compiled per input shape, static (as OpenVINO's users deploy it: fastsdcpu)
+        if x.shape not in compiled:
+            model = core.read_model(path)
+            model.reshape({"x": list(x.shape)})
+            compiled[x.shape] = core.compile_model(model, "CPU", config)
+        return compiled[x.shape]({"x": x})[0]
+    return run
+
+
+def openvino_precision(engine: str = "openvino") -> str:
+    """What OpenVINO's CPU plugin reads for INFERENCE_PRECISION_HINT under ``engine``'s config."""
+    import openvino as ov
+    core = ov.Core()
+    if engine == "openvino-f32":
+        core.set_property("CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    hint = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return hint.to_string() if hasattr(hint, "to_string") else str(hint)
+
+
+def _onnx_call(op: str, x: torch.Tensor, engine: str = "onnxruntime"):
+    """Export the plain published module to ONNX, run it with ``engine``'s defaults."""
+    from taesd.model import create
+    module = getattr(create(VARIANT), op + "r")
+    run = onnx_runner(module, x[:1, :, :64, :64] if op == "encode" else x[:1, :, :8, :8], engine)
+    feed = x.numpy()
+    run(feed)   # OpenVINO compiles on the first call of a shape: outside the timing
+    return lambda: run(feed)
 
 
 def _rss_bytes() -> int:

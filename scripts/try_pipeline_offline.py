@@ -19,10 +19,10 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--out", default="try-pipeline", help="folder for previews, the image and the pipeline")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
-    import pipeline_configs as pc
     import torch
     from diffusers import DiffusionPipeline
 
+    import pipeline_configs as pc
     import taesd
     from taesd.integrations.diffusers import TaesdVAE
     from taesd.integrations.diffusers.preview import PreviewCallback

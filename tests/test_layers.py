@@ -16,7 +16,7 @@ LAYERS = {
     "taesd.registry": 1,
     "taesd.nn": 2,
     "taesd.io": 3, "taesd.runtime.dtypes": 3, "taesd.value_checks": 3,
-    "taesd.runtime.devices": 3,
+    "taesd.runtime.devices": 3, "taesd.runtime.isa": 3,
     "taesd.runtime.executors.base": 3,   # what an executor is: tiling may read it, the model may hold one
     "taesd.tiling": 4,
     "taesd.model": 5,

@@ -159,3 +159,66 @@ def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     assert winograd.build() == path and path.stat().st_mtime_ns == mtime     # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]               # no temp files left
+
+
+@pytest.mark.parametrize("bits", [256, 512])
+def test_gemm_widths_agree_with_convolution(bits):
+    """The AVX-512 GEMM (where built) and the AVX2 one: both against F.conv2d, both the same sums."""
+    if winograd.gemm_width() != 512 and bits == 512:
+        pytest.skip("the kernel was built without AVX-512 here")
+    before = winograd.gemm_width()
+    x, weight, bias = torch.randn(2, 64, 30, 22), torch.randn(64, 64, 3, 3) / 24, torch.randn(64)
+    try:
+        assert winograd.gemm_width(bits) == bits
+        for m in winograd.TILES:
+            y = winograd.conv3x3(x, winograd.transform_weight(weight, m), bias, m, relu=True)
+            ref = reference(x, weight, bias, relu=True)
+            assert (y.double() - ref).abs().max().item() < (2e-5 if m == 2 else 1e-4) * ref.abs().max().item()
+    finally:
+        winograd.gemm_width(before)
+
+
+bf16_only = pytest.mark.skipif(not winograd.bf16_available(), reason="no AVX-512-BF16 kernel on this CPU")
+
+
+@bf16_only
+@pytest.mark.parametrize("upsample", [False, True])
+def test_bf16_kernel_matches_convolution_of_the_bf16_values(upsample):
+    """bf16 activations and weights, fp32 sums, one bf16 rounding of the transformed values and of
+    the output: within 1% of the output's range of the exact convolution of the same bf16 numbers
+    (F(2x2) always, whatever tile the caller asks; F(4x4) measured 4e-2)."""
+    x, weight = torch.randn(2, 64, 37, 29).bfloat16(), (torch.randn(64, 64, 3, 3) / 24).bfloat16()
+    bias = torch.randn(64).bfloat16()
+    h, w = (74, 58) if upsample else (37, 29)
+    res = torch.randn(2, 64, h, w).bfloat16()
+    U = winograd.transform_weight(weight, 4)
+    assert U.dtype == torch.bfloat16 and U.shape == (16, 32, 64, 2)
+    y = winograd.conv3x3(x, U, bias, 4, residual=res, relu=True, upsample=upsample)
+    xin = F.interpolate(x.double(), scale_factor=2) if upsample else x
+    ref = reference(xin, weight, bias, res, relu=True)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert (y.double() - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
+    with pytest.raises(ValueError, match="differ"):
+        winograd.conv3x3(x.float(), U, None, 2)
+    conv = nn.Conv2d(64, 64, 3, padding=1).bfloat16()
+    assert winograd.supports(conv, torch.zeros(1, 64, 64, 64, dtype=torch.bfloat16))
+    assert not winograd.supports(nn.Conv2d(64, 48, 3, padding=1).bfloat16(),
+                                 torch.zeros(1, 64, 64, 64, dtype=torch.bfloat16))   # 64k outputs only
+
+
+@bf16_only
+def test_bf16_taef2_holds_40_db_and_tiles_exactly(weights):
+    """Real weights, real photos: the bf16 model (its 3x3 convolutions in the bf16 Winograd kernel)
+    decodes and encodes >= 40 dB against fp32; tiled = untiled."""
+    from taesd.evaluation.metrics import psnr
+    plain = taesd.load("taef2", weights, device="cpu", fast=False)
+    bf16 = taesd.load("taef2", weights, device="cpu", dtype=torch.bfloat16)
+    x = torch.stack([photo("astronaut", 256), photo("chelsea", 256)])
+    with torch.inference_mode():
+        z = plain.encode(x)
+        ref = plain.decode(z)
+        assert bf16.decoder[3].conv[0].winograd_tile(torch.zeros(1, 64, 64, 64, dtype=torch.bfloat16)) == 4
+        y = bf16.decode(z.bfloat16())
+        assert psnr(y.float(), ref).min() >= 40
+        assert psnr(plain.decode(bf16.encode(x.bfloat16()).float()), ref).min() >= 40
+        assert torch.equal(bf16.decode(z.bfloat16(), tile_size=16), y)

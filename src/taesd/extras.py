@@ -9,7 +9,7 @@ from taesd.errors import TaesdError
 # Optional packages -> the extra that installs them.
 EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "diffusers": "diffusers",
           "transformers": "diffusers", "accelerate": "train", "tensorboard": "train", "matplotlib": "train",
-          "skimage": "train", "psutil": "test", "pytest": "test"}
+          "skimage": "train", "psutil": "test", "pytest": "test", "av": "video"}
 
 
 class MissingExtra(TaesdError, ModuleNotFoundError):

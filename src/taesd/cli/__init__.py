@@ -18,7 +18,7 @@ from taesd.extras import missing_extra
 
 # Each name is a module taesd.cli.<name> with add_parser(subparsers) and run(args) -> int.
 COMMANDS = ["encode", "decode", "roundtrip", "info", "download", "convert", "export", "bench", "train",
-            "eval"]
+            "eval", "video"]
 
 EXAMPLES = """examples:
   taesd roundtrip photo.jpg --variant taef2             # encode + decode, print PSNR/SSIM

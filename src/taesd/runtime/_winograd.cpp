@@ -16,6 +16,13 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <cstdint>
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512F__)
+#define TAESD_BF16 1   // bf16 activations and a bf16 dot-product GEMM (vdpbf16ps), fp32 sums
+#else
+#define TAESD_BF16 0
+#endif
 
 typedef __m256 v8;  // 8 channels; GCC/Clang allow +, -, * (also with a float scalar) on it
 
@@ -23,6 +30,12 @@ namespace {
 
 constexpr int TB = 12;   // tiles per block (GEMM rows): two 6-row micro-kernel passes
 constexpr int MR = 6;    // micro-kernel rows (tiles) x 16 columns (output channels)
+
+#ifdef __AVX512F__
+int g_width = 512;       // the GEMM's vector width in bits: 512, or 256 (taesd_winograd_width)
+#else
+int g_width = 256;
+#endif
 
 template <int M> struct Wino;
 
@@ -57,16 +70,104 @@ template <> struct Wino<4> {
   }
 };
 
+// 8 channels of an activation, in fp32 whatever the storage: bf16 is the top half of an fp32.
+template <bool BF> static inline v8 load8(const void* p, long i) {
+  if constexpr (BF) {
+    __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_loadu_ps((const float*)p + i);
+  }
+}
+
+template <bool BF> static inline void store8(void* p, long i, v8 v) {
+#if TAESD_BF16
+  if constexpr (BF) {
+    __m128bh b = _mm256_cvtneps_pbh(v);   // round to nearest even
+    _mm_storeu_si128((__m128i*)((uint16_t*)p + i), (__m128i)b);
+    return;
+  }
+#endif
+  _mm256_storeu_ps((float*)p + i, v);
+}
+
 struct Job {
-  const float *x, *U, *bias, *res;
-  float* y;
+  const void *x, *U, *res;   // float, or bf16 (uint16_t) on the bf16 path
+  const float* bias;
+  void* y;
   int N, H, W, Ci, Co, relu, TH, TW, up;  // up: the input is H/2 x W/2, read nearest-upsampled
   long ntiles, nblocks;
   std::atomic<long> next;
 };
 
+#ifdef __AVX512F__
+// AVX-512 (when the build targets it): 6 rows x 64 output channels per pass in 24 zmm accumulators,
+// 4 weight loads + 6 broadcasts per 24 FMAs (AVX2: 8 per 12 half-width FMAs). Co % 64 == 0.
+static inline void gemm512(const float* V, const float* U, float* C, int Ci, int Co) {
+  for (int r = 0; r < TB; r += MR) {
+    const float* Vr = V + r * Ci;
+    for (int o = 0; o < Co; o += 64) {
+      __m512 acc[MR][4];
+      for (int i = 0; i < MR; ++i)
+        for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_setzero_ps();
+      const float* Uo = U + o;
+      for (int k = 0; k < Ci; ++k) {
+        const float* u = Uo + k * Co;
+        __m512 u0 = _mm512_loadu_ps(u), u1 = _mm512_loadu_ps(u + 16), u2 = _mm512_loadu_ps(u + 32),
+               u3 = _mm512_loadu_ps(u + 48);
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i) {
+          __m512 a = _mm512_set1_ps(Vr[i * Ci + k]);
+          acc[i][0] = _mm512_fmadd_ps(a, u0, acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(a, u1, acc[i][1]);
+          acc[i][2] = _mm512_fmadd_ps(a, u2, acc[i][2]);
+          acc[i][3] = _mm512_fmadd_ps(a, u3, acc[i][3]);
+        }
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int q = 0; q < 4; ++q) _mm512_storeu_ps(C + (r + i) * Co + o + 16 * q, acc[i][q]);
+    }
+  }
+}
+#endif
+
+#if TAESD_BF16
+// bf16 GEMM: V[TB x Ci] bf16, U as [Ci/2][Co][2] bf16 (pairs of input channels side by side, what
+// vdpbf16ps multiplies and adds in one step), C fp32. 6 rows x 64 output channels per pass.
+static inline void gemm_bf16(const uint16_t* V, const uint16_t* U, float* C, int Ci, int Co) {
+  for (int r = 0; r < TB; r += MR) {
+    const uint16_t* Vr = V + r * Ci;
+    for (int o = 0; o < Co; o += 64) {
+      __m512 acc[MR][4];
+      for (int i = 0; i < MR; ++i)
+        for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_setzero_ps();
+      for (int k2 = 0; k2 < Ci / 2; ++k2) {
+        const uint32_t* u = (const uint32_t*)U + (long)k2 * Co + o;
+        __m512bh u0 = (__m512bh)_mm512_loadu_si512(u), u1 = (__m512bh)_mm512_loadu_si512(u + 16),
+                 u2 = (__m512bh)_mm512_loadu_si512(u + 32), u3 = (__m512bh)_mm512_loadu_si512(u + 48);
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i) {
+          uint32_t pair;
+          memcpy(&pair, Vr + i * Ci + 2 * k2, 4);
+          __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, u0);
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, u1);
+          acc[i][2] = _mm512_dpbf16_ps(acc[i][2], a, u2);
+          acc[i][3] = _mm512_dpbf16_ps(acc[i][3], a, u3);
+        }
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int q = 0; q < 4; ++q) _mm512_storeu_ps(C + (r + i) * Co + o + 16 * q, acc[i][q]);
+    }
+  }
+}
+#endif
+
 // C[TB x Co] = V[TB x Ci] * U[Ci x Co], rows MR at a time, 16 output channels at a time.
 static inline void gemm(const float* V, const float* U, float* C, int Ci, int Co) {
+#ifdef __AVX512F__
+  if (Co % 64 == 0 && g_width == 512) return gemm512(V, U, C, Ci, Co);
+#endif
   for (int r = 0; r < TB; r += MR) {
     const float* Vr = V + r * Ci;
     for (int o = 0; o < Co; o += 16) {
@@ -90,11 +191,12 @@ static inline void gemm(const float* V, const float* U, float* C, int Ci, int Co
   }
 }
 
-template <int M>
+template <int M, bool BF>
 static void run_blocks(Job* job) {
   constexpr int A = Wino<M>::A, A2 = A * A;
   const int Ci = job->Ci, Co = job->Co, H = job->H, W = job->W;
   const long per_image = (long)job->TH * job->TW;
+  // V holds the transformed input: fp32, or bf16 for the bf16 GEMM (half the bytes, same index)
   float* V = (float*)aligned_alloc(64, sizeof(float) * A2 * TB * Ci);
   float* Mb = (float*)aligned_alloc(64, sizeof(float) * A2 * TB * Co);
   v8 d[A2], t1[A2], mm[A2], s[M * A], yv[M * M];
@@ -105,38 +207,46 @@ static void run_blocks(Job* job) {
     for (int ti = 0; ti < TB; ++ti) {
       long t = t0 + ti;
       if (t >= job->ntiles) {   // padding rows of the last block
-        for (int p = 0; p < A2; ++p) memset(V + (p * TB + ti) * Ci, 0, sizeof(float) * Ci);
+        for (int p = 0; p < A2; ++p)
+          memset((char*)V + (p * TB + ti) * Ci * (BF ? 2 : 4), 0, (BF ? 2 : 4) * Ci);
         continue;
       }
       long n = t / per_image, rc = t % per_image;
       int oy = (int)(rc / job->TW) * M - 1, ox = (int)(rc % job->TW) * M - 1;
       const int up = job->up, Ws = W >> up;   // the stored input's width
-      const float* xn = job->x + n * ((long)H >> up) * Ws * Ci;
+      const long xn = n * ((long)H >> up) * Ws * Ci;
       for (int c = 0; c < Ci; c += 8) {
         for (int i = 0; i < A; ++i) {
           int yy = oy + i;
           for (int j = 0; j < A; ++j) {
             int xx = ox + j;
             d[i * A + j] = (yy >= 0 && yy < H && xx >= 0 && xx < W)
-                               ? _mm256_loadu_ps(xn + ((long)(yy >> up) * Ws + (xx >> up)) * Ci + c) : zero;
+                               ? load8<BF>(job->x, xn + ((long)(yy >> up) * Ws + (xx >> up)) * Ci + c) : zero;
           }
         }
         for (int j = 0; j < A; ++j) Wino<M>::in1d(d + j, A, t1 + j, A);      // columns: B^T d
         for (int i = 0; i < A; ++i) Wino<M>::in1d(t1 + i * A, 1, mm + i * A, 1);  // rows: (.) B
-        for (int p = 0; p < A2; ++p) _mm256_storeu_ps(V + (p * TB + ti) * Ci + c, mm[p]);
+        for (int p = 0; p < A2; ++p) store8<BF>(V, (p * TB + ti) * Ci + c, mm[p]);
       }
     }
     // 2. one GEMM per transform point
-    for (int p = 0; p < A2; ++p)
-      gemm(V + p * TB * Ci, job->U + (long)p * Ci * Co, Mb + p * TB * Co, Ci, Co);
+    for (int p = 0; p < A2; ++p) {
+#if TAESD_BF16
+      if constexpr (BF) {
+        gemm_bf16((const uint16_t*)V + p * TB * Ci, (const uint16_t*)job->U + (long)p * Ci * Co,
+                  Mb + p * TB * Co, Ci, Co);
+        continue;
+      }
+#endif
+      gemm(V + p * TB * Ci, (const float*)job->U + (long)p * Ci * Co, Mb + p * TB * Co, Ci, Co);
+    }
     // 3. output transform + bias + residual + ReLU
     for (int ti = 0; ti < TB; ++ti) {
       long t = t0 + ti;
       if (t >= job->ntiles) break;
       long n = t / per_image, rc = t % per_image;
       int oy = (int)(rc / job->TW) * M, ox = (int)(rc % job->TW) * M;
-      float* yn = job->y + n * (long)H * W * Co;
-      const float* rn = job->res ? job->res + n * (long)H * W * Co : nullptr;
+      const long yn = n * (long)H * W * Co;   // this image's offset in y and res
       for (int c = 0; c < Co; c += 8) {
         for (int p = 0; p < A2; ++p) mm[p] = _mm256_loadu_ps(Mb + (p * TB + ti) * Co + c);
         for (int j = 0; j < A; ++j) Wino<M>::out1d(mm + j, A, s + j, A);      // A^T m (rows)
@@ -148,11 +258,11 @@ static void run_blocks(Job* job) {
           for (int bq = 0; bq < M; ++bq) {
             int xx = ox + bq;
             if (xx >= W) break;
-            long off = ((long)yy * W + xx) * Co + c;
+            long off = yn + ((long)yy * W + xx) * Co + c;
             v8 r = yv[a * M + bq] + b;
-            if (rn) r = r + _mm256_loadu_ps(rn + off);
+            if (job->res) r = r + load8<BF>(job->res, off);
             if (job->relu) r = _mm256_max_ps(r, zero);
-            _mm256_storeu_ps(yn + off, r);
+            store8<BF>(job->y, off, r);
           }
         }
       }
@@ -162,9 +272,9 @@ static void run_blocks(Job* job) {
   free(Mb);
 }
 
-template <int M>
+template <int M, bool BF>
 static void* worker(void* arg) {
-  run_blocks<M>((Job*)arg);
+  run_blocks<M, BF>((Job*)arg);
   return nullptr;
 }
 
@@ -172,13 +282,30 @@ static void* worker(void* arg) {
 
 extern "C" {
 
+// 1 where this build runs bf16 activations (AVX-512-BF16), else 0.
+int taesd_winograd_has_bf16() { return TAESD_BF16; }
+
+// Choose the GEMM's vector width (512 where the build has AVX-512, else 256); returns the width
+// now in use. 0 only asks.
+int taesd_winograd_width(int bits) {
+#ifdef __AVX512F__
+  if (bits == 256 || bits == 512) g_width = bits;
+#else
+  (void)bits;
+#endif
+  return g_width;
+}
+
 // y[N,H,W,Co] = act(conv3x3(x) + bias + res), all NHWC fp32 contiguous; x is [N,H,W,Ci], or
 // [N,H/2,W/2,Ci] read nearest-upsampled 2x when up == 1 (the upsampled map is never made). U is
 // the transformed weight [(m+2)^2][Ci][Co]. Ci % 8 == 0, Co % 16 == 0. Returns 0 on success.
-int taesd_winograd_conv(const float* x, int N, int H, int W, int Ci, const float* U, int Co,
-                        const float* bias, const float* res, int relu, float* y, int m,
-                        int threads, int up) {
+// bf16 == 1: x, res and y are bf16, U is [(m+2)^2][Ci/2][Co][2] bf16, Co % 64 == 0 (returns 3
+// where the build has no AVX-512-BF16); bias stays fp32.
+int taesd_winograd_conv(const void* x, int N, int H, int W, int Ci, const void* U, int Co,
+                        const float* bias, const void* res, int relu, void* y, int m,
+                        int threads, int up, int bf16) {
   if ((m != 2 && m != 4) || Ci % 8 || Co % 16 || N < 1 || H < 1 || W < 1) return 1;
+  if (bf16 && (!TAESD_BF16 || Co % 64)) return 3;
   if ((up != 0 && up != 1) || (up && (H % 2 || W % 2))) return 2;
   Job job;
   job.up = up;
@@ -188,7 +315,10 @@ int taesd_winograd_conv(const float* x, int N, int H, int W, int Ci, const float
   job.ntiles = (long)N * job.TH * job.TW;
   job.nblocks = (job.ntiles + TB - 1) / TB;
   job.next.store(0);
-  void* (*fn)(void*) = m == 4 ? worker<4> : worker<2>;
+  void* (*fn)(void*) = m == 4 ? worker<4, false> : worker<2, false>;
+#if TAESD_BF16
+  if (bf16) fn = m == 4 ? worker<4, true> : worker<2, true>;
+#endif
   if (threads < 1) threads = 1;
   if (threads > 64) threads = 64;
   if (threads > job.nblocks) threads = (int)job.nblocks;

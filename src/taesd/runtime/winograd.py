@@ -5,7 +5,8 @@ A 3x3, stride-1 convolution computed tile by tile as ``A^T [(G g G^T) * (B^T d B
 F(2x2,3x3), 4x fewer for F(4x4,3x3). TAESD spends ~95% of its FLOPs in 64->64 3x3 convolutions, so
 this is the one way below the direct-convolution floor on a CPU (docs/performance.md).
 
-The kernel is ``_winograd.cpp`` (AVX2/FMA, fused bias + residual + ReLU), compiled on first use
+The kernel is ``_winograd.cpp`` (AVX2/FMA, fused bias + residual + ReLU; its GEMM in AVX-512 where
+the CPU has it, ``gemm_width``), compiled on first use
 with the machine's C++ compiler into ``$TAESD_CACHE_DIR`` (default ``~/.cache/taesd``) and called
 through ctypes; nothing is compiled at install time and nothing needs PyTorch headers. Without a
 compiler, off x86-64, or with ``TAESD_WINOGRAD=0``, the fast executor uses oneDNN's direct
@@ -29,12 +30,16 @@ from pathlib import Path
 
 import torch
 
+from taesd import settings
+
 ENV_SWITCH = "TAESD_WINOGRAD"
 ENV_CACHE = "TAESD_CACHE_DIR"
 SOURCE = Path(__file__).with_name("_winograd.cpp")
 TILES = (2, 4)
 # Below this many output pixels per image the direct convolution is as fast and exact.
 MIN_PIXELS = 48 * 48
+
+BF16_TILE = 2   # the one tile size for bf16 activations (transform_weight)
 
 # Winograd weight transforms G (Lavin & Gray 2015), applied in float64 before rounding to fp32.
 _G = {
@@ -49,13 +54,11 @@ _lock = threading.Lock()
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return settings.winograd()
 
 
 def cache_dir() -> Path:
-    base = os.environ.get(ENV_CACHE) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "taesd")
-    return Path(base)
+    return settings.cache_dir()
 
 
 def _cpu_signature() -> str:
@@ -124,8 +127,12 @@ def library() -> ctypes.CDLL | None:
             fn = lib.taesd_winograd_conv
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int]
             fn.restype = ctypes.c_int
+            lib.taesd_winograd_width.argtypes = [ctypes.c_int]
+            lib.taesd_winograd_width.restype = ctypes.c_int
+            lib.taesd_winograd_has_bf16.restype = ctypes.c_int
             _lib = lib
         except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
             _lib_error = str(e)
@@ -140,23 +147,50 @@ def available() -> bool:
     return enabled() and library() is not None
 
 
+def gemm_width(bits: int = 0) -> int:
+    """The kernel's GEMM vector width: 512 where it was built for an AVX-512 CPU, else 256.
+    ``bits`` (256 or 512) switches it for the process (benchmarks and tests compare the two);
+    0 only asks. 0 back when the kernel is not available."""
+    lib = library()
+    return 0 if lib is None else lib.taesd_winograd_width(int(bits))
+
+
+def bf16_available() -> bool:
+    """The kernel runs bf16 activations here (built for a CPU with AVX-512-BF16)."""
+    lib = library() if enabled() else None
+    return lib is not None and bool(lib.taesd_winograd_has_bf16())
+
+
 def transform_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """(O, I, 3, 3) -> U ((m+2)^2, I, O) fp32: G g G^T per channel pair, computed in float64."""
+    """(O, I, 3, 3) -> U ((m+2)^2, I, O) fp32: G g G^T per channel pair, computed in float64.
+    A bf16 weight gives the bf16 kernel's U, rounded once from float64 and laid out as
+    ((m+2)^2, I/2, O, 2): the input-channel pairs that one bf16 dot-product instruction takes; always
+    F(2x2,3x3) (``BF16_TILE``): F(4x4)'s transforms magnify bf16 rounding 10x (4e-2 of the output's
+    range against 4e-3, measured)."""
+    if weight.dtype == torch.bfloat16:
+        m = BF16_TILE
     G = torch.tensor(_G[m], dtype=torch.float64)
     a = m + 2
     u = torch.einsum("ky,oiyx,lx->klio", G, weight.detach().to("cpu", torch.float64), G)
-    return u.reshape(a * a, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+    u = u.reshape(a * a, weight.shape[1], weight.shape[0])
+    if weight.dtype == torch.bfloat16:
+        return u.to(torch.bfloat16).unflatten(1, (-1, 2)).transpose(2, 3).contiguous()
+    return u.to(torch.float32).contiguous()
 
 
 def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
              pixels: "int | None" = None) -> bool:
-    """This layer and input can run the kernel: fp32 CPU, 3x3 stride 1 padding 1, channels in
-    multiples of 8 (in) and 16 (out), and an output map big enough to be worth it (``upsample``:
+    """This layer and input can run the kernel: fp32 CPU (or bf16 on a CPU with AVX-512-BF16, 64k
+    output channels), 3x3 stride 1 padding 1, channels in multiples of 8 (in) and 16 (out), and an
+    output map big enough to be worth it (``upsample``:
     x is read nearest-upsampled 2x; ``pixels``: decide by this output size instead of x's, as a
     tile of a bigger map does)."""
     if pixels is None:
         pixels = x.shape[2] * x.shape[3] * (4 if upsample else 1) if x.dim() == 4 else 0
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+    if x.dtype == torch.bfloat16 and not (conv.out_channels % 64 == 0 and bf16_available()):
+        return False
+    return (x.dtype in (torch.float32, torch.bfloat16) and x.dtype == conv.weight.dtype
+            and x.device.type == "cpu" and x.dim() == 4
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.in_channels % 8 == 0 and conv.out_channels % 16 == 0
@@ -168,29 +202,34 @@ def conv3x3(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int,
     """act(conv3x3(x) + bias + residual) with transformed weights ``U`` (``transform_weight``).
     ``upsample``: convolve the nearest 2x upsampling of x without making it.
     x and residual are NCHW tensors; they are made channels_last-contiguous (a no-op in the fast
-    executor); the result is channels_last."""
+    executor); the result is channels_last, in x's dtype (fp32, or bf16 with a bf16 ``U``; sums in fp32)."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"the Winograd kernel is not available: {load_error()}")
     n, ci, h, w = x.shape
     if upsample:
         h, w = 2 * h, 2 * w
+    bf16 = x.dtype == torch.bfloat16
+    if bf16:
+        m = BF16_TILE   # whatever the caller's part asks: transform_weight made U for this one
+    if bf16 != (U.dtype == torch.bfloat16):
+        raise ValueError(f"activations {x.dtype} and transformed weight {U.dtype} differ")
     co = U.shape[2]
-    if U.shape != ((m + 2) ** 2, ci, co):
+    if (U.shape != ((m + 2) ** 2, ci, co)) if not bf16 else (U.shape != ((m + 2) ** 2, ci // 2, co, 2)):
         raise ValueError(f"transformed weight {tuple(U.shape)} does not fit F({m}x{m},3x3) "
                          f"with {ci} input channels")
     x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
-        if residual.shape != (n, co, h, w) or residual.dtype != torch.float32:
+        if residual.shape != (n, co, h, w) or residual.dtype != x.dtype:
             raise ValueError(f"residual {tuple(residual.shape)} does not match the output {(n, co, h, w)}")
     if bias is not None:
-        bias = bias.detach().contiguous()
-    y = torch.empty((n, co, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+        bias = bias.detach().float().contiguous()
+    y = torch.empty((n, co, h, w), dtype=x.dtype, memory_format=torch.channels_last)
     rc = lib.taesd_winograd_conv(
         x.data_ptr(), n, h, w, ci, U.data_ptr(), co, None if bias is None else bias.data_ptr(),
         None if residual is None else residual.data_ptr(), int(relu), y.data_ptr(), m,
-        torch.get_num_threads(), int(upsample))
+        torch.get_num_threads(), int(upsample), int(bf16))
     if rc != 0:
         raise RuntimeError(f"the Winograd kernel refused the call (code {rc})")
     return y

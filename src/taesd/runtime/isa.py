@@ -1,0 +1,98 @@
+"""What this x86 CPU can do, read once from /proc/cpuinfo, and the CPU policy chosen from it.
+
+The fast CPU executor asks two things: which precision runs fastest while holding 40 dB against fp32
+(``default_dtype``), and which Winograd kernel build fits (``winograd_isa``). Each answer was measured
+on the CPU kind it names (benchmarks/CPU.md); nothing here runs a kernel.
+
+- AMX (Sapphire Rapids and later Xeons): oneDNN's bf16 convolutions run on the tile units, several
+  times the fp32 rate; bf16 decodes hold ~54 dB against fp32 on the real taef2 weights.
+- AVX-512-BF16 without AMX (AMD Zen 4/5, Cooper Lake): bf16 dot products at twice the fp32 rate on
+  paper; measured on Zen 4 the fp32 path (Winograd) stays ahead, so fp32 stays the default there.
+- AVX2 (no AVX-512): bf16 is emulated, several times slower: fp32.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class Isa:
+    """The instruction-set features that decide a kernel or a precision."""
+    avx2: bool = False
+    fma: bool = False
+    avx512f: bool = False
+    avx512_bf16: bool = False
+    avx512_vnni: bool = False
+    amx_tile: bool = False
+    amx_bf16: bool = False
+    amx_int8: bool = False
+    torch_capability: str = ""   # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", ...
+
+    @property
+    def amx(self) -> bool:
+        return self.amx_tile and self.amx_bf16
+
+    @property
+    def level(self) -> str:
+        """The best tier, for tables and logs: amx, avx512_bf16, avx512, avx2 or baseline."""
+        if self.amx:
+            return "amx"
+        if self.avx512_bf16:
+            return "avx512_bf16"
+        if self.avx512f:
+            return "avx512"
+        return "avx2" if self.avx2 and self.fma else "baseline"
+
+    def describe(self) -> str:
+        names = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
+                             "amx_int8") if getattr(self, f)]
+        listed = ", ".join(names) or "none of avx2/avx512/amx"
+        return f"{self.level} ({listed}; torch: {self.torch_capability})"
+
+
+def parse_flags(cpuinfo: str) -> set[str]:
+    """The flags of the first processor in a /proc/cpuinfo text (all cores of a machine share them)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def from_flags(flags: set[str], torch_capability: str = "") -> Isa:
+    return Isa(avx2="avx2" in flags, fma="fma" in flags, avx512f="avx512f" in flags,
+               avx512_bf16="avx512_bf16" in flags, avx512_vnni="avx512_vnni" in flags,
+               amx_tile="amx_tile" in flags, amx_bf16="amx_bf16" in flags, amx_int8="amx_int8" in flags,
+               torch_capability=torch_capability)
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Isa:
+    """This machine's features (cached: they do not change while a process runs). Off Linux or
+    off x86 every flag is False and the policy falls back to fp32 with oneDNN's direct convolution."""
+    try:
+        flags = parse_flags(CPUINFO.read_text())
+    except OSError:
+        flags = set()
+    return from_flags(flags, torch.backends.cpu.get_cpu_capability())
+
+
+def default_dtype(isa: Isa | None = None) -> torch.dtype:
+    """The precision ``taesd.load(dtype=None)`` uses on this CPU: bf16 only where it is both faster
+    and >= 40 dB against fp32 (AMX), else fp32. An explicit dtype always wins over this."""
+    isa = detect() if isa is None else isa
+    return torch.bfloat16 if isa.amx else torch.float32
+
+
+def winograd_isa(isa: Isa | None = None) -> str | None:
+    """The Winograd kernel build for this CPU: "avx512", "avx2", or None (no kernel: direct convs)."""
+    isa = detect() if isa is None else isa
+    if isa.avx512f and isa.fma:
+        return "avx512"
+    return "avx2" if isa.avx2 and isa.fma else None
