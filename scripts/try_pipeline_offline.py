@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-o", "--out", default="try-pipeline", help="folder for previews, the image and the pipeline")
+    p.add_argument("-o", "--out", default="try-pipeline",
+                   help="folder for previews, the image and the pipeline")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
