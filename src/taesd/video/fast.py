@@ -1,4 +1,4 @@
-"""The fast CPU executor for TAEHV: the image executor's kernels (``taesd.runtime.fast``) applied to
+"""The fast CPU executor for TAEHV: the image executor's kernels (``taesd.runtime.executors.cpu``) applied to
 the video blocks. Same modules, same state_dict, same temporal engine; only forwards change:
 
 - every conv runs channels_last with its weight packed once for oneDNN (``FastConv2d``), Winograd
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from taesd.nn.taehv import MemBlock, SuperMemBlock, TGrow, WideMemBlock
 from taesd.runtime import winograd
-from taesd.runtime.fast import (
+from taesd.runtime.executors.cpu import (
     WINOGRAD_TILES,
     FastConv2d,
     conv_add_relu,
