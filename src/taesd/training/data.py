@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from taesd import settings
 from taesd.errors import TaesdError
 from taesd.io.files import atomic_path
 from taesd.io.images import load_image, pad_to_multiple
@@ -69,7 +70,7 @@ class ImageCrops(torch.utils.data.Dataset):
         self.crop, self.seed, self.colour_aug, self.multiple = crop, seed, colour_aug, multiple
         self.latent_cache = cache
         self.cache: dict[int, torch.Tensor] = {}   # small folders stay decoded in memory
-        self.cache_limit = int(os.environ.get("TAESD_IMAGE_CACHE", "64"))
+        self.cache_limit = settings.image_cache()
 
     def __len__(self) -> int:  # the stream is endless; this is one epoch
         return len(self.files)
