@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from taesd.cli.common import command_parser
+from taesd.io.inputs import IMAGE_SUFFIXES
 from taesd.registry import list_variants
 
 
@@ -45,6 +46,26 @@ def describe_file(path: Path) -> str:
     for k, val in src.extras.items():
         lines.append(f"  {k}: {_values(val)}")
     return "\n".join(lines)
+
+
+def describe_image(path: Path) -> str:
+    """A latent PNG (its variant, latent shape, image size) or a picture (size, mode, what to do)."""
+    from PIL import Image
+
+    from taesd.errors import TaesdError
+    from taesd.io.latents import load_latents
+    with Image.open(path) as im:
+        marked = "taesd_variant" in getattr(im, "text", {})
+        size, mode = im.size, im.mode
+    if marked:
+        latents, v, orig = load_latents(path)
+        shown = f"{orig[1]}x{orig[0]}" if orig else "not recorded"
+        return (f"{path}\n  latents: {v.name} ({v.family}), {'x'.join(map(str, latents.shape))}, 8-bit PNG\n"
+                f"  image size: {shown}\n  decode: taesd decode {path}")
+    if not path.is_file():
+        raise TaesdError(f"{path} does not exist")
+    return (f"{path}\n  an image, not weights: {size[0]}x{size[1]} {mode}\n"
+            f"  encode it: taesd encode {path} --variant NAME, or round-trip: taesd roundtrip {path} -v NAME")
 
 
 def _values(val) -> str:
@@ -106,6 +127,8 @@ def run(args) -> int:
         if f.suffix == ".onnx":
             from taesd.export.onnx import describe_onnx
             print(describe_onnx(f))
+        elif f.suffix.lower() in IMAGE_SUFFIXES:
+            print(describe_image(f))
         else:
             print(describe_file(f))
     return 0
