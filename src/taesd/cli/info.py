@@ -31,6 +31,19 @@ def variants_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n\n" + video_variants_table()
+
+
+def video_variants_table() -> str:
+    """The TAEHV family (``taesd video``): which video VAE each speaks and the models it serves."""
+    from taesd.registry import VIDEO_VARIANTS
+    rows = [("video", "vae", "latent ch", "downscale", "time", "serves")]
+    for v in VIDEO_VARIANTS.values():
+        rows.append((v.name, v.family, str(v.latent_channels), f"{v.downscale}x", f"{v.time_downscale}x",
+                     ", ".join(v.serves)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
