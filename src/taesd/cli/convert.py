@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 from pathlib import Path
 
 from taesd.cli.common import add_output_options, command_parser
@@ -81,13 +83,16 @@ def run(args) -> int:
     check = _target_check([Path(n) for n in names], args.overwrite)
     made = _missing_folders(Path(args.output))
     try:
-        with deferred_renames(check):
+        with deferred_renames(check), warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", UserWarning)
             written = save_weights(parts, variant, args.to, args.output, extras or None)
     except BaseException:
         for folder in made:   # leave no empty folder behind a refused conversion
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    for note in notes:   # a library note becomes one plain line, not a warning with its source line
+        print(f"note: {note.message}", file=sys.stderr)
     for path in written:
         print(f"wrote {path}")
     return 0
