@@ -99,7 +99,7 @@ def run_stages(an: PartAnalysis, x: torch.Tensor, p: Plan) -> torch.Tensor:
             continue
         out = _empty_output(an, stop, x, lat_h, lat_w)
         fo = an.per_latent[stop]
-        for (h0, h1), (w0, w1), b0 in _tiles(lat_h, lat_w, p, x.shape[0], f"tiles {start}-{stop}"):
+        for (h0, h1), (w0, w1), b0 in _tiles(lat_h, lat_w, p, x.shape[0], "tiles"):
             sh = an.needed(start, stop, h0 * fo, h1 * fo, lat_h)
             sw = an.needed(start, stop, w0 * fo, w1 * fo, lat_w)
             y = x[b0:b0 + p.batch_chunk, :, sh[start][0]:sh[start][1], sw[start][0]:sw[start][1]]
