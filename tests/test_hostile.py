@@ -295,7 +295,7 @@ CASES = [
     Case("decode-malformed-metadata", ["decode", "badlat/size.safetensors"], 2, ("malformed",)),
     Case("decode-malformed-png-metadata", ["decode", "badlat/meta.png"], 2, ("badlat/meta.png",)),
     Case("decode-empty-latents", ["decode", "badlat/empty.safetensors"], 2, ("empty",)),
-    Case("info-not-weights", ["info", "taken.png"], 2, ("taken.png",)),
+    Case("info-a-photo", ["info", "taken.png"], 0),   # described as an image (test_info_images)
     Case("info-folder", ["info", "photos"], 2, ("photos",)),
     Case("info-fake-onnx", ["info", "bad/corrupt.onnx"], 2, ("corrupt.onnx",),
          setup=lambda r: shutil.copy(r / "bad" / "corrupt.png", r / "bad" / "corrupt.onnx")),

@@ -159,7 +159,7 @@ def test_a_pipeline_holding_taesd_vae_saves_and_loads_back(family, weights, tmp_
         pipe.vae = big_vae
     index_path = tmp_path / "pipe" / "model_index.json"
     # diffusers records a non-diffusers class by its module path, which imports without diffusers' help.
-    assert json.loads(index_path.read_text())["vae"] == ["taesd.integrations.diffusers.model", "TaesdVAE"]
+    assert json.loads(index_path.read_text())["vae"] == ["taesd", "TaesdVAE"]   # importable after `import taesd`
     extra = {k: None for k, v in pipe.components.items() if v is None}  # diffusers wants absent parts named
     if family == "taeqi2_1":  # a test-only processor subclass (no torchvision here): pass it back in,
         extra["processor"] = pipe.processor   # recorded as the real pipeline records its processor
@@ -170,7 +170,8 @@ def test_a_pipeline_holding_taesd_vae_saves_and_loads_back(family, weights, tmp_
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded).__name__ == type(pipe).__name__ and type(loaded.vae).__name__ == "TaesdVAE"
     again, _ = run(loaded, family, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(again, images)
+    # the reloaded VAE may pick another (Winograd vs direct) kernel for a layer: equal within 1e-5
+    torch.testing.assert_close(again, images, atol=1e-5, rtol=0)
     if family == "taef2":  # a hand-written ["taesd", "TaesdVAE"] entry resolves too (lazy taesd.TaesdVAE)
         index = json.loads(index_path.read_text())
         index["vae"] = ["taesd", "TaesdVAE"]
