@@ -281,14 +281,17 @@ def test_functional_step_has_fixed_state_and_equals_whole(tmp_path, name, fast):
         y, state = model.step("encoder", frames[:, t:t + model.time_downscale], state)
         assert [s.shape for s in state] == shapes
         out.append(y)
-    assert torch.equal(torch.cat(out, 1), model.encode(frames))
+    # the functional step runs one step's frames per call, whole mode all at once: oneDNN may pick
+    # another kernel for the grouped (wide) convs at that batch, so equal to float rounding here
+    torch.testing.assert_close(torch.cat(out, 1), model.encode(frames), atol=1e-5, rtol=0)
     state = model.init_state("decoder", 1, *latents.shape[-2:])
     shapes, out = [s.shape for s in state], []
     for t in range(latents.shape[1]):
         y, state = model.step("decoder", latents[:, t:t + 1], state)
         assert [s.shape for s in state] == shapes
         out.append(y)
-    assert torch.equal(torch.cat(out, 1)[:, model.time_upscale - 1:], model.decode(latents))
+    torch.testing.assert_close(torch.cat(out, 1)[:, model.time_upscale - 1:], model.decode(latents),
+                               atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
