@@ -151,12 +151,13 @@ def test_a_decompression_bomb_pth_fails_fast_in_one_line_under_a_memory_limit(tm
         assert sum(i.file_size for i in z.infolist()) > 3 << 30
     code = ("import resource, sys, time; resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30)); "
             "from taesd.cli import main; t = time.monotonic(); rc = main(['info', sys.argv[1]]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic() - t); sys.exit(rc)")
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print(hwm, time.monotonic() - t); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bomb.pth")], env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "decompression bomb" in one_line(r.stderr) and float(r.stdout.split()[-1]) < 10
-    # this child's own peak (RUSAGE_CHILDREN would carry earlier tests' children): under 1 GiB, in KiB
+    # this child's own peak, VmHWM in KiB (ru_maxrss carries the parent's peak across fork + exec): < 1 GiB
     assert int(r.stdout.split()[-2]) < 1 << 20
 
 
@@ -265,7 +266,7 @@ def test_first_run_without_network_fails_fast_naming_what_to_do(tmp_path, how):
         env["TAESD_OFFLINE"] = "1"
     # timed inside the process: importing torch on a loaded machine is not what is measured
     code = ("import sys, time; from taesd.cli import main; t = time.monotonic(); rc = main(['download', 'taef2']); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic() - t); sys.exit(rc)")
+            "print(time.monotonic() - t); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     srv.close()
     assert r.returncode == 2 and "Retrying" not in r.stderr and "Traceback" not in r.stderr
