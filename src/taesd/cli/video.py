@@ -28,7 +28,7 @@ from taesd.video import identify_video, load, read_state_dict
 def add_parser(sub) -> None:
     p = sub.add_parser("video", help="TAEHV: encode, decode and round-trip videos",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  taesd video roundtrip clip.mp4 --variant taew2_1 -o clip.roundtrip.mp4")
+                       epilog="example:\n  taesd video roundtrip clip.mp4 --variant taew2_1 -o rt.mp4")
     p.add_argument("action", choices=["encode", "decode", "roundtrip", "info"])
     p.add_argument("input", nargs="?", help="video (mp4/webm/mkv/mov/gif/frame folder) or latent file")
     p.add_argument("--variant", choices=list(VIDEO_VARIANTS), help="the TAEHV weights' variant")
