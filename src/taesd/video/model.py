@@ -87,29 +87,13 @@ class TAEHV(nn.Module):
         """Latents of ``frames``, piece by piece (``chunk`` frames per step; all at once if None)."""
         self._check(frames, self.variant.image_channels, "frames")
         self._part("encoder")
-        run = EncodeRun(self)
-        step = chunk or max(frames.shape[1], 1)
-        for start in range(0, frames.shape[1], step):
-            out = run.feed(frames[:, start:start + step])
-            if out is not None:
-                yield out
-        out = run.finish()
-        if out is not None:
-            yield out
+        yield from _pieces(EncodeRun(self), frames, chunk)
 
     def decode_chunks(self, latents: torch.Tensor, chunk: int | None = None) -> Iterator[torch.Tensor]:
         """Frames of ``latents``, handed out piece by piece (``chunk`` latents per step)."""
         self._check(latents, self.variant.latent_channels, "latents")
         self._part("decoder")
-        run = DecodeRun(self, total_latents=latents.shape[1])
-        step = chunk or max(latents.shape[1], 1)
-        for start in range(0, latents.shape[1], step):
-            out = run.feed(latents[:, start:start + step])
-            if out is not None:
-                yield out
-        out = run.finish()
-        if out is not None:
-            yield out
+        yield from _pieces(DecodeRun(self, total_latents=latents.shape[1]), latents, chunk)
 
     def encode(self, frames: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         return _joined(list(self.encode_chunks(frames, chunk)), frames)
@@ -196,3 +180,15 @@ class VideoStream:
         """Video to video: flush the encoder, decode its last latents, flush the decoder."""
         latents = self.flush_encoder()
         return _cat([self._dec.feed(latents) if latents is not None else None, self.flush_decoder()])
+
+
+def _pieces(run, x: torch.Tensor, chunk: int | None) -> Iterator[torch.Tensor]:
+    """Feed ``x`` to a run ``chunk`` frames at a time (all at once if None); yield what it hands out."""
+    step = chunk or max(x.shape[1], 1)
+    for start in range(0, x.shape[1], step):
+        out = run.feed(x[:, start:start + step])
+        if out is not None:
+            yield out
+    out = run.finish()
+    if out is not None:
+        yield out
