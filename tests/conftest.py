@@ -27,6 +27,13 @@ def weights_dir() -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "weights"
 
 
+# A fresh clone with nothing set runs as CI does (.ci/run exports the same two): the published weights
+# beside the checkout, and never the network (download tests unset these and serve on 127.0.0.1).
+if (weights_dir() / "taef2_encoder.pth").is_file():
+    os.environ.setdefault("TAESD_WEIGHTS", str(weights_dir()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def require_weights() -> Path:
     """The weights folder, or skip the calling test with the reason (a fresh clone has none)."""
     d = weights_dir()

@@ -173,6 +173,22 @@ def test_to_and_half_re_resolve_the_executor(monkeypatch):
         TaesdVAE(taesd_variant="taesd", executor="onnxruntime")
 
 
+def test_a_bare_taesd_moved_gets_the_new_devices_executor(monkeypatch):
+    """taesd.load's model, moved with .to()/.half(), runs the executor of where it now is."""
+    model = taesd.create("taesd", seed=0)
+    executors.resolve(None, "cpu").apply(model)
+    assert model.executor == CpuExecutor(auto=True)
+    factory = functools.partial(CudaExecutor, graphs=False)
+    monkeypatch.setitem(executors.FAST, "cpu", factory)   # as if the model had moved to a GPU
+    model.half()
+    assert model.executor == factory(auto=True) and model.dtype == torch.float16
+    assert isinstance(model.decoder, cuda.CudaSequential)
+    monkeypatch.undo()
+    pinned = executors.resolve("plain", "cpu").apply(taesd.create("taesd", seed=0))
+    pinned.to(torch.float64)
+    assert pinned.executor.name == "plain" and pinned.dtype == torch.float64
+
+
 # ---------------------------------------------------------------- one dtype rule
 
 

@@ -158,7 +158,7 @@ def test_diffusers_teacher_with_latent_cache(photos, tmp_path):
     assert shards
     from safetensors.torch import load_file
 
-    from taesd.training.teachers import load_teacher
+    from taesd.evaluation.teachers import load_teacher
     cached = load_file(str(shards[0]))
     teacher = load_teacher(str(tmp_path / "vae"), family="taesd", device="cpu")
     assert teacher.scale == taesd.get_variant("taesd").vae_scale

@@ -15,6 +15,7 @@ from PIL import Image
 
 import taesd
 from taesd.errors import TaesdError
+from taesd.evaluation.teachers import TaesdTeacher, load_teacher
 from taesd.training.checkpoint import KEYS, read_checkpoint, rng_states, set_rng_states
 from taesd.training.config import TrainConfig, config_from_dict, lr_factor
 from taesd.training.data import ImageCrops, ShardSampler, crop_loader
@@ -22,7 +23,6 @@ from taesd.training.logs import CsvLog
 from taesd.training.loop import CHECKPOINT, train
 from taesd.training.stop import StopFlag
 from taesd.training.students import build_student
-from taesd.training.teachers import TaesdTeacher, load_teacher
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera"]
 

@@ -110,6 +110,18 @@ class TAESD(nn.Module):
         check_values(latents, "latents")   # NaN/Inf; no host sync on a GPU (taesd.value_checks)
         return latents.to(device=self.device, dtype=self.dtype)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda(): the executor's class swaps and packed weights belong to the old
+        # tensors. Undo it, move, and set up the executor the new device gets ("fast" follows the
+        # device: the CUDA executor after .cuda(), the CPU one after .cpu()).
+        executor = getattr(self, "executor", None)
+        if executor is None or not executor.layerwise:   # ONNX Runtime: its sessions stay as they are
+            return super()._apply(fn, *args, **kwargs)
+        executor.undo(self)
+        super()._apply(fn, *args, **kwargs)
+        executor.for_device(self.device).apply(self)
+        return self
+
     def run_part(self, part: str, x: torch.Tensor) -> torch.Tensor:
         """Run one part on a prepared batch. The single place that executes the network: faster
         executors and other backends replace this; tiling calls it per tile."""

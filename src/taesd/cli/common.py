@@ -43,7 +43,10 @@ def command_parser(sub, name: str, help: str, example: str, description: str = "
     return p
 
 
-def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True) -> None:
+def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True,
+                      running: bool = True) -> None:
+    """--variant and where its weights come from; with ``running``, also how it runs (device, dtype,
+    executor): commands that only read weights (export) leave those out."""
     g = p.add_argument_group("model")
     g.add_argument("--variant", "-v", required=variant_required, choices=list(VARIANTS), metavar="NAME",
                    help=f"TAESD variant: {', '.join(VARIANTS)}")
@@ -53,6 +56,8 @@ def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True)
                    help="download only from there (default: the registry's order, hub first)")
     g.add_argument("--revision", help="revision to pin when downloading (hub commit; GitHub commit with "
                    "--source github)")
+    if not running:
+        return
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="compute precision (default: fp16 on a tensor-core GPU, else fp32)")
@@ -94,16 +99,10 @@ def tiling_kwargs(args) -> dict:
 
 
 def check_tiling(args) -> None:
-    """Refuse bad tiling options before any work (not once per input)."""
-    from taesd.settings import parse_bytes
-    if getattr(args, "tile_size", None) is not None and args.tile_size < 1:
-        raise TaesdError(f"--tile-size must be at least 1 latent pixel, not {args.tile_size}")
-    if getattr(args, "max_memory", None) is not None:
-        amount = str(args.max_memory).strip().rstrip("bBkKmMgGtTiI ").strip()
-        if amount and amount.replace(".", "", 1).isdigit() and float(amount) == 0:
-            raise TaesdError(f"--max-memory {args.max_memory}: a budget of nothing cannot run a layer; give "
-                             f"the memory the activations may take, e.g. 512MiB or 2GiB")
-        parse_bytes(args.max_memory)
+    """Refuse bad tiling options before any work (not once per input): the library's own check."""
+    from taesd.tiling import check_options
+    check_options(getattr(args, "tile_size", None), getattr(args, "max_memory", None),
+                  names=("--tile-size", "--max-memory"))
 
 
 def check_options(args) -> None:
@@ -258,23 +257,3 @@ def weight_files(args) -> list[Path]:
     """The weight files named with --weights: no output may land on them."""
     w = getattr(args, "weights", None) or []
     return [Path(p) for p in ([w] if isinstance(w, str) else w)]
-
-
-# ---------------------------------------------------------------- pad -> encode, decode -> crop
-# taesd.encode_image / model.decode(size=) come with the tiling branch; until then, this one copy.
-
-def encode_image(model, image, tile_size=None, max_memory=None):
-    """An image (C x H x W) of any size -> (latents 1 x C x h x w, its (H, W))."""
-    try:
-        from taesd.model import encode_image as library_encode_image
-    except ImportError:
-        from taesd.io.images import pad_to_multiple
-        padded, size = pad_to_multiple(image[None], model.variant.downscale)
-        return model.encode(padded, tile_size=tile_size, max_memory=max_memory), tuple(size)
-    return library_encode_image(model, image, tile_size=tile_size, max_memory=max_memory)
-
-
-def decode_image(model, latents, size, tile_size=None, max_memory=None):
-    """Latents -> images cropped to ``size`` (H, W) when given (the size ``encode_image`` returned)."""
-    images = model.decode(latents, tile_size=tile_size, max_memory=max_memory)
-    return images if size is None else images[..., : size[0], : size[1]]

@@ -1,8 +1,6 @@
 """taesd decode: latent files -> images."""
 from __future__ import annotations
 
-import json
-
 from taesd.cli import common as c
 from taesd.errors import TaesdError
 from taesd.io.images import check_writable_size, save_image
@@ -29,27 +27,12 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def read_latents(path, variant):
-    """load_latents, with malformed metadata and empty tensors as one-line errors."""
-    try:
-        latents, v, size = load_latents(path, variant)
-    except TaesdError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, json.JSONDecodeError) as e:
-        raise TaesdError(f"{path}: malformed taesd metadata ({str(e).splitlines()[0][:100]})") from e
-    if latents.numel() == 0:
-        raise TaesdError(f"{path} holds empty latents (shape {tuple(latents.shape)})")
-    if size is not None and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
-        raise TaesdError(f"{path}: malformed taesd image_size {list(size)}; expected [height, width]")
-    return latents, v, size
-
-
 def read_all(args, files) -> "tuple[list, int]":
     """Every input read and checked before any decoding: (the loaded latents, exit code)."""
     loaded, failures = [], []
     for f in files:
         try:
-            loaded.append(read_latents(f.path, args.variant))
+            loaded.append(load_latents(f.path, args.variant))
         except TaesdError as e:
             if args.fail_fast:
                 raise TaesdError(c.describe_failure(f.path, e)) from e
@@ -88,7 +71,7 @@ def run(args) -> int:
     def decode_one(job):
         src, dsts = job
         latents, v, size = by_file[src.path]
-        images = c.decode_image(model, latents, size, **c.tiling_kwargs(args))
+        images = model.decode(latents, size=size, **c.tiling_kwargs(args))
         for image, dst in zip(images, dsts):
             save_image(image, dst)
             c.say(f"{src.path} -> {dst}  ({image.shape[-1]}x{image.shape[-2]})")

@@ -5,6 +5,7 @@ from taesd.cli import common as c
 from taesd.io.inputs import IMAGE_SUFFIXES, read_image
 from taesd.io.latents import save_latents
 from taesd.io.naming import latent_name
+from taesd.model import encode_image
 
 
 def add_parser(sub):
@@ -42,7 +43,7 @@ def run(args) -> int:
         image, warning = read_image(src.path, model.variant.image_channels)
         if warning:
             c.note(args, warning)
-        latents, size = c.encode_image(model, image, **c.tiling_kwargs(args))
+        latents, size = encode_image(model, image, **c.tiling_kwargs(args))
         save_latents(dst, latents if args.format == "safetensors" else latents[0], model.variant, size)
         c.say(f"{src.path} -> {dst}  ({tuple(latents.shape[1:])} latents)")
 

@@ -52,8 +52,8 @@ def run(args) -> int:
         summarize,
         write_results,
     )
+    from taesd.evaluation.teachers import load_teacher
     from taesd.loader import load
-    from taesd.training.teachers import load_teacher
     check_device(args.device)
     files = gather_inputs(args, IMAGE_SUFFIXES, "image")
     if args.output:   # the result files are checked before anything is measured

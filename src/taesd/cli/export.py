@@ -3,10 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from taesd.cli.common import add_output_options, command_parser, plan_outputs, progress, weight_files
+from taesd.cli.common import (
+    add_model_options,
+    add_output_options,
+    command_parser,
+    plan_outputs,
+    progress,
+    weight_files,
+)
 from taesd.io.files import deferred_renames
 from taesd.io.inputs import InputFile
-from taesd.registry import VARIANTS, get_variant
+from taesd.registry import get_variant
 
 
 def add_parser(sub):
@@ -21,11 +28,7 @@ def add_parser(sub):
                        "(TAESD's latent convention); the decoder's output is not clamped. Metadata "
                        "(taesd.variant, taesd.part, taesd.vae_scale, ...) is stored in the file: "
                        "`taesd info FILE.onnx` shows it with the operator set. See docs/onnx.md.")
-    o.add_argument("--variant", "-v", required=True, choices=list(VARIANTS), metavar="NAME",
-                   help=f"TAESD variant: {', '.join(VARIANTS)}")
-    o.add_argument("--weights", "-w", action="append", metavar="PATH",
-                   help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, then the hub)")
-    o.add_argument("--revision", help="hub revision to pin when downloading")
+    add_model_options(o, running=False)
     o.add_argument("--part", choices=["encoder", "decoder", "both"], default="both",
                    help="what to export (default: both)")
     o.add_argument("--fp16", action="store_true", help="float16 weights, activations, input and output")
@@ -45,7 +48,8 @@ def run(args) -> int:
     targets = [Path(args.output) / onnx_filename(variant, part, args.fp16) for part in parts]
     plan_outputs(args, [(InputFile(Path(args.output)), targets)], protected=weight_files(args))
     weights = args.weights[0] if args.weights and len(args.weights) == 1 else args.weights
-    model = load(args.variant, weights, device="cpu", dtype="fp32", parts=parts, revision=args.revision)
+    model = load(args.variant, weights, device="cpu", dtype="fp32", parts=parts, revision=args.revision,
+                 source=args.source)
     lines = []
     with deferred_renames():   # both files appear together, or neither
         for part, dst in zip(progress(list(parts), "export"), targets):

@@ -9,6 +9,7 @@ from taesd.io.images import check_writable_size, save_image
 from taesd.io.inputs import IMAGE_SUFFIXES, read_image
 from taesd.io.latents import dequantize, quantize
 from taesd.io.naming import roundtrip_name
+from taesd.model import encode_image
 
 
 def add_parser(sub):
@@ -50,10 +51,10 @@ def run(args) -> int:
             c.note(args, warning)
         check_ssim_size(original)   # before any work or output
         check_writable_size(dst, *original.shape[-2:])
-        latents, size = c.encode_image(model, original, **c.tiling_kwargs(args))
+        latents, size = encode_image(model, original, **c.tiling_kwargs(args))
         if args.latents == "png":
             latents = dequantize(quantize(latents))
-        decoded = c.decode_image(model, latents, size, **c.tiling_kwargs(args)).float().cpu()
+        decoded = model.decode(latents, size=size, **c.tiling_kwargs(args)).float().cpu()
         p, s = psnr(decoded, original[None]).item(), ssim(decoded, original[None]).item()
         save_image(decoded[0], dst)
         rows.append((p, s))

@@ -8,9 +8,10 @@
 Tiling asks the model's executor two things only: ``executor.tile_alignment(conv)`` (the block size
 a convolution runs in) and ``executor.memory_overhead`` (peak over counted activations).
 """
-from taesd.tiling.planner import Pass, Plan, estimate_peak, memory_overhead, plan, splits
+from taesd.tiling.planner import Pass, Plan, check_options, estimate_peak, memory_overhead, plan, splits
 from taesd.tiling.receptive import PartAnalysis, analyse, input_alignment, is_global
 from taesd.tiling.runner import choose_plan, pass_of, run, untiled_pixels
 
-__all__ = ["Pass", "PartAnalysis", "Plan", "analyse", "choose_plan", "estimate_peak", "input_alignment",
-           "is_global", "memory_overhead", "pass_of", "plan", "run", "splits", "untiled_pixels"]
+__all__ = ["Pass", "PartAnalysis", "Plan", "analyse", "check_options", "choose_plan", "estimate_peak",
+           "input_alignment", "is_global", "memory_overhead", "pass_of", "plan", "run", "splits",
+           "untiled_pixels"]

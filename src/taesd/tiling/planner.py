@@ -6,6 +6,7 @@ The estimate counts the activations alive at once and multiplies them by the exe
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from taesd import settings
@@ -184,3 +185,25 @@ def tile_pair(tile_size) -> tuple[int, int]:
         raise TaesdError(f"tile size must be a positive whole number of latent pixels (or a pair), "
                          f"got {tile_size!r}")
     return pair
+
+
+def check_options(tile_size=None, max_memory=None, names=("tile_size", "max_memory")) -> None:
+    """Refuse bad tiling options up front, in one line naming the option as the caller spells it
+    (``names``: the CLI passes its flags); ``plan`` would refuse them too, but only once work began."""
+    if tile_size is not None:
+        try:
+            tile_pair(tile_size)
+        except TaesdError:
+            raise TaesdError(f"{names[0]} must be a positive whole number of latent pixels (e.g. 64), "
+                             f"not {tile_size!r}") from None
+    if max_memory is None:
+        return
+    try:
+        budget = parse_bytes(max_memory)
+    except TaesdError as e:
+        if re.fullmatch(r"\s*0*\.?0+\s*[a-zA-Z]*\s*", str(max_memory)):
+            raise TaesdError(f"{names[1]} {max_memory}: a budget of nothing cannot run a layer; give the "
+                             f"memory the activations may take, e.g. 512MiB or 2GiB") from None
+        raise TaesdError(f"{names[1]}: {e}") from None
+    if budget <= 0:
+        raise TaesdError(f"{names[1]} must be positive, not {max_memory!r}")

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from taesd.errors import TaesdError
+from taesd.evaluation.teachers import load_teacher
 from taesd.io.images import load_image
 from taesd.io.inputs import IMAGE_SUFFIXES, expand_inputs
 from taesd.training.checkpoint import CHECKPOINT, check_resumable, read_checkpoint, restore
@@ -36,7 +37,6 @@ from taesd.training.holdout import Holdout, evaluate
 from taesd.training.logs import CsvLog, Tensorboard, save_grid
 from taesd.training.run_folder import check_overwritable, clear_run, held_run_files, mark
 from taesd.training.students import Student, build_student
-from taesd.training.teachers import load_teacher
 
 # The least memory one micro-batch takes, per input value: the teacher's first layers hold 64 channels
 # for each 3 of the input. A --batch far beyond the machine is refused before the run folder exists.
