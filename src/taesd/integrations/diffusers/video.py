@@ -86,8 +86,6 @@ class TaehvVAE(ModelMixin, ConfigMixin):
         # what the pipelines read as attributes rather than config entries
         self.temperal_downsample = [True] * levels          # Qwen Image, Krea 2: 2 ** len == 8
         self.spatial_compression_ratio, self.temporal_compression_ratio = v.downscale, v.time_downscale
-        self.register_buffer("latents_mean", torch.zeros(c), persistent=False)   # LTX-2 reads tensors
-        self.register_buffer("latents_std", torch.ones(c), persistent=False)
         self.chunk, self.fast = chunk, fast
         self._ready = False
         self.requires_grad_(False)
@@ -106,6 +104,16 @@ class TaehvVAE(ModelMixin, ConfigMixin):
         vae.taehv.load_state_dict(model.state_dict())
         p = next(model.parameters())
         return vae.to(p.device, p.dtype).eval()
+
+    # LTX-2 reads the statistics as tensors, the others as config lists (a property outranks the
+    # config fallback of ModelMixin's __getattr__, a buffer would not)
+    @property
+    def latents_mean(self) -> torch.Tensor:
+        return torch.tensor(self.config.latents_mean)
+
+    @property
+    def latents_std(self) -> torch.Tensor:
+        return torch.tensor(self.config.latents_std)
 
     def _model(self) -> TAEHV:
         if not self._ready:
