@@ -38,7 +38,7 @@ from taesd.integrations.diffusers.video_contracts import (
     vae_class_default,
 )
 from taesd.registry import get_video_variant
-from taesd.video import TAEHV, load
+from taesd.video import TAEHV, identify_video, load, read_state_dict
 from taesd.video.fast import make_fast
 
 # CogVideoX's scaling_factor as AutoencoderKLCogVideoX defaults it (CogVideoX-2B); 5B and 1.5 use 0.7
@@ -103,7 +103,9 @@ class TaehvVAE(ModelMixin, ConfigMixin):
         vae = cls(taehv_variant=model.variant.name, chunk=chunk, fast=fast, scaling_factor=scaling_factor)
         vae.taehv.load_state_dict(model.state_dict())
         p = next(model.parameters())
-        return vae.to(p.device, p.dtype).eval()
+        if (p.device.type, p.dtype) != ("cpu", torch.float32):
+            torch.nn.Module.to(vae, p.device, p.dtype)   # (ModelMixin.to warns about fp32 modules we lack)
+        return vae.eval()
 
     # LTX-2 reads the statistics as tensors, the others as config lists (a property outranks the
     # config fallback of ModelMixin's __getattr__, a buffer would not)
@@ -158,7 +160,8 @@ class TaehvVAE(ModelMixin, ConfigMixin):
 
 def use_taehv_vae(pipe, model, variant: str | None = None, chunk: int | None = None, fast: bool = True):
     """Replace ``pipe.vae`` with TAEHV; ``model``: a file, a loaded ``TAEHV`` or a ``TaehvVAE``. The
-    variant must speak the pipeline's latents; for a raw-space variant (taecvx) the scaling factor is
+    variant must speak the pipeline's latents (a file whose shapes several variants share is read as
+    the pipeline's); for a raw-space variant (taecvx) the scaling factor is
     carried over from the VAE being replaced. Returns ``pipe``."""
     if isinstance(model, TaehvVAE):
         vae = model
@@ -166,6 +169,10 @@ def use_taehv_vae(pipe, model, variant: str | None = None, chunk: int | None = N
         contract = contract_for(pipe)
         old = getattr(getattr(pipe, "vae", None), "config", None)
         scaling = getattr(old, "scaling_factor", None) if contract.space == "raw" else None
+        if not isinstance(model, TAEHV) and variant is None:
+            # taehv, taew2_1, taecvx and taeos1_3 share every shape: the pipeline says which
+            fits = [v for v in identify_video(read_state_dict(model)) if v in contract.variants]
+            variant = fits[0] if len(fits) == 1 else None
         taehv = model if isinstance(model, TAEHV) else load(model, variant=variant, fast=False)
         vae = TaehvVAE.from_taehv(taehv, chunk=chunk, fast=fast, scaling_factor=scaling)
     contract_for(pipe, vae.config.taehv_variant)   # refuses a variant of another latent space

@@ -104,13 +104,14 @@ def vae_class_default(contract: VideoContract, name: str, fallback: float) -> fl
 
 def to_taehv(latents: torch.Tensor, contract: VideoContract, *, scaling_factor: float = 1.0,
              grid: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """A denoising-loop latent (the pipeline's layout, model space) -> TAEHV's input, N x T x C x h x w.
+    """A denoising-loop latent (the pipeline's layout, model space; or, for the packed layouts, the
+    pipeline's unpacked N x C x T x h x w) -> TAEHV's input, N x T x C x h x w.
 
     ``grid``: ``(T, h, w)`` in latent pixels, needed for the packed layouts (``patches``: T = 1).
     ``scaling_factor``: the pipeline's VAE's, used where TAEHV speaks the raw space (CogVideoX).
     """
-    if contract.layout == "ncthw":
-        z = latents.transpose(1, 2)
+    if contract.layout == "ncthw" or (latents.ndim == 5 and contract.layout != "ntchw"):
+        z = latents.transpose(1, 2)   # also the packed families' unpacked N x C x T x h x w
     elif contract.layout == "ntchw":
         z = latents
     elif grid is None:
@@ -124,4 +125,5 @@ def to_taehv(latents: torch.Tensor, contract: VideoContract, *, scaling_factor: 
     else:  # sequence, patch size 1: N x (T h w) x C
         t, h, w = grid
         z = latents.reshape(latents.shape[0], t, h, w, -1).permute(0, 1, 4, 2, 3)
-    return z / scaling_factor if contract.space == "raw" else z
+    # as the pipelines write it (1 / s * latents), so that the rounding is theirs too
+    return 1 / scaling_factor * z if contract.space == "raw" else z
