@@ -33,6 +33,7 @@ from diffusers.utils import BaseOutput
 
 from taesd.errors import TaesdError
 from taesd.integrations.diffusers.video_contracts import (
+    VideoContract,
     contract_for,
     contract_of_variant,
     vae_class_default,
@@ -158,6 +159,15 @@ class TaehvVAE(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=video) if return_dict else (video,)
 
 
+def load_for(contract: VideoContract, path, variant: str | None = None) -> TAEHV:
+    """A TAEHV file for a pipeline family, plain (not fast). taehv, taew2_1, taecvx and taeos1_3 share
+    every shape: unless ``variant`` says otherwise, the family says which."""
+    if variant is None:
+        fits = [v for v in identify_video(read_state_dict(path)) if v in contract.variants]
+        variant = fits[0] if len(fits) == 1 else None
+    return load(path, variant=variant, fast=False)
+
+
 def use_taehv_vae(pipe, model, variant: str | None = None, chunk: int | None = None, fast: bool = True):
     """Replace ``pipe.vae`` with TAEHV; ``model``: a file, a loaded ``TAEHV`` or a ``TaehvVAE``. The
     variant must speak the pipeline's latents (a file whose shapes several variants share is read as
@@ -169,11 +179,7 @@ def use_taehv_vae(pipe, model, variant: str | None = None, chunk: int | None = N
         contract = contract_for(pipe)
         old = getattr(getattr(pipe, "vae", None), "config", None)
         scaling = getattr(old, "scaling_factor", None) if contract.space == "raw" else None
-        if not isinstance(model, TAEHV) and variant is None:
-            # taehv, taew2_1, taecvx and taeos1_3 share every shape: the pipeline says which
-            fits = [v for v in identify_video(read_state_dict(model)) if v in contract.variants]
-            variant = fits[0] if len(fits) == 1 else None
-        taehv = model if isinstance(model, TAEHV) else load(model, variant=variant, fast=False)
+        taehv = model if isinstance(model, TAEHV) else load_for(contract, model, variant)
         vae = TaehvVAE.from_taehv(taehv, chunk=chunk, fast=fast, scaling_factor=scaling)
     contract_for(pipe, vae.config.taehv_variant)   # refuses a variant of another latent space
     pipe.vae = vae
