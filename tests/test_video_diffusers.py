@@ -234,3 +234,25 @@ def test_use_taehv_vae_checks_the_variant_and_carries_cogvideox_scaling(tmp_path
         use_taehv_vae(hv, TaehvVAE("taew2_1"))
     with pytest.raises(TaesdError, match="scaling_factor is 1"):
         TaehvVAE("taehv", scaling_factor=0.476986)              # taehv speaks the model's own latents
+
+
+@torch.no_grad()
+def test_flux3_modular_decode_takes_taef2(taef2):
+    """FLUX.3 exists in diffusers 0.42.1 only as a modular pipeline (Flux3ModularPipeline) on the FLUX.2
+    VAE: its own unpack + decode blocks, with taef2's TaesdVAE as the vae, give taef2's decode of the
+    unpatchified latents (its BatchNorm inverse is the identity on the drop-in)."""
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+    from diffusers.modular_pipelines.flux3.decoders import Flux3DecodeStep, Flux3UnpackLatentsStep
+    from diffusers.modular_pipelines.flux3.image_processor import Flux3ImageProcessor
+
+    from taesd.integrations.diffusers.model import TaesdVAE
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"unpack": Flux3UnpackLatentsStep(),
+                                                        "decode": Flux3DecodeStep()})
+    pipe = blocks.init_pipeline()
+    pipe.update_components(vae=TaesdVAE.from_taesd(taef2), image_processor=Flux3ImageProcessor())
+    assert pipe.vae_scale_factor == 8
+    tokens = torch.randn(1, 4 * 4, 128, generator=torch.Generator().manual_seed(0))   # 64 x 64 px
+    image = pipe(latents=tokens, height=64, width=64, output_type="pt", output="images")
+    z = tokens.view(1, 4, 4, 128).permute(0, 3, 1, 2)                                 # 128 x h/2 x w/2
+    z = z.reshape(1, 32, 2, 2, 4, 4).permute(0, 1, 4, 2, 5, 3).reshape(1, 32, 8, 8)   # unpatchified
+    assert image.shape == (1, 3, 64, 64) and (image - taef2.decode(z)).abs().max() <= TOL
