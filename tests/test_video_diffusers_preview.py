@@ -58,6 +58,9 @@ def test_wan_strided_and_whole_clip_previews_are_written(taew2_1, tmp_path):
     (last,) = strided.previews
     assert last.latent_frames == [0, 2] and [im.size for im in last.images] == [(16, 16)] * 2
     assert Image.open(tmp_path / "strided" / "step_002.png").size == (32, 16)   # the two side by side
+    one_by_one = VideoPreviewCallback(pipe, every=3, frames=2, chunk=1, on_preview=lambda _: None)
+    generate(pipe, "latent", callback_on_step_end=one_by_one, **kw)   # memory bound: one latent at a time
+    torch.testing.assert_close(one_by_one.previews[0].frames, last.frames, atol=1e-5, rtol=0)
     whole = VideoPreviewCallback(pipe, every=3, frames="all", max_frames=2, out_dir=tmp_path / "all")
     generate(pipe, "latent", callback_on_step_end=whole, **kw)
     assert whole.previews[0].latent_frames == [0, 2]     # 3 latent frames, capped at 2, evenly spaced

@@ -15,8 +15,8 @@ gives one image, and the stages after each TGrow run on a quarter of the frames.
 "first" preview of a finished run is exactly the first frame TAEHV decodes for the whole clip.
 
 Cost caps: ``every`` (steps between previews; the last step is always previewed), ``max_frames``
-(latent frames per preview, evenly spaced), ``chunk`` (latent frames per step of the "all" decode:
-bounded memory) and ``max_size`` (longest side of a saved image). The pipeline's latents are read,
+(latent frames per preview, evenly spaced), ``chunk`` (latent frames decoded at once: bounded
+memory) and ``max_size`` (longest side of a saved image). The pipeline's latents are read,
 never changed: the run's result is the same with or without the callback. A failing preview never
 breaks the generation: it is logged once and previews stop (``raise_errors=True`` re-raises).
 
@@ -163,8 +163,11 @@ class VideoPreviewCallback:
         with torch.no_grad():
             if self.frames == "all":   # one clip, temporal memory carried
                 frames = self.decoder.decode(z, chunk=self.chunk)[0]
-            else:                      # each latent alone, as a batch of one-latent clips
-                frames = self.decoder.decode(z.transpose(0, 1))[:, -1]
+            else:                      # each latent alone, as batches of one-latent clips
+                clips = z.transpose(0, 1)
+                step_size = self.chunk or len(clips)
+                frames = torch.cat([self.decoder.decode(clips[i:i + step_size])[:, -1]
+                                    for i in range(0, len(clips), step_size)])
         frames = frames.float().cpu()
         self.decode_seconds.append(time.perf_counter() - t0)
         images = [_fit(tensor_to_pil(f), self.max_size) for f in frames]
