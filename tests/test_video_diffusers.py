@@ -185,6 +185,9 @@ def test_hunyuan_video_pipelines_generate_with_taehv(tmp_path, build, name):
     assert (video - by_hand).abs().max() <= TOL
     # encode: the latent grid the pipeline denoises
     assert pipe.vae.encode(video.transpose(1, 2) * 2 - 1).latents.shape == latents.shape
+    pipe.vae.enable_tiling()          # the pipelines' examples ask for it: bounded memory, same video
+    pipe.vae.chunk = 4                # 4 frames per step: one latent at a time
+    torch.testing.assert_close(generate(pipe, "pt", **kw), video, atol=TOL, rtol=0)
 
 
 @torch.no_grad()
@@ -234,6 +237,7 @@ def test_use_taehv_vae_checks_the_variant_and_carries_cogvideox_scaling(tmp_path
         use_taehv_vae(hv, TaehvVAE("taew2_1"))
     with pytest.raises(TaesdError, match="scaling_factor is 1"):
         TaehvVAE("taehv", scaling_factor=0.476986)              # taehv speaks the model's own latents
+    assert TaehvVAE("taeos1_3").config.scaling_factor == 1.0    # no pipeline yet: still a VAE
 
 
 @torch.no_grad()

@@ -67,9 +67,12 @@ class TaehvVAE(ModelMixin, ConfigMixin):
                  scaling_factor: float | None = None, **_ignored):
         super().__init__()
         v = get_video_variant(taehv_variant)
-        contract = contract_of_variant(v.name)
-        if contract.space == "raw":
-            default = vae_class_default(contract, "scaling_factor", COGVIDEOX_SCALING)
+        try:
+            raw = contract_of_variant(v.name).space == "raw"
+        except TaesdError:   # no diffusers pipeline yet (taeos1_3, taeh3): the model's own latents
+            raw = False
+        if raw:
+            default = vae_class_default(contract_of_variant(v.name), "scaling_factor", COGVIDEOX_SCALING)
             scaling_factor = scaling_factor or default
         elif scaling_factor not in (None, 1, 1.0):
             raise TaesdError(f"{v.name} speaks the diffusion model's own latents: its scaling_factor is 1, "
