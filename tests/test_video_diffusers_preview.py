@@ -89,9 +89,11 @@ def test_hunyuan_video15_previews_through_its_scheduler(tmp_path):
     shown = []
     preview = VideoPreviewCallback(pipe, frames="all", on_preview=shown.append)
     with preview.watching(pipe):
-        watched = generate(pipe, "pt", **kw)
+        generate(pipe, "latent", **kw)
+        watched = generate(pipe, "pt", **kw)                # a second run in the block starts again
     assert "step" not in vars(pipe.scheduler)               # the scheduler is itself again
-    assert torch.equal(watched, generate(pipe, "pt", **kw)) and [p.step for p in shown] == [0, 1]
+    assert torch.equal(watched, generate(pipe, "pt", **kw)) and [p.step for p in shown] == [0, 1, 0, 1]
+    assert len(preview.previews) == 2                       # the second run's
     assert shown[-1].frames.shape == (3, 3, 32, 32)
     wan_pipe, _ = wan(TaehvVAE("taew2_1"))
     with pytest.raises(TaesdError, match="callback_on_step_end"), preview.watching(wan_pipe):

@@ -132,7 +132,8 @@ class VideoPreviewCallback:
         def step(model_output, timestep, sample, *args, **kwargs):
             out = original(model_output, timestep, sample, *args, **kwargs)
             latents = out[0] if isinstance(out, tuple) else out.prev_sample
-            self(pipe, calls[0], timestep, {"latents": latents})
+            index = getattr(scheduler, "step_index", None)   # restarts with every run
+            self(pipe, index - 1 if isinstance(index, int) else calls[0], timestep, {"latents": latents})
             calls[0] += 1
             return out
 
