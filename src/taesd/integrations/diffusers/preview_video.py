@@ -11,8 +11,9 @@ What is decoded, cheapest first (``frames``):
   k (int)  every k-th latent frame, each decoded alone (no temporal memory, one batch): a strip
   "all"    every latent frame as one clip (temporal memory carried): an animation of the whole video
 By default the decoder's temporal upsampling is off (``time_upscale=False``): each latent frame
-gives one image, and the stages after each TGrow run on a quarter of the frames. With it on, the
-"first" preview of a finished run is exactly the first frame TAEHV decodes for the whole clip.
+gives one image ("all" costs half as much; one latent alone costs the same either way, the trimmed
+sub-frames being skipped). With it on, the "first" preview of a finished run is exactly the first
+frame TAEHV decodes for the whole clip.
 
 Cost caps: ``every`` (steps between previews; the last step is always previewed), ``max_frames``
 (latent frames per preview, evenly spaced), ``chunk`` (latent frames decoded at once: bounded
