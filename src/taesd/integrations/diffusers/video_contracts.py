@@ -2,8 +2,9 @@
 speaks, how the pipeline hands them to its VAE, and how they sit in its denoising loop.
 
 Two spaces per family:
-  model  the latent the diffusion model denoises (what ``output_type="latent"`` returns, except where
-         noted); upstream: "TAEHV encodes / decodes exactly what diffusion models use"
+  model  the latent the diffusion model denoises (what ``output_type="latent"`` returns, but for
+         LTX-2, which returns it denormalised with its VAE's constants: the identity on TaehvVAE);
+         upstream: "TAEHV encodes / decodes exactly what diffusion models use"
   raw    what the family's big VAE decodes: the pipeline's conversion of the model latent with the
          VAE's constants (``scaling_factor``, ``latents_mean`` / ``latents_std``)
 
