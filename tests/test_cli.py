@@ -190,3 +190,16 @@ def test_python_api_errors_are_one_line():
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == ["this needs diffusers, which is not installed: pip install 'taesd[diffusers]'",
                                      "this needs onnx, which is not installed: pip install 'taesd[onnx]'"]
+
+
+def test_the_command_list_is_every_command_module():
+    """COMMANDS is kept by hand: every taesd/cli/<name>.py with add_parser and run is in it, and only those."""
+    import importlib
+    import pkgutil
+
+    import taesd.cli as cli
+    modules = {m.name for m in pkgutil.iter_modules(cli.__path__)}
+    commands = {n for n in modules
+                if hasattr(importlib.import_module(f"taesd.cli.{n}"), "add_parser")
+                and hasattr(importlib.import_module(f"taesd.cli.{n}"), "run")}
+    assert commands == set(cli.COMMANDS) and len(cli.COMMANDS) == len(set(cli.COMMANDS))

@@ -1,17 +1,7 @@
 """What several commands share: model options, opening the model, planning outputs, running a batch.
 
-Outputs (``plan_outputs``), decided for the whole batch before any work:
-- names keep the input's full stem (``photo.v2.png`` -> ``photo.v2.taef2.png``) and, under ``-o``,
-  its folder below the folder argument (``photos/a/x.png`` -> ``OUT/a/x.taef2.png``);
-- two inputs that would write one output, an output onto an input (or a weight file being read)
-  and an output that can never be a file (a folder, a path under a file) are refused up front;
-- an existing output is refused up front (the first one is named) unless ``--overwrite``
-  (replace it, if taesd wrote it: it carries taesd's marker) or ``--skip-existing`` (leave it, skip
-  that input, say so) is given;
-- every output folder is probed for writing (a temporary file made and removed) before any work;
-- the rule holds again at the moment each file is written (``taesd.io.files.output_policy``): a file
-  that appeared meanwhile is never replaced.
-Names come from ``taesd.io.naming`` (the input collector recognises them there).
+Outputs: ``plan_outputs`` applies ``taesd.io.outputs`` (every output checked before any work; existing
+ones refused unless --overwrite or --skip-existing) to the command's options.
 Batches (``run_batch``): a failing input is reported and the batch goes on; at the end every
 failure is printed, one line each (``path: reason``), and the exit code is 2. ``--fail-fast``
 stops at the first failure.
@@ -19,9 +9,7 @@ stops at the first failure.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from taesd.errors import TaesdError
-from taesd.io.files import check_output_target, check_replaceable, os_error_message, output_policy
+from taesd.io import outputs
+from taesd.io.files import output_policy
 from taesd.io.inputs import InputFile, collect_inputs
 from taesd.options import executor_from_switches
 from taesd.registry import VARIANTS
@@ -136,73 +125,12 @@ def gather_inputs(args, suffixes: tuple[str, ...], what: str) -> list[InputFile]
     return files
 
 
-def output_path(out: str | None, src: InputFile, name: str, single: bool) -> Path:
-    """Where ``src``'s output ``name`` (from ``taesd.io.naming``) goes: beside it (no ``-o``); ``-o``
-    itself when one input is given and it has a suffix (and is no folder); else inside the ``-o``
-    folder, below the same relative folder."""
-    if out is None:
-        return src.path.parent / name
-    o = Path(out)
-    if single and o.suffix and not o.is_dir():
-        return o
-    return o / src.relative_folder / name
-
-
-def _key(p: Path) -> str:
-    return os.path.realpath(p)
-
-
 def plan_outputs(args, jobs: "Sequence[tuple[InputFile, list[Path]]]", protected: Sequence[Path] = ()
                  ) -> list[tuple[InputFile, list[Path]]]:
-    """Check every planned output before any work (see the module docstring); returns the jobs to run."""
-    reading = {_key(f.path): f.path for f, _ in jobs}
-    reading.update({_key(p): p for p in protected if Path(p).is_file()})
-    writers: dict[str, InputFile] = {}
-    for src, dsts in jobs:
-        for dst in dsts:
-            k = _key(dst)
-            if k in reading:
-                raise TaesdError(f"the output for {src.path} would be {dst}, a file this run reads; "
-                                 f"choose another -o")
-            if k in writers:
-                raise TaesdError(f"{writers[k].path} and {src.path} would both write {dst}; rename one "
-                                 f"or write them to different -o folders")
-            writers[k] = src
-            check_output_target(dst)
-    check_writable_folders([d for _, dsts in jobs for d in dsts])
-    existing = [(src, dsts) for src, dsts in jobs if any(d.exists() for d in dsts)]
-    if not existing:
-        return list(jobs)
-    if getattr(args, "overwrite", False):
-        for _, dsts in existing:
-            for d in dsts:
-                check_replaceable(d)
-        return list(jobs)
-    first = next(d for d in existing[0][1] if d.exists())
-    if getattr(args, "skip_existing", False):
-        note(args, f"skipped {len(existing)} input(s) whose output exists (e.g. {first})")
-        return [j for j in jobs if j not in existing]
-    more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-    batch = ", --skip-existing to skip it" if hasattr(args, "skip_existing") else ""
-    raise TaesdError(f"{first} exists{more}; pass --overwrite to replace it{batch}")
-
-
-def check_writable_folders(targets: Sequence[Path]) -> None:
-    """Probe, once per folder, that files can be made where the outputs go (a temporary file made
-    and removed in the nearest folder that exists): a read-only or foreign folder is found before
-    any input is encoded, not after."""
-    probed: set[str] = set()
-    for target in targets:
-        folder = next((p for p in Path(target).parents if p.exists()), Path("."))
-        if _key(folder) in probed:
-            continue
-        probed.add(_key(folder))
-        try:
-            fd, name = tempfile.mkstemp(prefix=".taesd-probe.", dir=folder)
-        except OSError as e:
-            raise TaesdError(os_error_message(e, Path(target))) from e
-        os.close(fd)
-        os.unlink(name)
+    """``taesd.io.outputs.plan_outputs`` with this command's --overwrite / --skip-existing."""
+    return outputs.plan_outputs(jobs, protected, overwrite=getattr(args, "overwrite", False),
+                                skip_existing=getattr(args, "skip_existing", None),
+                                note=lambda text: note(args, text))
 
 
 def describe_failure(path: Path, e: BaseException) -> str:

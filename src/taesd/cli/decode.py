@@ -7,6 +7,7 @@ from taesd.io.images import check_writable_size, save_image
 from taesd.io.inputs import LATENT_SUFFIXES
 from taesd.io.latents import load_latents
 from taesd.io.naming import decoded_names
+from taesd.io.outputs import output_path
 
 
 def add_parser(sub):
@@ -56,7 +57,7 @@ def run(args) -> int:
     single = len(files) == 1 and loaded[0][0].shape[0] == 1
     planned = []
     for f, (latents, v, size) in zip(files, loaded):
-        dsts = [c.output_path(args.output, f, name, single)
+        dsts = [output_path(args.output, f, name, single)
                 for name in decoded_names(f.path.stem, v.name, latents.shape[0])]
         h, w = size or (latents.shape[-2] * v.downscale, latents.shape[-1] * v.downscale)
         for dst in dsts:

@@ -5,6 +5,7 @@ from taesd.cli import common as c
 from taesd.io.inputs import IMAGE_SUFFIXES, read_image
 from taesd.io.latents import save_latents
 from taesd.io.naming import latent_name
+from taesd.io.outputs import output_path
 from taesd.model import encode_image
 
 
@@ -32,7 +33,7 @@ def run(args) -> int:
     files = c.gather_inputs(args, IMAGE_SUFFIXES, "image")
     single = len(files) == 1
     names = [latent_name(f.path.stem, args.variant, args.format) for f in files]
-    planned = [(f, [c.output_path(args.output, f, name, single)]) for f, name in zip(files, names)]
+    planned = [(f, [output_path(args.output, f, name, single)]) for f, name in zip(files, names)]
     jobs = c.plan_outputs(args, planned, protected=c.weight_files(args))
     if not jobs:
         return 0

@@ -9,6 +9,7 @@ from taesd.io.images import check_writable_size, save_image
 from taesd.io.inputs import IMAGE_SUFFIXES, read_image
 from taesd.io.latents import dequantize, quantize
 from taesd.io.naming import roundtrip_name
+from taesd.io.outputs import output_path
 from taesd.model import encode_image
 
 
@@ -36,7 +37,7 @@ def run(args) -> int:
     c.check_options(args)
     files = c.gather_inputs(args, IMAGE_SUFFIXES, "image")
     single = len(files) == 1
-    planned = [(f, [c.output_path(args.output, f, roundtrip_name(f.path.stem, args.variant), single)])
+    planned = [(f, [output_path(args.output, f, roundtrip_name(f.path.stem, args.variant), single)])
                for f in files]
     jobs = c.plan_outputs(args, planned, protected=c.weight_files(args))
     if not jobs:
