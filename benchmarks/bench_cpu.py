@@ -24,8 +24,8 @@ sys.path.insert(0, str(HERE))
 
 import speed  # noqa: E402
 
-PATHS = ["taesd", "taesd-bf16", "onnxruntime", "openvino", "openvino-f32"]
-PRECISION = {"taesd": "fp32", "taesd-bf16": "bf16", "onnxruntime": "fp32", "openvino-f32": "f32"}
+PATHS = ["taesd", "taesd-fp32", "onnxruntime", "openvino", "openvino-f32"]
+PRECISION = {"taesd-fp32": "fp32", "taesd-bf16": "bf16", "onnxruntime": "fp32", "openvino-f32": "f32"}
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
 
@@ -67,9 +67,9 @@ def _path_functions(name: str, weights: str, x, z):
 
     import taesd
     if name.startswith("taesd"):
-        dtype = torch.bfloat16 if name == "taesd-bf16" else torch.float32
+        dtype = {"taesd-bf16": torch.bfloat16, "taesd-fp32": torch.float32}.get(name)   # taesd: the default
         model = taesd.load("taef2", weights, device="cpu", dtype=dtype)
-        return (lambda t: model.encode(t.to(dtype)).float()), (lambda t: model.decode(t.to(dtype)).float())
+        return (lambda t: model.encode(t.to(model.dtype)).float()), (lambda t: model.decode(t.to(model.dtype)).float())
     plain = taesd.load("taef2", weights, device="cpu", fast=False)
     enc = speed.onnx_runner(plain.encoder, x[:1, :, :64, :64], name)
     dec = speed.onnx_runner(plain.decoder, z[:1, :, :8, :8], name)
@@ -117,17 +117,25 @@ def table(rows, psnrs: dict) -> str:
     return "\n".join(lines)
 
 
+def isa_default():
+    """What taesd's default computes in here (the CPU's rule and $TAESD_CPU_BF16)."""
+    import taesd
+    from taesd.runtime.executors import CpuExecutor
+    return CpuExecutor().compute_dtype(taesd.create("taesd"))
+
+
 def machine_lines() -> list[str]:
     from taesd.runtime import isa
     facts = speed.machine_facts()
-    facts.insert(1, f"ISA tier (taesd.runtime.isa): {isa.detect().describe()}; taesd default dtype here: "
-                    f"{str(isa.default_dtype()).removeprefix('torch.')}")
+    facts.insert(1, f"ISA tier (taesd.runtime.isa): {isa.detect().describe()}; an fp32 taesd model computes "
+                    f"in {str(isa.default_dtype()).removeprefix('torch.')} here by default")
     return facts
 
 
 def run(args) -> int:
     names = args.competitors or [n for n in PATHS
                                  if not n.startswith("openvino") or importlib.util.find_spec("openvino")]
+    PRECISION["taesd"] = {"bfloat16": "bf16 (default)"}.get(str(isa_default()).removeprefix("torch."), "fp32")
     if any(n.startswith("openvino") for n in names):
         PRECISION["openvino"] = speed.openvino_precision("openvino")
         PRECISION["openvino-f32"] = speed.openvino_precision("openvino-f32")

@@ -26,7 +26,8 @@ import torch.nn as nn
 VARIANT = "taesd"   # the base network; diffusers AutoencoderTiny's default config is the same one
 
 COMPETITORS = {
-    "taesd": "taesd.load default: fast executor, fp32",
+    "taesd": "taesd.load default: fast executor, fp32 model (computing in bf16 on AMX CPUs)",
+    "taesd-fp32": "taesd fast executor, dtype='fp32' asked for (computes in fp32 on every CPU)",
     "taesd-direct": "taesd fast executor without Winograd (direct convolutions only, TAESD_WINOGRAD=0), fp32",
     "taesd-bf16": "taesd fast executor, dtype=bfloat16",
     "taesd-compile": "taesd compiled mode (torch.compile), fp32",
@@ -87,10 +88,12 @@ def _make_call(name: str, op: str, size: int, batch: int):
     if name.startswith("taesd") or name == "plain":
         import taesd
         from taesd.runtime.executors.compile import compile_model
-        from taesd.runtime.executors.cpu import make_fast
+        from taesd.runtime.executors.cpu import CpuExecutor, make_fast
         model = taesd.create(VARIANT)
         if name == "taesd":
             make_fast(model)
+        elif name == "taesd-fp32":
+            CpuExecutor(bf16=False).apply(model)
         elif name == "taesd-direct":
             make_fast(model, use_winograd=False)
         elif name == "taesd-bf16":

@@ -32,6 +32,9 @@ def weights_dir() -> Path:
 if (weights_dir() / "taef2_encoder.pth").is_file():
     os.environ.setdefault("TAESD_WEIGHTS", str(weights_dir()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# fp32 models compute in fp32 on every CPU, so exactness tests hold on AMX machines too; the automatic
+# bf16 (AMX) is tested with this unset (tests/test_cpu_precision.py).
+os.environ.setdefault("TAESD_CPU_BF16", "0")
 
 
 def require_weights() -> Path:

@@ -58,6 +58,12 @@ class TAESD(nn.Module):
         return next(self.parameters()).dtype
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in (the executor's choice; inputs and outputs stay ``dtype``)."""
+        executor = getattr(self, "executor", None)
+        return self.dtype if executor is None else executor.compute_dtype(self)
+
+    @property
     def layerwise(self) -> bool:
         """Whether tiling may run the part's layers one by one: the executor says so (ONNX Runtime
         runs a part as a whole, so tiling calls its ``run_part`` on each tile plus its margin); with
@@ -135,7 +141,8 @@ class TAESD(nn.Module):
         with torch.inference_mode():
             # contiguous: the fast executor works channels_last; callers get the standard layout
             x = self.prepare_images(images)
-            return tiling.run(self, "encoder", x, tile_size, max_memory).contiguous()
+            y = tiling.run(self, "encoder", x.to(self.compute_dtype), tile_size, max_memory)
+            return y.to(self.dtype).contiguous()
 
     def decode(self, latents: torch.Tensor, tile_size=None, max_memory=None,
                size: "tuple[int, int] | None" = None) -> torch.Tensor:
@@ -146,10 +153,10 @@ class TAESD(nn.Module):
             z = self.prepare_latents(latents)
             if size is not None:
                 size = self._check_size(size, z)
-            images = tiling.run(self, "decoder", z, tile_size, max_memory)
+            images = tiling.run(self, "decoder", z.to(self.compute_dtype), tile_size, max_memory)
             if size is not None:
                 images = images[..., :size[0], :size[1]]
-            return images.contiguous()
+            return images.to(self.dtype).contiguous()
 
     def _check_size(self, size, z: torch.Tensor) -> tuple[int, int]:
         """``size`` as (h, w) within what the latents ``z`` decode to, else a one-line error."""

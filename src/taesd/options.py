@@ -12,7 +12,7 @@ import torch
 from taesd.errors import TaesdError
 from taesd.registry import Variant, get_variant, normalize_parts
 from taesd.runtime.dtypes import default_dtype
-from taesd.runtime.executors import Executor, OnnxRuntimeExecutor, resolve
+from taesd.runtime.executors import Executor, OnnxRuntimeExecutor, exact_if_asked, resolve
 
 
 def default_device() -> torch.device:
@@ -44,8 +44,8 @@ class LoadOptions:
             device = torch.device("cpu") if onnx else default_device()
         device = torch.device(device)
         return cls(get_variant(variant), weights, device, default_dtype(device, dtype),
-                   None if parts is None else normalize_parts(parts), resolve(executor, device),
-                   revision, source)
+                   None if parts is None else normalize_parts(parts),
+                   exact_if_asked(resolve(executor, device), dtype), revision, source)
 
 
 def mentions_onnx(weights) -> bool:

@@ -23,6 +23,8 @@ VARIABLES = {
     "TAESD_MAX_IMAGE_PIXELS": "the largest image, in pixels, an input may decode to",
     "TAESD_CGROUP_DIR": "the cgroup folder whose memory limit bounds automatic tiling",
     "TAESD_WINOGRAD": "0: the CPU executor uses oneDNN's direct convolutions only",
+    "TAESD_CPU_BF16": "0: fp32 models compute in fp32 on every CPU; 1: in bf16 wherever it runs natively; "
+                      "unset: bf16 on AMX CPUs only",
     "TAESD_MALLOPT": "0: the CPU executor leaves glibc's allocator thresholds alone",
     "TAESD_PER_IMAGE_BYTES": "the CPU executor's per-image split threshold, in bytes",
     "TAESD_TILE_OVERHEAD": "the tiling planner's memory factor for the Winograd kernel",
@@ -114,6 +116,11 @@ def cgroup_dir() -> Path | None:
 
 def winograd() -> bool:
     return flag("TAESD_WINOGRAD", True)
+
+
+def cpu_bf16() -> bool | None:
+    """$TAESD_CPU_BF16 as a switch; None when unset (the CPU decides: taesd.runtime.isa)."""
+    return None if raw("TAESD_CPU_BF16") is None else flag("TAESD_CPU_BF16", False)
 
 
 def mallopt() -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from taesd import settings
+from taesd.runtime import isa
 
 ENV_SWITCH = "TAESD_WINOGRAD"
 ENV_CACHE = "TAESD_CACHE_DIR"
@@ -187,7 +188,8 @@ def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
     tile of a bigger map does)."""
     if pixels is None:
         pixels = x.shape[2] * x.shape[3] * (4 if upsample else 1) if x.dim() == 4 else 0
-    if x.dtype == torch.bfloat16 and not (conv.out_channels % 64 == 0 and bf16_available()):
+    if x.dtype == torch.bfloat16 and not (conv.out_channels % 64 == 0 and bf16_available()
+                                          and isa.winograd_bf16()):
         return False
     return (x.dtype in (torch.float32, torch.bfloat16) and x.dtype == conv.weight.dtype
             and x.device.type == "cpu" and x.dim() == 4

@@ -171,6 +171,7 @@ class TaesdVAE(ModelMixin, ConfigMixin):
             getattr(vae.taesd, part).load_state_dict(model.part(part).state_dict())
         vae.eval()
         torch_dtype = torch_dtype if torch_dtype is not None else dtype   # diffusers passes torch_dtype
+        vae._dtype_asked = torch_dtype is not None   # computes in it (no automatic bf16 on AMX CPUs)
         if device is None and torch_dtype is None:
             return vae
         # No dtype: the library's one rule for the device (fp16 on a tensor-core GPU), as taesd.load.
@@ -222,7 +223,9 @@ class TaesdVAE(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------ running
 
     def _resolve_executor(self) -> "executors.Executor":
-        return executors.resolve(self._executor_choice, self.taesd.device)
+        executor = executors.resolve(self._executor_choice, self.taesd.device)
+        asked = self.dtype if getattr(self, "_dtype_asked", False) else None
+        return executors.exact_if_asked(executor, asked)
 
     @property
     def executor(self) -> "executors.Executor":

@@ -13,6 +13,8 @@ A new executor is one file with an ``Executor`` subclass plus one line in ``EXEC
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from taesd.errors import TaesdError
@@ -51,10 +53,17 @@ def resolve(name: "str | Executor | None", device=None) -> Executor:
     return EXECUTORS[name]()
 
 
+def exact_if_asked(executor: Executor, dtype) -> Executor:
+    """An explicit dtype is the one computed in: the CPU executor's automatic bf16 (AMX) is off."""
+    if dtype is not None and isinstance(executor, CpuExecutor) and executor.bf16 is None:
+        return dataclasses.replace(executor, bf16=False)
+    return executor
+
+
 def follow(executor: "Executor | None", device) -> "Executor | None":
     """The executor a model moved to ``device`` gets (None stays None): ``Executor.for_device``."""
     return None if executor is None else executor.for_device(device)
 
 
 __all__ = ["EXECUTORS", "FAST", "NAMES", "CompileExecutor", "CpuExecutor", "CudaExecutor", "Executor",
-           "OnnxRuntimeExecutor", "PlainExecutor", "follow", "resolve"]
+           "OnnxRuntimeExecutor", "PlainExecutor", "exact_if_asked", "follow", "resolve"]

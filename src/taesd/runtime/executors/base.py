@@ -61,7 +61,13 @@ class Executor:
         was chosen for its device ("fast"), else this one."""
         if not self.auto:
             return self
-        return FAST.get(torch.device(device).type, FAST["cpu"])(auto=True)
+        fast = FAST.get(torch.device(device).type, FAST["cpu"])
+        return self if type(self) is fast else fast(auto=True)   # same kind: its options stay
+
+    def compute_dtype(self, model: TAESD) -> torch.dtype:
+        """The dtype ``model``'s layers compute in; its inputs and outputs stay ``model.dtype``
+        (the CPU executor computes an fp32 model in bf16 on AMX CPUs, as OpenVINO does)."""
+        return model.dtype
 
     def tile_alignment(self, conv: nn.Module) -> int:
         """The output tile size this executor computes ``conv`` in (a Winograd F(m x m, 3x3) tile
