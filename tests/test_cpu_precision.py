@@ -77,3 +77,14 @@ def test_bf16_compute_on_the_real_weights_holds_40_db(weights):
     z = exact.encode(photo)
     assert psnr(auto.decode(z), exact.decode(z)).item() >= 40
     assert psnr(exact.decode(auto.encode(photo)), exact.decode(z)).item() >= 40
+
+
+def test_the_diffusers_drop_in_follows_the_same_rule(tmp_path):
+    pytest.importorskip("diffusers")
+    from taesd.integrations.diffusers import TaesdVAE
+    TaesdVAE(taesd_variant="taesd").save_pretrained(tmp_path)
+    auto = TaesdVAE.from_pretrained(tmp_path)
+    asked = TaesdVAE.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    assert auto.executor.bf16 is None and asked.executor.bf16 is False
+    z = torch.randn(1, 4, 8, 8)
+    assert auto.decode(z).sample.dtype == asked.decode(z).sample.dtype == torch.float32
