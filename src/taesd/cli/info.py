@@ -28,10 +28,15 @@ def variants_table() -> str:
     for v in list_variants():
         rows.append((v.name, v.family, str(v.latent_channels), str(v.image_channels), f"{v.downscale}x",
                      v.arch, next((s.repo for s in v.sources if s.host == "hub"), "-")))
+    return aligned(rows) + "\n\n" + video_variants_table()
+
+
+def aligned(rows: list[tuple[str, ...]]) -> str:
+    """Rows as left-aligned columns, a rule under the first (the header)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n\n" + video_variants_table()
+    return "\n".join(lines)
 
 
 def video_variants_table() -> str:
@@ -41,10 +46,7 @@ def video_variants_table() -> str:
     for v in VIDEO_VARIANTS.values():
         rows.append((v.name, v.family, str(v.latent_channels), f"{v.downscale}x", f"{v.time_downscale}x",
                      ", ".join(v.serves)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return aligned(rows)
 
 
 def describe_file(path: Path) -> str:
