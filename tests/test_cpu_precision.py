@@ -88,3 +88,21 @@ def test_the_diffusers_drop_in_follows_the_same_rule(tmp_path):
     assert auto.executor.bf16 is None and asked.executor.bf16 is False
     z = torch.randn(1, 4, 8, 8)
     assert auto.decode(z).sample.dtype == asked.decode(z).sample.dtype == torch.float32
+
+
+def test_every_cpu_entry_point_leaves_the_precision_to_the_rule(weights):
+    """No dtype asked: load, the CLI and use_taesd_vae (a pipeline in fp32, the CPU's rule) all give
+    an executor that follows the CPU's rule; an asked dtype computes in it."""
+    import types
+
+    from taesd.cli import build_parser
+    from taesd.cli.common import open_model
+    pytest.importorskip("diffusers")
+    from taesd.integrations.diffusers.vae import use_taesd_vae
+    follows = [taesd.load("taef2", device="cpu").executor,
+               open_model(build_parser().parse_args(["decode", "x.png", "-v", "taef2"]), None).executor]
+    pipe = types.SimpleNamespace(vae=types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32))
+    follows.append(use_taesd_vae(pipe, variant="taef2").vae.executor)
+    assert [e.bf16 for e in follows] == [None, None, None]
+    asked = open_model(build_parser().parse_args(["decode", "x.png", "-v", "taef2", "--dtype", "fp32"]), None)
+    assert asked.executor.bf16 is False and taesd.load("taef2", dtype="fp32").executor.bf16 is False

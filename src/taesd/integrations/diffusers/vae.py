@@ -20,6 +20,7 @@ from taesd.integrations.diffusers.contracts import variant_for
 from taesd.integrations.diffusers.portable import autoencoder_tiny  # noqa: F401  (its older home)
 from taesd.model import TAESD
 from taesd.registry import get_variant
+from taesd.runtime.dtypes import default_dtype
 
 
 def tiny_vae(model):
@@ -42,7 +43,10 @@ def use_taesd_vae(pipe, model=None, variant: str | None = None):
         from taesd.integrations.diffusers.model import TaesdVAE
         from taesd.loader import load
         vae = getattr(pipe, "vae", None)
-        model = load(expected, device=getattr(vae, "device", None), dtype=getattr(vae, "dtype", None))
+        device, dtype = getattr(vae, "device", None), getattr(vae, "dtype", None)
+        if dtype is not None and dtype == default_dtype(device):
+            dtype = None   # the pipeline's dtype is the rule's: no dtype asked (AMX CPUs compute in bf16)
+        model = load(expected, device=device, dtype=dtype)
         model = TaesdVAE.from_taesd(model, share=True)   # ours alone: keep its executor, no copy
     have = model.variant
     if have.name != expected.name:
