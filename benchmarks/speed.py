@@ -9,10 +9,12 @@ the same turns: the machine's achievable conv rate that the network's GFLOP/s is
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,8 +122,11 @@ def _make_call(name: str, op: str, size: int, batch: int):
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor) -> str:
-    """The plain module exported to ONNX (dynamic batch and size) into a temporary folder."""
-    path = os.path.join(tempfile.mkdtemp(prefix="taesd-bench-"), "model.onnx")
+    """The plain module exported to ONNX (dynamic batch and size) into a temporary folder, removed
+    when the process ends."""
+    folder = tempfile.mkdtemp(prefix="taesd-bench-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = os.path.join(folder, "model.onnx")
     dims = {0: "n", 2: "h", 3: "w"}
     with torch.no_grad():
         torch.onnx.export(module, (example,), path, input_names=["x"], output_names=["y"],
