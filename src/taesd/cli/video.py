@@ -73,6 +73,8 @@ def run(args) -> int:
         return _info(args)
     if not args.input:
         raise TaesdError(f"taesd video {args.action} needs an input file")
+    if args.action == "decode" and args.variant is None:
+        args.variant = _latent_meta(args.input)[0].get("variant")
     model = load(_weights(args), variant=args.variant).eval()
     with torch.no_grad():
         if args.action == "roundtrip":
@@ -104,10 +106,19 @@ def _encode(model, args) -> None:
     print(f"\nwrote {out}")
 
 
-def _decode(model, args) -> None:
+def _latent_meta(path: str, tensor: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """(metadata, latents if ``tensor``) of a latent file that ``encode`` wrote."""
     from safetensors import safe_open
-    with safe_open(args.input, "pt") as f:
-        meta, latents = f.metadata() or {}, f.get_tensor("latents")
+    if not Path(path).is_file():
+        raise TaesdError(f"no latent file at {path}; pass a .safetensors file from taesd video encode")
+    with safe_open(path, "pt") as f:
+        if "latents" not in f.keys():
+            raise TaesdError(f"{path} holds no 'latents' tensor; pass a file from taesd video encode")
+        return f.metadata() or {}, f.get_tensor("latents") if tensor else None
+
+
+def _decode(model, args) -> None:
+    meta, latents = _latent_meta(args.input, tensor=True)
     if meta.get("variant") and meta["variant"] != model.variant.name:
         get_video_variant(meta["variant"])
         raise TaesdError(f"{args.input} holds {meta['variant']} latents; pass --variant {meta['variant']}")
