@@ -60,20 +60,23 @@ def _pool(layer: TPool, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
     return _unflat(_call(layer, _flat(x)), x.shape[0])
 
 
+def run_layer(layer: nn.Module, i: int, x: torch.Tensor, state: State) -> torch.Tensor:
+    """Layer ``i`` on the chunk ``x`` (N x T x C x H x W), updating ``state`` in place; a ``TPool``
+    still waiting for frames returns zero frames."""
+    if isinstance(layer, MEMORY_BLOCKS):
+        return _memory(layer, x, state, i)
+    if isinstance(layer, TPool):
+        return _pool(layer, x, state, i)
+    return _unflat(_call(layer, _flat(x)), x.shape[0])
+
+
 def run_layers(layers: nn.Sequential, x: torch.Tensor, state: State, start: int = 0) -> torch.Tensor | None:
     """Run ``layers[start:]`` on the chunk ``x`` (N x T x C x H x W), updating ``state`` in place.
     Returns the output frames, or None when a ``TPool`` still waits for frames."""
-    n = x.shape[0]
     for i in range(start, len(layers)):
-        layer = layers[i]
-        if isinstance(layer, MEMORY_BLOCKS):
-            x = _memory(layer, x, state, i)
-        elif isinstance(layer, TPool):
-            x = _pool(layer, x, state, i)
-            if x.shape[1] == 0:
-                return None
-        else:
-            x = _unflat(_call(layer, _flat(x)), n)
+        x = run_layer(layers[i], i, x, state)
+        if x.shape[1] == 0:
+            return None
     return x
 
 

@@ -1,0 +1,178 @@
+"""Seam-exact spatial tiling for TAEHV, the temporal state kept per tile.
+
+TAEHV's layers mix time (a memory block reads the previous frame's input, ``TPool``/``TGrow``
+change the frame count) but each reads a bounded neighbourhood in space. So a tile is run exactly as
+an image tile is (``taesd.tiling``): the input crop holds the tile plus the receptive field's margin,
+and every activation is trimmed to the span the output tile needs. The temporal state is then kept
+per tile: each tile's memory blocks remember their own (margin-extended) region of the previous
+frame, which is exactly the untiled state over that region, because every position a tile holds is
+computed from all it depends on. Chunks of frames, streaming and the functional step therefore give
+the untiled result bit for bit while a layer's working set is one tile's.
+
+Alignment as for images: crops start on the grid that strided layers and blocked (Winograd)
+convolutions lay from the map's origin, and each tile picks the algorithm the untiled map would
+(``taesd.tiling.runner.untiled_pixels``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from taesd.errors import TaesdError
+from taesd.nn.taehv import MEMORY_BLOCKS, TGrow, TPool
+from taesd.tiling.planner import splits, tile_pair
+from taesd.tiling.receptive import needed_interval, scale_of, winograd_attribute
+from taesd.tiling.runner import untiled_pixels
+from taesd.video.temporal import State, run_layer
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def _upsampled(layer: nn.Module) -> int:
+    """The fast executor's fused nearest-upsample + conv (``upsample_factor``), else 1."""
+    return int(getattr(layer, "upsample_factor", 1)) if isinstance(layer, nn.Conv2d) else 1
+
+
+def layer_needed(layer: nn.Module, a: int, b: int) -> tuple[int, int]:
+    """The input positions [a', b') one axis of ``layer`` reads to produce outputs [a, b)."""
+    if isinstance(layer, (TPool, TGrow)):          # 1x1 convs across frames: no spatial reach
+        return a, b
+    if isinstance(layer, MEMORY_BLOCKS):           # conv(cat(x, past)) + x or skip(x): past as x
+        s, e = needed_interval(layer.conv, a, b, winograd_attribute)
+        return min(s, a), max(e, b)
+    up = _upsampled(layer)
+    if up > 1:                                     # the conv on the upsampled map, then the upsample
+        s, e = needed_interval(layer, a, b, winograd_attribute)
+        return s // up, -(-e // up)
+    return needed_interval(layer, a, b, winograd_attribute)
+
+
+def _scale(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, (TPool, TGrow, *MEMORY_BLOCKS)):
+        return 1, 1
+    up, down = scale_of(layer)
+    return up * _upsampled(layer), down
+
+
+def _own_alignment(layer: nn.Module) -> tuple[int, int]:
+    """(at the input, at the output): the multiple a crop start must have for the blocked
+    convolutions inside ``layer`` to lay their blocks on the untiled grid."""
+    t_in = 1
+    for sub in layer.modules():
+        t = winograd_attribute(sub) if isinstance(sub, nn.Conv2d) else 0
+        if t > 1 and _upsampled(sub) == 1:
+            t_in = _lcm(t_in, t)
+    t_out = max(1, winograd_attribute(layer)) if _upsampled(layer) > 1 else 1
+    return t_in, t_out
+
+
+class TileGeometry:
+    """Per layer boundary of a TAEHV layer list: positions per latent pixel, crop alignment, and the
+    spans an output tile needs (one axis at a time)."""
+
+    def __init__(self, layers: nn.Sequential, in_per_latent: int):
+        self.layers = layers
+        scales = [_scale(layer) for layer in layers]
+        self.per_latent = [in_per_latent]
+        for up, down in scales:
+            q, r = divmod(self.per_latent[-1] * up, down)
+            if r:
+                raise TaesdError("a layer leaves the latent grid; this network cannot be tiled")
+            self.per_latent.append(q)
+        self.align = [1] * (len(layers) + 1)
+        for i in reversed(range(len(layers))):
+            (up, down), (t_in, t_out) = scales[i], _own_alignment(layers[i])
+            nxt = _lcm(self.align[i + 1], t_out)
+            self.align[i] = _lcm(down * (nxt // math.gcd(nxt, up)), t_in)
+
+    def spans(self, a: int, b: int, size: int) -> list[tuple[int, int]]:
+        """Outputs [a, b) of the last boundary: the span each boundary must hold (``size`` latent
+        pixels along this axis), rounded out to the alignment and clipped to the map."""
+        n = len(self.layers)
+        out = [(0, 0)] * n + [(a, b)]
+        for i in reversed(range(n)):
+            s, e = layer_needed(self.layers[i], a, b)
+            al = self.align[i]
+            s, e = max((s // al) * al, 0), min(-(-e // al) * al, size * self.per_latent[i])
+            out[i] = a, b = s, e
+        return out
+
+
+class Tile:
+    """One output tile: its spans on both axes at every boundary, and its own temporal state."""
+
+    def __init__(self, rows: tuple[int, int], cols: tuple[int, int], sh: list, sw: list):
+        self.rows, self.cols, self.sh, self.sw = rows, cols, sh, sw
+        self.state: State = {}
+
+
+class TiledLayers:
+    """Runs a layer list on chunks of frames tile by tile; ``state`` holds each tile's temporal state
+    (tile index -> layer index -> tensor), ``clear()`` starts a new clip."""
+
+    def __init__(self, layers: nn.Sequential, in_per_latent: int, tile_size):
+        self.layers, self.tile = layers, tile_pair(tile_size)
+        self.geometry = TileGeometry(layers, in_per_latent)
+        self.tiles: list[Tile] = []
+        self.size: tuple[int, int] | None = None
+
+    @property
+    def state(self) -> dict[int, State]:
+        return {k: t.state for k, t in enumerate(self.tiles)}
+
+    def clear(self) -> None:
+        for t in self.tiles:
+            t.state.clear()
+
+    def _plan(self, h: int, w: int) -> None:
+        f = self.geometry.per_latent[0]
+        if h % f or w % f:
+            raise TaesdError(f"tiling needs frames of a multiple of {f} network pixels, got {h}x{w}; pad "
+                             f"them (taesd.evaluation.video.pad_frames) or drop tile_size")
+        lat = (h // f, w // f)
+        if self.size == lat:
+            return
+        if self.size is not None:
+            raise TaesdError(f"the frame size changed within a clip ({self.size} -> {lat} latent pixels); "
+                             f"start a new run for a new size")
+        self.size, fo = lat, self.geometry.per_latent[-1]
+        self.tiles = [Tile(rh, rw, self.geometry.spans(rh[0] * fo, rh[1] * fo, lat[0]),
+                           self.geometry.spans(rw[0] * fo, rw[1] * fo, lat[1]))
+                      for rh in splits(lat[0], self.tile[0]) for rw in splits(lat[1], self.tile[1])]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The chunk ``x`` (N x T x C x H x W) through every layer, tile by tile."""
+        self._plan(*x.shape[-2:])
+        fo, out = self.geometry.per_latent[-1], None
+        for tile in self.tiles:
+            y = self._run_tile(tile, x)
+            if y is None:
+                continue
+            if out is None:
+                out = y.new_empty(*y.shape[:3], self.size[0] * fo, self.size[1] * fo)
+            out[..., tile.rows[0] * fo:tile.rows[1] * fo, tile.cols[0] * fo:tile.cols[1] * fo] = y
+        return out
+
+    def _run_tile(self, tile: Tile, x: torch.Tensor) -> torch.Tensor | None:
+        sh, sw, per = tile.sh, tile.sw, self.geometry.per_latent
+        y = x[..., sh[0][0]:sh[0][1], sw[0][0]:sw[0][1]]
+        pixels = self.size[0] * self.size[1]
+        for i, layer in enumerate(self.layers):
+            token = untiled_pixels.set(pixels * per[i + 1] ** 2)
+            try:
+                y = run_layer(layer, i, y, tile.state)
+            finally:
+                untiled_pixels.reset(token)
+            if y.shape[1] == 0:
+                return None
+            at_h, at_w = sh[i][0] * per[i + 1] // per[i], sw[i][0] * per[i + 1] // per[i]
+            (h0, h1), (w0, w1) = sh[i + 1], sw[i + 1]
+            if (h0, h1, w0, w1) != (at_h, at_h + y.shape[-2], at_w, at_w + y.shape[-1]):
+                # a copy: a view would keep the untrimmed map (and, through the state, its frame) alive
+                y = y[..., h0 - at_h:h1 - at_h, w0 - at_w:w1 - at_w]
+                y = y.clone(memory_format=torch.preserve_format)
+        return y
