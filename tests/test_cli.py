@@ -225,6 +225,9 @@ def test_top_level_commands_take_videos_and_taehv_variants(tmp_path, capsys):
     assert read_video(rt).frames.shape == clip.frames.shape
     assert main(["roundtrip", str(src), "--variant", "taew2_1", "-w", str(weights)]) == 2   # no clobbering
     assert "exists" in capsys.readouterr().err
+    tiled = tmp_path / "tiled.mp4"       # seam-exact spatial tiles: the same frames, the same figures
+    assert main(["roundtrip", str(src), "-v", "taew2_1", "-w", str(weights), "--tile-size", "4", "-o", str(tiled)]) == 0
+    assert capsys.readouterr().out == out
 
     assert main(["encode", str(src), "--variant", "taew2_1", "-w", str(weights)]) == 0
     latents = tmp_path / "clip.taew2_1.safetensors"

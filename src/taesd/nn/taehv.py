@@ -85,8 +85,7 @@ class TPool(nn.Module):
         self.conv = nn.Conv2d(n_f * stride, n_f, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (N*T) x C x H x W, T a multiple of stride
-        _, c, h, w = x.shape
-        return _channels_last(self.conv, x.reshape(-1, self.stride * c, h, w))
+        return _channels_last(self.conv, x.unflatten(0, (-1, self.stride)).flatten(1, 2))
 
 
 class TGrow(nn.Module):
@@ -98,8 +97,8 @@ class TGrow(nn.Module):
         self.conv = nn.Conv2d(n_f, n_f * stride, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, c, h, w = x.shape
-        return _channels_last(self.conv, x).reshape(-1, c, h, w)
+        # unflatten/flatten (not reshape with sizes): an ONNX trace keeps the sizes dynamic
+        return _channels_last(self.conv, x).unflatten(1, (self.stride, -1)).flatten(0, 1)
 
 
 def _s(on: bool) -> int:

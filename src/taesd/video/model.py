@@ -63,18 +63,15 @@ class TAEHV(nn.Module):
         p = self.variant.patch_size
         if p == 1:
             return frames
-        n = frames.shape[0]
-        x = F.pixel_unshuffle(frames.reshape(-1, *frames.shape[2:]), p)
-        return x.reshape(n, -1, *x.shape[1:])
+        # flatten/unflatten, not reshape with sizes: an ONNX trace keeps the sizes dynamic
+        return F.pixel_unshuffle(frames.flatten(0, 1), p).unflatten(0, (frames.shape[0], -1))
 
     def postprocess(self, x: torch.Tensor | None) -> torch.Tensor | None:
         if x is None:
             return None
         p = self.variant.patch_size
         if p > 1:
-            n = x.shape[0]
-            x = F.pixel_shuffle(x.reshape(-1, *x.shape[2:]), p)
-            x = x.reshape(n, -1, *x.shape[1:])
+            x = F.pixel_shuffle(x.flatten(0, 1), p).unflatten(0, (x.shape[0], -1))
         return x.clamp(0, 1)
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:

@@ -21,11 +21,11 @@ State = dict[int, torch.Tensor]
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return x.flatten(0, 1)       # flatten/unflatten, not reshape: an ONNX trace keeps one op each
 
 
 def _unflat(y: torch.Tensor, n: int) -> torch.Tensor:
-    return y.reshape(n, y.shape[0] // n, *y.shape[1:])
+    return y.unflatten(0, (n, -1))
 
 
 def _call(layer: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
@@ -38,12 +38,18 @@ def _call(layer: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
     return y[: y.shape[0] // 2]      # a TGrow makes several frames of one
 
 
+def _own(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``part`` of the chunk ``whole`` as a tensor of its own when it is less than the whole: a view
+    kept in the state would keep every frame of the chunk alive until the next one."""
+    return part.clone() if part.numel() < whole.numel() else part
+
+
 def _memory(layer: nn.Module, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
     last = state.get(i)
     if last is None:
         last = torch.zeros_like(x[:, 0])
     past = torch.cat([last[:, None], x[:, :-1]], 1)
-    state[i] = x[:, -1]
+    state[i] = _own(x[:, -1], x)
     return _unflat(_call(layer, _flat(x), _flat(past)), x.shape[0])
 
 
@@ -53,7 +59,7 @@ def _pool(layer: TPool, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
         if waiting is not None and waiting.shape[1]:
             x = torch.cat([waiting, x], 1)
         whole = x.shape[1] // layer.stride * layer.stride
-        state[i] = x[:, whole:]
+        state[i] = _own(x[:, whole:], x)
         x = x[:, :whole]
         if not whole:
             return x

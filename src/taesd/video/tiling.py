@@ -1,13 +1,14 @@
-"""Seam-exact spatial tiling for TAEHV, the temporal state kept per tile.
+"""Seam-exact spatial tiling for TAEHV, the temporal state shared by the tiles.
 
 TAEHV's layers mix time (a memory block reads the previous frame's input, ``TPool``/``TGrow``
 change the frame count) but each reads a bounded neighbourhood in space. So a tile is run exactly as
 an image tile is (``taesd.tiling``): the input crop holds the tile plus the receptive field's margin,
-and every activation is trimmed to the span the output tile needs. The temporal state is then kept
-per tile: each tile's memory blocks remember their own (margin-extended) region of the previous
-frame, which is exactly the untiled state over that region, because every position a tile holds is
-computed from all it depends on. Chunks of frames, streaming and the functional step therefore give
-the untiled result bit for bit while a layer's working set is one tile's.
+and every activation is trimmed to the span the output tile needs. A tile's memory blocks need the
+previous frame over their (margin-extended) span, and that is exactly the untiled state there,
+because every position a tile holds is computed from all it depends on. So the tiles share one
+state, the untiled run's: each reads its span of the previous chunk's and writes its span of the
+next. Chunks of frames and streaming
+therefore give the untiled result bit for bit while a layer's working set is one tile's.
 
 Alignment as for images: crops start on the grid that strided layers and blocked (Winograd)
 convolutions lay from the map's origin, and each tile picks the algorithm the untiled map would
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from taesd.errors import TaesdError
 from taesd.nn.taehv import MEMORY_BLOCKS, TGrow, TPool
+from taesd.tiling import memory
 from taesd.tiling.planner import splits, tile_pair
 from taesd.tiling.receptive import needed_interval, scale_of, winograd_attribute
 from taesd.tiling.runner import untiled_pixels
@@ -103,30 +105,32 @@ class TileGeometry:
 
 
 class Tile:
-    """One output tile: its spans on both axes at every boundary, and its own temporal state."""
+    """One output tile: its spans on both axes at every layer boundary."""
 
     def __init__(self, rows: tuple[int, int], cols: tuple[int, int], sh: list, sw: list):
         self.rows, self.cols, self.sh, self.sw = rows, cols, sh, sw
-        self.state: State = {}
+
+    def crop(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """This tile's span of ``t``, a map at boundary ``i``."""
+        return t[..., self.sh[i][0]:self.sh[i][1], self.sw[i][0]:self.sw[i][1]]
 
 
 class TiledLayers:
-    """Runs a layer list on chunks of frames tile by tile; ``state`` holds each tile's temporal state
-    (tile index -> layer index -> tensor), ``clear()`` starts a new clip."""
+    """Runs a layer list on chunks of frames tile by tile. ``state`` is the untiled run's state, the
+    same tensors bit for bit: each tile reads its span of the previous chunk's state and writes its
+    span of the next one (every position a tile holds is exact, so overlapping spans write equal
+    values). Two copies of the state live during a chunk, never one per tile."""
 
     def __init__(self, layers: nn.Sequential, in_per_latent: int, tile_size):
         self.layers, self.tile = layers, tile_pair(tile_size)
         self.geometry = TileGeometry(layers, in_per_latent)
         self.tiles: list[Tile] = []
         self.size: tuple[int, int] | None = None
-
-    @property
-    def state(self) -> dict[int, State]:
-        return {k: t.state for k, t in enumerate(self.tiles)}
+        self.state: State = {}
 
     def clear(self) -> None:
-        for t in self.tiles:
-            t.state.clear()
+        self.state.clear()
+        self.size = None
 
     def _plan(self, h: int, w: int) -> None:
         f = self.geometry.per_latent[0]
@@ -147,24 +151,37 @@ class TiledLayers:
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """The chunk ``x`` (N x T x C x H x W) through every layer, tile by tile."""
         self._plan(*x.shape[-2:])
-        fo, out = self.geometry.per_latent[-1], None
-        for tile in self.tiles:
-            y = self._run_tile(tile, x)
-            if y is None:
-                continue
-            if out is None:
-                out = y.new_empty(*y.shape[:3], self.size[0] * fo, self.size[1] * fo)
-            out[..., tile.rows[0] * fo:tile.rows[1] * fo, tile.cols[0] * fo:tile.cols[1] * fo] = y
+        fo, out, nxt = self.geometry.per_latent[-1], None, {}
+        with memory.budgeted_allocations():    # resident memory follows live memory, not the heap's peak
+            for tile in self.tiles:
+                state = {i: tile.crop(i, s) for i, s in self.state.items()}
+                y = self._run_tile(tile, x, state)
+                self._write_state(tile, state, nxt)
+                if y is None:
+                    continue
+                if out is None:
+                    out = y.new_empty(*y.shape[:3], self.size[0] * fo, self.size[1] * fo)
+                out[..., tile.rows[0] * fo:tile.rows[1] * fo, tile.cols[0] * fo:tile.cols[1] * fo] = y
+        self.state.clear()
+        self.state.update(nxt)
         return out
 
-    def _run_tile(self, tile: Tile, x: torch.Tensor) -> torch.Tensor | None:
+    def _write_state(self, tile: Tile, state: State, nxt: State) -> None:
+        for i, s in state.items():
+            full = nxt.get(i)
+            if full is None:
+                per = self.geometry.per_latent[i]
+                full = nxt[i] = s.new_zeros(*s.shape[:-2], self.size[0] * per, self.size[1] * per)
+            tile.crop(i, full).copy_(s)
+
+    def _run_tile(self, tile: Tile, x: torch.Tensor, state: State) -> torch.Tensor | None:
         sh, sw, per = tile.sh, tile.sw, self.geometry.per_latent
         y = x[..., sh[0][0]:sh[0][1], sw[0][0]:sw[0][1]]
         pixels = self.size[0] * self.size[1]
         for i, layer in enumerate(self.layers):
             token = untiled_pixels.set(pixels * per[i + 1] ** 2)
             try:
-                y = run_layer(layer, i, y, tile.state)
+                y = run_layer(layer, i, y, state)
             finally:
                 untiled_pixels.reset(token)
             if y.shape[1] == 0:
