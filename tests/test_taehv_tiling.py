@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from taesd.errors import TaesdError
-from taesd.video import TAEHV, make_fast
+from taesd.video import TAEHV, make_fast, tiling
 
 # (variant, latents h x w, tile in latent pixels): tiles smaller than the receptive field
 CASES = [("taew2_1", (7, 9), (3, 4)), ("taehv1_5", (5, 6), (2, 3)), ("taew2_2_super", (5, 6), (2, 4)),
@@ -34,12 +34,17 @@ def _stream(step, xs: torch.Tensor, flush) -> torch.Tensor:
     return torch.cat([g for g in got if g is not None], 1)
 
 
+@pytest.mark.parametrize("split", ["large-maps", "all-layers"])
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("name,size,tile", CASES, ids=[c[0] for c in CASES])
 @torch.no_grad()
-def test_tiled_equals_untiled_in_every_mode(name, size, tile, fast):
+def test_tiled_equals_untiled_in_every_mode(name, size, tile, fast, split, monkeypatch):
+    """By default only the large maps run in tiles (tiling.WHOLE_BELOW); every layer kind tiles
+    exactly all the same (``all-layers``)."""
     if fast and name not in ("taew2_1", "taew2_2_super", "taeltx2_3_wide"):
         pytest.skip("the fast executor: one layout of each block kind")
+    if split == "all-layers":
+        monkeypatch.setattr(tiling, "WHOLE_BELOW", 1)
     model = _model(name, fast)
     frames, latents = _clips(model, size)
     lat, out = model.encode(frames), model.decode(latents)
