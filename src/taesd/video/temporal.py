@@ -44,11 +44,23 @@ def _own(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     return part.clone() if part.numel() < whole.numel() else part
 
 
+def _past(last: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each frame's previous frame: ``last`` then ``x`` but its last frame. Channels_last frames (the
+    fast executor's) stay channels_last, which ``cat`` would not keep (the block would transpose them
+    back); an ONNX trace takes the ``cat``, whose sizes stay dynamic."""
+    if torch.jit.is_tracing() or x.stride(2) != 1:
+        return torch.cat([last[:, None], x[:, :-1]], 1)
+    past = torch.empty_like(x)
+    past[:, 0] = last
+    past[:, 1:] = x[:, :-1]
+    return past
+
+
 def _memory(layer: nn.Module, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
     last = state.get(i)
     if last is None:
         last = torch.zeros_like(x[:, 0])
-    past = torch.cat([last[:, None], x[:, :-1]], 1)
+    past = _past(last, x)
     state[i] = _own(x[:, -1], x)
     return _unflat(_call(layer, _flat(x), _flat(past)), x.shape[0])
 
