@@ -234,6 +234,8 @@ def test_top_level_commands_take_videos_and_taehv_variants(tmp_path, capsys):
     assert main(["decode", str(latents), "-w", str(weights), "-o", str(tmp_path / "dec")]) == 0   # variant
     assert read_video(tmp_path / "dec").frames.shape == clip.frames.shape                          # from file
 
+    assert main(["decode", str(latents), "-v", "taef2"]) == 2          # an image variant on TAEHV latents
+    assert "drop --variant" in capsys.readouterr().err
     assert main(["info", str(src), str(weights), str(latents)]) == 0
     out = capsys.readouterr().out
     assert "9 frames of 96x64" in out and "taew2_1" in out and "Qwen Image" in out and "1x3x16x8x12" in out

@@ -69,6 +69,9 @@ def run_video(action: str, args) -> int:
     if len(weights) > 1:
         raise TaesdError("a TAEHV file holds both parts: pass --weights once")
     src = Path(args.inputs[0])
+    if args.variant is not None and args.variant not in VIDEO_VARIANTS:
+        raise TaesdError(f"{src} holds TAEHV latents, not {args.variant}'s; drop --variant (the file names "
+                         f"its own)")
     if action in ("roundtrip", "encode") and not is_video_path(src) and src.suffix.lower() != ".gif":
         raise TaesdError(f"{src} is not a video (mp4/webm/mkv/mov/gif or a frame folder); "
                          f"TAEHV variants take videos")
@@ -101,7 +104,10 @@ def describe_video_file(path: Path) -> str | None:
                 f"at {meta.get('fps', '?')} fps\n  decode: taesd decode {path}")
     if path.suffix in (".pth", ".safetensors") and path.is_file():
         from taesd.video import identify_video, read_state_dict
-        names = identify_video(read_state_dict(path))
+        try:
+            names = identify_video(read_state_dict(path))
+        except (TaesdError, RuntimeError, ValueError):   # not a TAEHV file: the image path says what it is
+            return None
         if names:
             v = VIDEO_VARIANTS[names[0]]
             return (f"{path}\n  TAEHV weights (encoder + decoder): {'/'.join(names)}\n"
