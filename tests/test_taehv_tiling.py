@@ -83,3 +83,18 @@ def test_tiling_needs_whole_latent_pixels():
     model = _model("taew2_1", fast=False)
     with pytest.raises(TaesdError, match="multiple of 8"):
         model.encode(torch.rand(1, 1, 3, 36, 40), tile_size=2)
+
+
+@torch.no_grad()
+def test_tiles_follow_the_winograd_grid():
+    """Maps large enough for the fast executor's Winograd kernels at every large stage: tiles lay
+    their blocks on the untiled grid and pick the untiled map's algorithm, so still bit for bit."""
+    from taesd.runtime import winograd
+    if not winograd.available():
+        pytest.skip("the Winograd kernel cannot be built here")
+    model = _model("taew2_1", fast=True)
+    latents = torch.randn(1, 2, 16, 20, 26, generator=torch.Generator().manual_seed(3))
+    frames = torch.rand(1, 5, 3, 80, 104, generator=torch.Generator().manual_seed(4))
+    whole, lat = model.decode(latents), model.encode(frames)
+    assert torch.equal(model.decode(latents, chunk=1, tile_size=(7, 9)), whole)
+    assert torch.equal(model.encode(frames, tile_size=(4, 5)), lat)
