@@ -98,3 +98,15 @@ def test_tiles_follow_the_winograd_grid():
     whole, lat = model.decode(latents), model.encode(frames)
     assert torch.equal(model.decode(latents, chunk=1, tile_size=(7, 9)), whole)
     assert torch.equal(model.encode(frames, tile_size=(4, 5)), lat)
+
+
+@torch.no_grad()
+def test_diffusers_drop_in_tiles_on_enable_tiling():
+    pytest.importorskip("diffusers")
+    from taesd.integrations.diffusers.video import TaehvVAE
+    vae = TaehvVAE.from_taehv(_model("taew2_1", fast=False))
+    z = torch.randn(1, 16, 3, 6, 8, generator=torch.Generator().manual_seed(5))
+    video = torch.rand(1, 3, 9, 48, 64, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    plain_out, plain_lat = vae.decode(z).sample, vae.encode(video).latents
+    vae.enable_tiling(tile_size=3)
+    assert torch.equal(vae.decode(z).sample, plain_out) and torch.equal(vae.encode(video).latents, plain_lat)
