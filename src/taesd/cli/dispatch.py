@@ -48,10 +48,15 @@ def is_video_run(action: str, args) -> bool:
     return False
 
 
-def _output(action: str, src: Path, variant: str, output: str | None) -> Path | None:
-    """Where a video result goes by default: beside the input, named as the image commands name theirs."""
-    if output is not None or action != "roundtrip":
-        return Path(output) if output is not None else None
+def _output(action: str, src: Path, variant: str | None, output: str | None) -> Path:
+    """Where a video result goes: -o, else beside the input (``taesd video``'s names; the round trip
+    named as the image round trip names its output)."""
+    if output is not None:
+        return Path(output)
+    if action == "encode":
+        return src.with_suffix(f".{variant}.safetensors")
+    if action == "decode":
+        return src.with_suffix(".mp4")
     suffix = src.suffix.lower() if src.suffix.lower() in (*CONTAINERS, ".gif") else ".mp4"
     return src.parent / f"{src.stem}.{variant}.roundtrip{suffix}"
 
@@ -76,10 +81,10 @@ def run_video(action: str, args) -> int:
         raise TaesdError(f"{src} is not a video (mp4/webm/mkv/mov/gif or a frame folder); "
                          f"TAEHV variants take videos")
     out = _output(action, src, args.variant, args.output)
-    if out is not None and out.exists() and not getattr(args, "overwrite", False):
+    if out.exists() and not getattr(args, "overwrite", False):
         raise TaesdError(f"{out} exists; pass --overwrite to replace it or -o another path")
     ns = argparse.Namespace(action=action, input=str(src), variant=args.variant,
-                            weights=weights[0] if weights else None, output=None if out is None else str(out),
+                            weights=weights[0] if weights else None, output=str(out),
                             chunk=getattr(args, "chunk", None), max_frames=getattr(args, "max_frames", None),
                             tile_size=getattr(args, "tile_size", None))
     return video.run(ns)
