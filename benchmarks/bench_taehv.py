@@ -60,36 +60,37 @@ def speed(args) -> None:
 
 
 @torch.no_grad()
-def _measure_one(variant: str, height: int, width: int, frames: int, mode: str) -> dict:
+def _measure_one(variant: str, height: int, width: int, frames: int, mode: str, tile: int = 0) -> dict:
     model = make_fast(TAEHV(variant, parts="decoder").eval())
     v = model.variant
     n_latents = (frames - 1) // v.time_upscale + 1
     latents = torch.randn(1, n_latents, v.latent_channels, height // v.downscale, width // v.downscale)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t, made = time.perf_counter(), 0
-    for piece in model.decode_chunks(latents, chunk=1 if mode == "bounded" else None):
+    for piece in model.decode_chunks(latents, chunk=1 if mode == "bounded" else None, tile_size=tile or None):
         made += piece.shape[1]     # a writer would take the frames here; they are dropped
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"frames": made, "mode": mode, "peak_mib": peak / 1024, "growth_mib": (peak - base) / 1024,
+    return {"frames": made, "mode": mode, "tile": tile or "-", "peak_mib": peak / 1024, "growth_mib": (peak - base) / 1024,
             "seconds": time.perf_counter() - t}
 
 
 def memory(args) -> None:
-    print("| frames | mode | peak RSS | growth over start | time |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| frames | mode | tile | peak RSS | growth over start | time |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for frames in args.frames:
         for mode in args.modes:
-            cmd = [sys.executable, __file__, "_one", args.variant, str(args.height), str(args.width),
-                   str(frames), mode]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            print(f"| {r['frames']} | {mode} | {r['peak_mib']:.0f} MiB | {r['growth_mib']:.0f} MiB | "
-                  f"{r['seconds']:.1f} s |", flush=True)
+            for tile in args.tile_sizes:
+                cmd = [sys.executable, __file__, "_one", args.variant, str(args.height), str(args.width),
+                       str(frames), mode, str(tile)]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                print(f"| {r['frames']} | {mode} | {r['tile']} | {r['peak_mib']:.0f} MiB | "
+                      f"{r['growth_mib']:.0f} MiB | {r['seconds']:.1f} s |", flush=True)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_one":
-        variant, h, w, frames, mode = sys.argv[2:7]
-        print(json.dumps(_measure_one(variant, int(h), int(w), int(frames), mode)))
+        variant, h, w, frames, mode, tile = sys.argv[2:8]
+        print(json.dumps(_measure_one(variant, int(h), int(w), int(frames), mode, int(tile))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -105,6 +106,8 @@ def main() -> None:
     m.add_argument("--width", type=int, default=832)
     m.add_argument("--frames", type=int, nargs="+", default=[17, 81])
     m.add_argument("--modes", nargs="+", default=["bounded"])
+    m.add_argument("--tile-sizes", type=int, nargs="+", default=[0],
+                   help="spatial tiles in latent pixels, 0: untiled (seam-exact either way)")
     args = parser.parse_args()
     speed(args) if args.what == "speed" else memory(args)
 

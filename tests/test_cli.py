@@ -203,3 +203,45 @@ def test_the_command_list_is_every_command_module():
                 if hasattr(importlib.import_module(f"taesd.cli.{n}"), "add_parser")
                 and hasattr(importlib.import_module(f"taesd.cli.{n}"), "run")}
     assert commands == set(cli.COMMANDS) and len(cli.COMMANDS) == len(set(cli.COMMANDS))
+
+
+def test_top_level_commands_take_videos_and_taehv_variants(tmp_path, capsys):
+    """`taesd roundtrip clip.mp4 --variant taew2_1` (and encode, decode, info) run the `taesd video` path
+    on a clip of real photos (pans and zooms of scikit-image images); an image variant on a video is
+    refused with one line."""
+    pytest.importorskip("av")
+    from taesd.evaluation.video import photo_clip
+    from taesd.io.video import read_video, write_video
+    from taesd.video import TAEHV
+    torch.manual_seed(0)
+    weights = tmp_path / "taew2_1.pth"
+    torch.save(TAEHV("taew2_1").state_dict(), weights)
+    clip = photo_clip(frames=9, size=(64, 96))
+    src = write_video(tmp_path / "clip.mp4", clip.frames, fps=16)
+    assert main(["roundtrip", str(src), "--variant", "taew2_1", "-w", str(weights), "--chunk", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PSNR") == 10 and "flicker" in out          # 9 frames + the summary
+    rt = tmp_path / "clip.taew2_1.roundtrip.mp4"
+    assert read_video(rt).frames.shape == clip.frames.shape
+    assert main(["roundtrip", str(src), "--variant", "taew2_1", "-w", str(weights)]) == 2   # no clobbering
+    assert "exists" in capsys.readouterr().err
+    tiled = tmp_path / "tiled.mp4"       # seam-exact spatial tiles: the same frames, the same figures
+    assert main(["roundtrip", str(src), "-v", "taew2_1", "-w", str(weights), "--tile-size", "4", "-o", str(tiled)]) == 0
+    assert capsys.readouterr().out == out
+
+    assert main(["encode", str(src), "--variant", "taew2_1", "-w", str(weights)]) == 0
+    latents = tmp_path / "clip.taew2_1.safetensors"
+    assert main(["decode", str(latents), "-w", str(weights), "-o", str(tmp_path / "dec")]) == 0   # variant
+    assert read_video(tmp_path / "dec").frames.shape == clip.frames.shape                          # from file
+
+    assert main(["decode", str(latents), "-v", "taef2"]) == 2          # an image variant on TAEHV latents
+    assert "drop --variant" in capsys.readouterr().err
+    assert main(["info", str(src), str(weights), str(latents)]) == 0
+    out = capsys.readouterr().out
+    assert "9 frames of 96x64" in out and "taew2_1" in out and "Qwen Image" in out and "1x3x16x8x12" in out
+    assert main(["info"]) == 0 and "Krea 2" in capsys.readouterr().out
+    assert main(["info", "--variant", "taew2_1"]) == 0 and "madebyollin/taehv@" in capsys.readouterr().out
+
+    assert main(["roundtrip", str(src), "--variant", "taef2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "TAEHV variant" in err

@@ -21,7 +21,7 @@ from taesd.io import outputs
 from taesd.io.files import output_policy
 from taesd.io.inputs import InputFile, collect_inputs
 from taesd.options import executor_from_switches
-from taesd.registry import VARIANTS
+from taesd.registry import VARIANTS, VIDEO_VARIANTS
 from taesd.runtime.dtypes import DTYPE_CHOICES
 from taesd.runtime.executors import NAMES
 
@@ -33,12 +33,15 @@ def command_parser(sub, name: str, help: str, example: str, description: str = "
 
 
 def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True,
-                      running: bool = True) -> None:
+                      running: bool = True, video: bool = False) -> None:
     """--variant and where its weights come from; with ``running``, also how it runs (device, dtype,
-    executor): commands that only read weights (export) leave those out."""
+    executor): commands that only read weights (export) leave those out. With ``video``, --variant
+    also takes the TAEHV variants (the command hands those to ``taesd video``)."""
     g = p.add_argument_group("model")
-    g.add_argument("--variant", "-v", required=variant_required, choices=list(VARIANTS), metavar="NAME",
-                   help=f"TAESD variant: {', '.join(VARIANTS)}")
+    names = [*VARIANTS, *VIDEO_VARIANTS] if video else list(VARIANTS)
+    g.add_argument("--variant", "-v", required=variant_required, choices=names, metavar="NAME",
+                   help=f"TAESD variant: {', '.join(VARIANTS)}"
+                        + (f"; TAEHV (videos): {', '.join(VIDEO_VARIANTS)}" if video else ""))
     g.add_argument("--weights", "-w", action="append", metavar="PATH",
                    help="weight file or folder (repeatable; default: $TAESD_WEIGHTS, the cache, a download)")
     g.add_argument("--source", choices=["hub", "github"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from taesd.cli import common as c
+from taesd.cli.dispatch import add_video_options, is_video_run, run_video
 from taesd.errors import TaesdError
 from taesd.io.images import check_writable_size, save_image
 from taesd.io.inputs import LATENT_SUFFIXES
@@ -18,12 +19,15 @@ def add_parser(sub):
                          "Every input is read and checked before any decoding (all problems are listed, "
                          "exit 2). Outputs: <stem>.decoded.png (the .<variant> part of the stem dropped), "
                          "beside each input or under -o (keeping subfolders); existing outputs are refused "
-                         "unless --overwrite or --skip-existing.")
+                         "unless --overwrite or --skip-existing. "
+                         "Videos (mp4/webm/mkv/mov, GIF, frame folders) and TAEHV latent files go to "
+                         "`taesd video` with a TAEHV --variant (e.g. taew2_1).")
     p.add_argument("inputs", nargs="+", help="latent files or folders")
     p.add_argument("-o", "--output",
                    help="output image file (one input) or folder (default: beside each input)")
-    c.add_model_options(p, variant_required=False)
+    c.add_model_options(p, variant_required=False, video=True)
     c.add_tiling_options(p)
+    add_video_options(p)
     c.add_output_options(p)
     p.set_defaults(run=run)
 
@@ -50,6 +54,8 @@ def read_all(args, files) -> "tuple[list, int]":
 
 def run(args) -> int:
     c.check_options(args)
+    if is_video_run('decode', args):
+        return run_video('decode', args)
     files = c.gather_inputs(args, LATENT_SUFFIXES, "latent")
     loaded, code = read_all(args, files)
     if code:

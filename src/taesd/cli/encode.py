@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from taesd.cli import common as c
+from taesd.cli.dispatch import add_video_options, is_video_run, run_video
 from taesd.io.inputs import IMAGE_SUFFIXES, read_image
 from taesd.io.latents import save_latents
 from taesd.io.naming import latent_name
@@ -17,19 +18,24 @@ def add_parser(sub):
                          "factor are edge-padded; the original size is recorded and restored on decode. "
                          "Outputs are named <stem>.<variant>.<format>, beside each input or under -o "
                          "(keeping subfolders); existing outputs are refused unless --overwrite or "
-                         "--skip-existing. A failing input is reported at the end (exit 2), the rest go on.")
+                         "--skip-existing. A failing input is reported at the end (exit 2), the rest go on. "
+                         "Videos (mp4/webm/mkv/mov, GIF, frame folders) and TAEHV latent files go to "
+                         "`taesd video` with a TAEHV --variant (e.g. taew2_1).")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", help="output file (one input) or folder (default: beside each input)")
     p.add_argument("--format", choices=["safetensors", "png"], default="safetensors",
                    help="latent file format (default: safetensors)")
-    c.add_model_options(p)
+    c.add_model_options(p, video=True)
     c.add_tiling_options(p)
+    add_video_options(p)
     c.add_output_options(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     c.check_options(args)
+    if is_video_run('encode', args):
+        return run_video('encode', args)
     files = c.gather_inputs(args, IMAGE_SUFFIXES, "image")
     single = len(files) == 1
     names = [latent_name(f.path.stem, args.variant, args.format) for f in files]

@@ -13,7 +13,7 @@ from taesd.cli.common import (
 )
 from taesd.io.files import deferred_renames
 from taesd.io.inputs import InputFile
-from taesd.registry import get_variant
+from taesd.registry import VIDEO_VARIANTS, get_variant
 
 
 def add_parser(sub):
@@ -28,7 +28,7 @@ def add_parser(sub):
                        "(TAESD's latent convention); the decoder's output is not clamped. Metadata "
                        "(taesd.variant, taesd.part, taesd.vae_scale, ...) is stored in the file: "
                        "`taesd info FILE.onnx` shows it with the operator set. See docs/onnx.md.")
-    add_model_options(o, running=False)
+    add_model_options(o, running=False, video=True)
     o.add_argument("--part", choices=["encoder", "decoder", "both"], default="both",
                    help="what to export (default: both)")
     o.add_argument("--fp16", action="store_true", help="float16 weights, activations, input and output")
@@ -43,6 +43,8 @@ def run(args) -> int:
     from taesd.export.onnx import allowed_ops, check_opset, onnx_filename, op_counts, save_onnx, to_onnx
     from taesd.loader import load
     check_opset(args.opset)  # before the slow part
+    if args.variant in VIDEO_VARIANTS:
+        return run_video(args)
     parts = ("encoder", "decoder") if args.part == "both" else (args.part,)
     variant = get_variant(args.variant)
     targets = [Path(args.output) / onnx_filename(variant, part, args.fp16) for part in parts]
@@ -61,4 +63,28 @@ def run(args) -> int:
             lines.append(f"  ops: {', '.join(f'{op} x{n}' for op, n in sorted(counts.items()))}"
                          + (f"  (unexpected: {', '.join(extra)})" if extra else ""))
     print("\n".join(lines))
+    return 0
+
+
+def run_video(args) -> int:
+    """A TAEHV variant: each part as one step with its temporal state as inputs/outputs
+    (``taesd.export.onnx_video``), named <variant>_<part>_step.onnx."""
+    from taesd.errors import TaesdError
+    from taesd.export.onnx import save_onnx
+    from taesd.export.onnx_video import video_step_to_onnx
+    from taesd.video import load_taehv
+    if args.fp16:
+        raise TaesdError("TAEHV step graphs export in fp32 only; drop --fp16")
+    if not args.weights or len(args.weights) != 1:
+        raise TaesdError("pass the TAEHV weight file with --weights (one file holds both parts)")
+    parts = ("encoder", "decoder") if args.part == "both" else (args.part,)
+    targets = [Path(args.output) / f"{args.variant}_{part}_step.onnx" for part in parts]
+    plan_outputs(args, [(InputFile(Path(args.output)), targets)], protected=weight_files(args))
+    model = load_taehv(args.weights[0], variant=args.variant)
+    with deferred_renames():
+        for part, dst in zip(parts, targets):
+            proto = video_step_to_onnx(model, part, opset=args.opset)
+            save_onnx(proto, dst)
+            print(f"{dst}  ({proto.ByteSize() / 1e6:.1f} MB, opset {args.opset}); inputs "
+                  f"{', '.join(i.name for i in proto.graph.input)}")
     return 0

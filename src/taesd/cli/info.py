@@ -11,10 +11,12 @@ from taesd.registry import list_variants
 def add_parser(sub):
     p = command_parser(sub, "info", "list the variants, or show what a weight file holds",
                        "taesd info ../shared/weights/taef2_decoder.pth",
-                       "Without arguments: the table of TAESD variants. With files: the format, parts, "
-                       "matching variants, dtype, parameter count and sha256 of each; for .onnx exports: "
-                       "inputs, outputs, metadata and the operator set with counts.")
-    p.add_argument("files", nargs="*", help="weight files, diffusers folders or exported .onnx files")
+                       "Without arguments: the table of TAESD variants and of the TAEHV (video) variants "
+                       "with the models each serves. With files: the format, parts, matching variants, "
+                       "dtype, parameter count and sha256 of each; for .onnx exports: inputs, outputs, "
+                       "metadata and the operator set with counts; for TAEHV weights, videos and video "
+                       "latents: what they hold.")
+    p.add_argument("files", nargs="*", help="weight files, diffusers folders, exported .onnx files, videos")
     p.add_argument("--variant", "-v", metavar="NAME",
                    help="list this variant's published sources (what is cached, sha256) and the files it "
                         "resolves to ($TAESD_WEIGHTS, then the cache; nothing is downloaded)")
@@ -131,6 +133,11 @@ def resolved(variant: str, revision: str | None, source: str | None = None) -> s
 
 
 def run(args) -> int:
+    from taesd.cli.dispatch import describe_video_file, video_sources
+    from taesd.registry import VIDEO_VARIANTS
+    if args.variant in VIDEO_VARIANTS:
+        print(video_sources(args.variant))
+        return 0
     if args.variant:
         print(sources_table(args.variant, args.revision, args.source))
         print(resolved(args.variant, args.revision, args.source))
@@ -139,7 +146,10 @@ def run(args) -> int:
         print(variants_table())
         return 0
     for f in map(Path, args.files):
-        if f.suffix == ".onnx":
+        video = describe_video_file(f)
+        if video is not None:
+            print(video)
+        elif f.suffix == ".onnx":
             from taesd.export.onnx import describe_onnx
             print(describe_onnx(f))
         elif f.suffix.lower() in IMAGE_SUFFIXES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 
 from taesd.cli import common as c
+from taesd.cli.dispatch import add_video_options, is_video_run, run_video
 from taesd.evaluation.metrics import check_ssim_size, psnr, ssim
 from taesd.io.images import check_writable_size, save_image
 from taesd.io.inputs import IMAGE_SUFFIXES, read_image
@@ -21,20 +22,24 @@ def add_parser(sub):
                          "a latent PNG would. Outputs: <stem>.<variant>.roundtrip.png beside each input or "
                          "under -o (keeping subfolders); existing outputs are refused unless --overwrite "
                          "or --skip-existing. A failing input is reported at the end (exit 2), the rest "
-                         "go on.")
+                         "go on. Videos (mp4/webm/mkv/mov, GIF, frame folders) and TAEHV latent files go to "
+                         "`taesd video` with a TAEHV --variant (e.g. taew2_1).")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output",
                    help="output image file (one input) or folder (default: beside each input)")
     p.add_argument("--latents", choices=["exact", "png"], default="exact",
                    help="keep latents exact, or quantize them to 8 bits like a latent PNG")
-    c.add_model_options(p)
+    c.add_model_options(p, video=True)
     c.add_tiling_options(p)
+    add_video_options(p)
     c.add_output_options(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     c.check_options(args)
+    if is_video_run('roundtrip', args):
+        return run_video('roundtrip', args)
     files = c.gather_inputs(args, IMAGE_SUFFIXES, "image")
     single = len(files) == 1
     planned = [(f, [output_path(args.output, f, roundtrip_name(f.path.stem, args.variant), single)])

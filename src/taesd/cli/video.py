@@ -7,7 +7,8 @@
 
 Weights: --weights FILE, else ``<variant>.pth`` / ``<variant>.safetensors`` in $TAESD_WEIGHTS.
 Latent files are safetensors holding ``latents`` (1 x T x C x h x w) with the variant, fps, frame
-count and frame size as metadata. ``--chunk`` frames per step bound the working memory.
+count and frame size as metadata. ``--chunk`` frames per step bound the working memory; ``--tile-size``
+cuts each step into spatial tiles (seam-exact).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", help="a taehv .pth or .safetensors file")
     p.add_argument("-o", "--output", help="output file (video, frame folder or .safetensors latents)")
     p.add_argument("--chunk", type=int, default=None, help="frames per step (bounded memory)")
+    p.add_argument("--tile-size", type=int, default=None, metavar="N",
+                   help="spatial tiles of N latent pixels (seam-exact: same result, less memory per step)")
     p.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
     p.set_defaults(run=run)
 
@@ -64,6 +67,13 @@ def _info(args) -> int:
     return 0
 
 
+def _tile(args) -> int | None:
+    tile = getattr(args, "tile_size", None)
+    if tile is not None and tile < 1:
+        raise TaesdError(f"--tile-size must be a positive number of latent pixels (e.g. 16), not {tile}")
+    return tile
+
+
 def _progress(done: int, what: str) -> None:
     print(f"\r{done} {what}", end="", file=sys.stderr, flush=True)
 
@@ -73,11 +83,13 @@ def run(args) -> int:
         return _info(args)
     if not args.input:
         raise TaesdError(f"taesd video {args.action} needs an input file")
+    if args.action == "decode" and args.variant is None:
+        args.variant = _latent_meta(args.input)[0].get("variant")
     model = load(_weights(args), variant=args.variant).eval()
     with torch.no_grad():
         if args.action == "roundtrip":
             clip = read_video(args.input, args.max_frames)
-            metrics, _ = roundtrip_video(model, clip, args.output, args.chunk)
+            metrics, _ = roundtrip_video(model, clip, args.output, args.chunk, _tile(args))
             for k, (p, s) in enumerate(zip(metrics.psnr, metrics.ssim or [float("nan")] * len(metrics.psnr))):
                 print(f"frame {k:4d}  PSNR {p:6.2f} dB  SSIM {s:.4f}")
             print(metrics.summary())
@@ -93,7 +105,8 @@ def _encode(model, args) -> None:
     clip = read_video(args.input, args.max_frames)
     h, w = clip.size
     pieces, frames_done = [], 0
-    for piece in model.encode_chunks(pad_frames(clip.frames, model.variant.downscale), args.chunk):
+    for piece in model.encode_chunks(pad_frames(clip.frames, model.variant.downscale), args.chunk,
+                                     _tile(args)):
         pieces.append(piece)
         frames_done += piece.shape[1] * model.time_downscale
         _progress(min(frames_done, clip.frames.shape[1]), "frames encoded")
@@ -104,10 +117,19 @@ def _encode(model, args) -> None:
     print(f"\nwrote {out}")
 
 
-def _decode(model, args) -> None:
+def _latent_meta(path: str, tensor: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """(metadata, latents if ``tensor``) of a latent file that ``encode`` wrote."""
     from safetensors import safe_open
-    with safe_open(args.input, "pt") as f:
-        meta, latents = f.metadata() or {}, f.get_tensor("latents")
+    if not Path(path).is_file():
+        raise TaesdError(f"no latent file at {path}; pass a .safetensors file from taesd video encode")
+    with safe_open(path, "pt") as f:
+        if "latents" not in f.keys():
+            raise TaesdError(f"{path} holds no 'latents' tensor; pass a file from taesd video encode")
+        return f.metadata() or {}, f.get_tensor("latents") if tensor else None
+
+
+def _decode(model, args) -> None:
+    meta, latents = _latent_meta(args.input, tensor=True)
     if meta.get("variant") and meta["variant"] != model.variant.name:
         get_video_variant(meta["variant"])
         raise TaesdError(f"{args.input} holds {meta['variant']} latents; pass --variant {meta['variant']}")
@@ -115,8 +137,8 @@ def _decode(model, args) -> None:
     n = int(meta.get("frames", 0)) or None
     out = Path(args.output or Path(args.input).with_suffix(".mp4"))
     with VideoWriter(out, float(meta.get("fps", 16))) as writer:
-        for piece in model.decode_chunks(latents.float(), args.chunk // model.time_downscale or 1
-                                         if args.chunk else None):
+        chunk = args.chunk // model.time_downscale or 1 if args.chunk else None
+        for piece in model.decode_chunks(latents.float(), chunk, _tile(args)):
             piece = piece[..., :h, :w]
             if n is not None:
                 piece = piece[:, :max(0, n - writer.count)]

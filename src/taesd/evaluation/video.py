@@ -88,16 +88,17 @@ def pad_frames(frames: torch.Tensor, multiple: int) -> torch.Tensor:
 
 @torch.no_grad()
 def roundtrip_video(model, source: Clip | str | os.PathLike, output: str | os.PathLike | None = None,
-                    chunk: int | None = None) -> tuple[VideoMetrics, Clip]:
+                    chunk: int | None = None, tile_size=None) -> tuple[VideoMetrics, Clip]:
     """Encode and decode ``source`` (a Clip or a video path) with the TAEHV ``model``; ``chunk``
-    frames per step bounds the working memory (None: the whole clip at once). The clip is padded to
+    frames per step bounds the working memory (None: the whole clip at once), ``tile_size`` (latent
+    pixels) each step's working set (seam-exact spatial tiles). The clip is padded to
     the model's size multiple and cropped back; metrics cover the frames both clips have."""
     clip = source if isinstance(source, Clip) else read_video(source)
     frames = clip.frames.to(next(model.parameters()).dtype)
     h, w = frames.shape[-2:]
-    latents = model.encode(pad_frames(frames, model.variant.downscale), chunk=chunk)
+    latents = model.encode(pad_frames(frames, model.variant.downscale), chunk=chunk, tile_size=tile_size)
     latent_chunk = None if chunk is None else max(1, chunk // model.time_downscale)
-    decoded = model.decode(latents, chunk=latent_chunk)[..., :h, :w].float()
+    decoded = model.decode(latents, chunk=latent_chunk, tile_size=tile_size)[..., :h, :w].float()
     n = min(decoded.shape[1], frames.shape[1])
     metrics = compare_clips(clip.frames[:, :n].float(), decoded[:, :n])
     result = Clip(decoded[:, :n], clip.fps)

@@ -19,6 +19,16 @@ from taesd.nn.layers import Clamp, conv
 from taesd.registry import VideoVariant, get_video_variant
 
 
+def _channels_last(f, x: torch.Tensor) -> torch.Tensor:
+    """``f(x)`` (convolutions with 1x1 ones among them) run on a channels_last ``x``, the result in
+    ``x``'s layout. PyTorch runs a 1x1 conv on an NCHW map as one GEMM whose rounding depends on the
+    map's size; channels_last gives every pixel the same sum at any size, so a spatial tile computes
+    bit for bit what the whole frame does (taesd.video.tiling)."""
+    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
+        return f(x)
+    return f(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 class MemBlock(nn.Module):
     """relu(conv-relu-conv-relu-conv(cat(x, past)) + skip(x)): the base temporal block."""
 
@@ -44,7 +54,7 @@ class SuperMemBlock(nn.Module):
             nn.Conv2d(n_f * 2, n_f * 4, 1), nn.ReLU(), nn.Conv2d(n_f * 4, n_f, 1, bias=False))
 
     def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([x, past], 1)) + x
+        return _channels_last(self.conv, torch.cat([x, past], 1)) + x
 
 
 class WideMemBlock(nn.Module):
@@ -60,7 +70,7 @@ class WideMemBlock(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(torch.cat([x, past], 1)) + self.skip(x))
+        return self.act(_channels_last(self.conv, torch.cat([x, past], 1)) + self.skip(x))
 
 
 MEMORY_BLOCKS = (MemBlock, SuperMemBlock, WideMemBlock)
@@ -75,8 +85,7 @@ class TPool(nn.Module):
         self.conv = nn.Conv2d(n_f * stride, n_f, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (N*T) x C x H x W, T a multiple of stride
-        _, c, h, w = x.shape
-        return self.conv(x.reshape(-1, self.stride * c, h, w))
+        return _channels_last(self.conv, x.unflatten(0, (-1, self.stride)).flatten(1, 2))
 
 
 class TGrow(nn.Module):
@@ -88,8 +97,8 @@ class TGrow(nn.Module):
         self.conv = nn.Conv2d(n_f, n_f * stride, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, c, h, w = x.shape
-        return self.conv(x).reshape(-1, c, h, w)
+        # unflatten/flatten (not reshape with sizes): an ONNX trace keeps the sizes dynamic
+        return _channels_last(self.conv, x).unflatten(1, (self.stride, -1)).flatten(0, 1)
 
 
 def _s(on: bool) -> int:

@@ -6,7 +6,9 @@ the video blocks. Same modules, same state_dict, same temporal engine; only forw
 - memory blocks fuse conv+ReLU and the last conv + skip add + ReLU into single kernels;
 - decoder stages ``Upsample -> TGrow -> conv3x3`` run as ``TGrow`` on the small map (a 1x1 conv
   commutes with a nearest upsample: 4x fewer multiply-adds, bit for bit the same) and one
-  upsample+conv kernel (4 instead of 9 multiply-adds per output, or Winograd reading the small map).
+  upsample+conv kernel (4 instead of 9 multiply-adds per output, or Winograd reading the small map);
+- ``_super`` decoders: the residual add fused into the block's last 1x1 conv, TGrow frames made
+  channels_last directly, and the last ``TGrow -> conv3x3`` folded into one conv on the ungrown frames.
 Decoded pixels stay within ~1e-5 of the plain network; ``use_winograd=False`` keeps it within fp32
 rounding of the sums of phase weights.
 """
@@ -21,6 +23,8 @@ from taesd.runtime import winograd
 from taesd.runtime.executors.cpu import (
     WINOGRAD_TILES,
     FastConv2d,
+    _conv_args,
+    _weight_key,
     conv_add_relu,
     conv_relu,
     fused_available,
@@ -54,8 +58,69 @@ class FastSuperMemBlock(SuperMemBlock):
     def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
         if not fused_available(x, self):
             return super().forward(x, past)
-        h = self.conv[0](torch.cat([x, past], 1).contiguous(memory_format=CL))
-        return self.conv[3](conv_relu(self.conv[1], h)) + x
+        h = conv_relu(self.conv[1], self.conv[0](torch.cat([x, past], 1).contiguous(memory_format=CL)))
+        return conv_add(self.conv[3], h, x.contiguous(memory_format=CL))
+
+
+def conv_add(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """conv(x) + other in one oneDNN kernel (the ``_super`` block's residual; no activation after)."""
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, other, conv.packed_weight(x), conv.bias_as(x), *_conv_args(conv), "add", None, None, [], None)
+
+
+class FastTGrow(TGrow):
+    """TGrow whose frames come out channels_last: the 1x1 conv's channel groups are copied frame by
+    frame into a channels_last batch (a reshape of the channels_last conv output would transpose
+    the whole map into NCHW, and the next conv would transpose it back)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1 or not fused_available(x, self):
+            return super().forward(x)
+        y = self.conv(x)
+        n, sc, h, w = y.shape
+        out = torch.empty(n * self.stride, sc // self.stride, h, w, dtype=y.dtype, memory_format=CL)
+        out.unflatten(0, (n, self.stride)).copy_(y.unflatten(1, (self.stride, -1)))
+        return out
+
+
+class FoldedTGrow(TGrow):
+    """A TGrow folded into the conv after it (``GrownConv2d``): passes its input on unchanged; its
+    weight stays here (same state_dict) and the conv reads it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class GrownConv2d(FastConv2d):
+    """conv3x3(TGrow(x)) as one conv on the ungrown frames: TGrow is a 1x1 conv without bias (zero
+    padding stays zero), so frame j's conv is the 3x3 weight times TGrow's j-th channel block, and
+    all ``stride`` of them run as one conv with ``stride`` x the output channels (a tiny output: the
+    ``_super`` decoders' last conv makes 3 * patch² channels), then split into frames. The grown map
+    (2x the frames at full resolution) and its 1x1 conv are never made."""
+
+    def _folded(self) -> FastConv2d:
+        grow = self.__dict__["_grow"]
+        key = (*_weight_key(self.weight), *_weight_key(grow.conv.weight))
+        if self.__dict__.get("_fold_key") != key:
+            with torch.no_grad():
+                s, c = grow.stride, self.in_channels
+                g = grow.conv.weight.detach()[:, :, 0, 0].reshape(s, c, -1)          # frame j: c x c_in
+                w = torch.einsum("ocyx,jci->joiyx", self.weight.detach(), g).flatten(0, 1)
+                conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, bias=self.bias is not None)
+                conv.weight.copy_(w)
+                if self.bias is not None:
+                    conv.bias.copy_(self.bias.detach().repeat(s))
+            conv.__class__ = FastConv2d
+            self.__dict__["_fold"] = conv.to(device=w.device, memory_format=CL).requires_grad_(False)
+            self.__dict__["_fold_key"] = key
+        return self.__dict__["_fold"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grow = self.__dict__["_grow"]
+        if not fused_available(x, self):
+            return super().forward(TGrow.forward(grow, x))
+        y = self._folded()(x)                                   # N x (stride * C_out) x H x W
+        return y.unflatten(1, (grow.stride, -1)).flatten(0, 1)  # frames in time order
 
 
 class UpsampledConv2d(FastConv2d):
@@ -69,7 +134,8 @@ class UpsampledConv2d(FastConv2d):
         return super().forward(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-_BLOCKS = {MemBlock: FastMemBlock, WideMemBlock: FastWideMemBlock, SuperMemBlock: FastSuperMemBlock}
+_BLOCKS = {MemBlock: FastMemBlock, WideMemBlock: FastWideMemBlock, SuperMemBlock: FastSuperMemBlock,
+           TGrow: FastTGrow}
 
 
 def _fuse_upsamples(seq: nn.Sequential) -> None:
@@ -81,6 +147,16 @@ def _fuse_upsamples(seq: nn.Sequential) -> None:
             seq[i] = nn.Identity()
             conv.__class__ = UpsampledConv2d
             conv.upsample_factor = 2
+
+
+def _fold_last_grow(seq: nn.Sequential) -> None:
+    """The ``_super`` decoders end ``PixelShuffle -> TGrow -> conv3x3``: fold the TGrow into the conv."""
+    if (len(seq) >= 3 and type(seq[-3]) is nn.PixelShuffle and type(seq[-2]) is FastTGrow
+            and seq[-2].stride > 1 and type(seq[-1]) is FastConv2d and seq[-1].kernel_size == (3, 3)
+            and seq[-1].groups == 1 and seq[-1].stride == (1, 1)):
+        seq[-2].__class__ = FoldedTGrow
+        seq[-1].__class__ = GrownConv2d
+        seq[-1].__dict__["_grow"] = seq[-2]
 
 
 def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True) -> TAEHV:
@@ -98,4 +174,5 @@ def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True) -
                 sub.__class__ = FastConv2d
                 sub.winograd = WINOGRAD_TILES.get(part, 0) if use_winograd else 0
         _fuse_upsamples(seq)
+        _fold_last_grow(seq)
     return model

@@ -63,18 +63,15 @@ class TAEHV(nn.Module):
         p = self.variant.patch_size
         if p == 1:
             return frames
-        n = frames.shape[0]
-        x = F.pixel_unshuffle(frames.reshape(-1, *frames.shape[2:]), p)
-        return x.reshape(n, -1, *x.shape[1:])
+        # flatten/unflatten, not reshape with sizes: an ONNX trace keeps the sizes dynamic
+        return F.pixel_unshuffle(frames.flatten(0, 1), p).unflatten(0, (frames.shape[0], -1))
 
     def postprocess(self, x: torch.Tensor | None) -> torch.Tensor | None:
         if x is None:
             return None
         p = self.variant.patch_size
         if p > 1:
-            n = x.shape[0]
-            x = F.pixel_shuffle(x.reshape(-1, *x.shape[2:]), p)
-            x = x.reshape(n, -1, *x.shape[1:])
+            x = F.pixel_shuffle(x.flatten(0, 1), p).unflatten(0, (x.shape[0], -1))
         return x.clamp(0, 1)
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
@@ -83,26 +80,33 @@ class TAEHV(nn.Module):
                              f"got shape {tuple(x.shape)}; add the batch/time axes or permute from NCTHW")
 
     # --- the three modes ------------------------------------------------------------------------------
-    def encode_chunks(self, frames: torch.Tensor, chunk: int | None = None) -> Iterator[torch.Tensor]:
-        """Latents of ``frames``, piece by piece (``chunk`` frames per step; all at once if None)."""
+    def encode_chunks(self, frames: torch.Tensor, chunk: int | None = None,
+                      tile_size=None) -> Iterator[torch.Tensor]:
+        """Latents of ``frames``, piece by piece (``chunk`` frames per step; all at once if None).
+        ``tile_size`` (latent pixels, an int or (h, w)): run in spatial tiles, seam-exact, each with
+        its own temporal state; the frames' size must then be a multiple of the downscale."""
         self._check(frames, self.variant.image_channels, "frames")
         self._part("encoder")
-        yield from _pieces(EncodeRun(self), frames, chunk)
+        yield from _pieces(EncodeRun(self, tile_size), frames, chunk)
 
-    def decode_chunks(self, latents: torch.Tensor, chunk: int | None = None) -> Iterator[torch.Tensor]:
-        """Frames of ``latents``, handed out piece by piece (``chunk`` latents per step)."""
+    def decode_chunks(self, latents: torch.Tensor, chunk: int | None = None,
+                      tile_size=None) -> Iterator[torch.Tensor]:
+        """Frames of ``latents``, handed out piece by piece (``chunk`` latents per step; ``tile_size``
+        as for ``encode_chunks``)."""
         self._check(latents, self.variant.latent_channels, "latents")
         self._part("decoder")
-        yield from _pieces(DecodeRun(self, total_latents=latents.shape[1]), latents, chunk)
+        run = DecodeRun(self, total_latents=latents.shape[1], tile_size=tile_size)
+        yield from _pieces(run, latents, chunk)
 
-    def encode(self, frames: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        return _joined(list(self.encode_chunks(frames, chunk)), frames)
+    def encode(self, frames: torch.Tensor, chunk: int | None = None, tile_size=None) -> torch.Tensor:
+        return _joined(list(self.encode_chunks(frames, chunk, tile_size)), frames)
 
-    def decode(self, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        return _joined(list(self.decode_chunks(latents, chunk)), latents)
+    def decode(self, latents: torch.Tensor, chunk: int | None = None, tile_size=None) -> torch.Tensor:
+        return _joined(list(self.decode_chunks(latents, chunk, tile_size)), latents)
 
-    def stream(self) -> VideoStream:
-        return VideoStream(self)
+    def stream(self, tile_size=None) -> VideoStream:
+        """A streaming session (``tile_size``: each step runs in seam-exact spatial tiles)."""
+        return VideoStream(self, tile_size)
 
     # --- the functional step (fixed-shape state: CUDA graphs, torch.compile) ---------------------------
     def init_state(self, part: str, batch: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
@@ -151,10 +155,10 @@ class VideoStream:
     its input as the whole-clip path does), ``flush`` both, for video to video. ``state`` holds the
     temporal state as tensors (per part: layer index -> tensor)."""
 
-    def __init__(self, model: TAEHV):
+    def __init__(self, model: TAEHV, tile_size=None):
         self.model = model
-        self._enc = EncodeRun(model) if model.encoder is not None else None
-        self._dec = DecodeRun(model) if model.decoder is not None else None
+        self._enc = EncodeRun(model, tile_size) if model.encoder is not None else None
+        self._dec = DecodeRun(model, tile_size=tile_size) if model.decoder is not None else None
 
     @property
     def state(self) -> dict[str, dict[int, torch.Tensor]]:

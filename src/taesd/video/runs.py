@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from taesd.video.temporal import State, run_layers
+from taesd.video.tiling import TiledLayers
 
 H3_CHUNK, H3_LEAD, H3_DROP_LATENTS = 17, 3, 3
 
@@ -38,22 +39,49 @@ def _hold(held: torch.Tensor | None, new: torch.Tensor | None, keep: int):
     return (x[:, :cut] if cut else None), x[:, cut:]
 
 
-class EncodeRun:
-    """Frames (N x T x 3 x H x W in [0, 1]) in, latents out, piece by piece."""
+class Layers:
+    """A layer list run whole-frame on each chunk, its temporal state in ``state``."""
 
-    def __init__(self, model):
-        self.model, self.state = model, {}
+    def __init__(self, layers):
+        self.layers, self.state = layers, {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        return run_layers(self.layers, x, self.state)
+
+    def clear(self) -> None:
+        self.state.clear()
+
+
+def engine(model, part: str, tile_size=None):
+    """How a run computes a chunk: whole frames, or tiles of ``tile_size`` latent pixels (seam-exact)."""
+    layers = getattr(model, part)
+    if tile_size is None:
+        return Layers(layers)
+    v = model.variant
+    return TiledLayers(layers, v.downscale // v.patch_size if part == "encoder" else 1, tile_size)
+
+
+class EncodeRun:
+    """Frames (N x T x 3 x H x W in [0, 1]) in, latents out, piece by piece (``tile_size``: in tiles
+    of that many latent pixels)."""
+
+    def __init__(self, model, tile_size=None):
+        self.model, self.engine = model, engine(model, "encoder", tile_size)
         self.h3 = model.variant.trim == "h3"
         self.frames_in, self.last, self.held = 0, None, None
 
+    @property
+    def state(self):
+        return self.engine.state
+
     def _run(self, x: torch.Tensor) -> torch.Tensor | None:
-        return run_layers(self.model.encoder, self.model.preprocess(x), self.state)
+        return self.engine(self.model.preprocess(x))
 
     def _feed_h3(self, frames: torch.Tensor) -> list[torch.Tensor | None]:
         out, pos = [], 0
         while pos < frames.shape[1]:
             if self.frames_in % H3_CHUNK == 0:     # a new chunk: fresh state, led by black frames
-                self.state.clear()
+                self.engine.clear()
                 lead = frames.new_zeros(frames.shape[0], H3_LEAD, *frames.shape[2:])
                 out.append(self._run(lead))
             take = min(H3_CHUNK - self.frames_in % H3_CHUNK, frames.shape[1] - pos)
@@ -83,10 +111,11 @@ class EncodeRun:
 
 class DecodeRun:
     """Latents in, frames (N x T x 3 x H x W in [0, 1]) out, piece by piece. ``total_latents``:
-    the clip's latent count where known (CogVideoX's trimming depends on it)."""
+    the clip's latent count where known (CogVideoX's trimming depends on it); ``tile_size``: in
+    tiles of that many latent pixels."""
 
-    def __init__(self, model, total_latents: int | None = None):
-        self.model, self.state = model, {}
+    def __init__(self, model, total_latents: int | None = None, tile_size=None):
+        self.model, self.engine = model, engine(model, "decoder", tile_size)
         self.trim, t_up = model.variant.trim, model.time_upscale
         self.period = 5 * t_up if self.trim == "h3" else 0
         self.lead = t_up - 1
@@ -94,6 +123,10 @@ class DecodeRun:
             self.lead = 0
         self.tail = 3 * t_up if self.trim == "h3" else 0
         self.raw_frames, self.held = 0, None
+
+    @property
+    def state(self):
+        return self.engine.state
 
     def _keep(self, y: torch.Tensor) -> torch.Tensor:
         index = torch.arange(self.raw_frames, self.raw_frames + y.shape[1])
@@ -104,7 +137,7 @@ class DecodeRun:
     def feed(self, latents: torch.Tensor) -> torch.Tensor | None:
         if latents.shape[1] == 0:
             return None
-        y = run_layers(self.model.decoder, latents, self.state)
+        y = self.engine(latents)
         y = self._keep(self.model.postprocess(y))
         out, self.held = _hold(self.held, y, self.tail)
         return out

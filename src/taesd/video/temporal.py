@@ -21,11 +21,11 @@ State = dict[int, torch.Tensor]
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return x.flatten(0, 1)       # flatten/unflatten, not reshape: an ONNX trace keeps one op each
 
 
 def _unflat(y: torch.Tensor, n: int) -> torch.Tensor:
-    return y.reshape(n, y.shape[0] // n, *y.shape[1:])
+    return y.unflatten(0, (n, -1))
 
 
 def _call(layer: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
@@ -38,12 +38,30 @@ def _call(layer: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
     return y[: y.shape[0] // 2]      # a TGrow makes several frames of one
 
 
+def _own(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``part`` of the chunk ``whole`` as a tensor of its own when it is less than the whole: a view
+    kept in the state would keep every frame of the chunk alive until the next one."""
+    return part.clone() if part.numel() < whole.numel() else part
+
+
+def _past(last: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each frame's previous frame: ``last`` then ``x`` but its last frame. Channels_last frames (the
+    fast executor's) stay channels_last, which ``cat`` would not keep (the block would transpose them
+    back); an ONNX trace takes the ``cat``, whose sizes stay dynamic."""
+    if torch.jit.is_tracing() or x.stride(2) != 1:
+        return torch.cat([last[:, None], x[:, :-1]], 1)
+    past = torch.empty_like(x)
+    past[:, 0] = last
+    past[:, 1:] = x[:, :-1]
+    return past
+
+
 def _memory(layer: nn.Module, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
     last = state.get(i)
     if last is None:
         last = torch.zeros_like(x[:, 0])
-    past = torch.cat([last[:, None], x[:, :-1]], 1)
-    state[i] = x[:, -1]
+    past = _past(last, x)
+    state[i] = _own(x[:, -1], x)
     return _unflat(_call(layer, _flat(x), _flat(past)), x.shape[0])
 
 
@@ -53,27 +71,30 @@ def _pool(layer: TPool, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
         if waiting is not None and waiting.shape[1]:
             x = torch.cat([waiting, x], 1)
         whole = x.shape[1] // layer.stride * layer.stride
-        state[i] = x[:, whole:]
+        state[i] = _own(x[:, whole:], x)
         x = x[:, :whole]
         if not whole:
             return x
     return _unflat(_call(layer, _flat(x)), x.shape[0])
 
 
+def run_layer(layer: nn.Module, i: int, x: torch.Tensor, state: State) -> torch.Tensor:
+    """Layer ``i`` on the chunk ``x`` (N x T x C x H x W), updating ``state`` in place; a ``TPool``
+    still waiting for frames returns zero frames."""
+    if isinstance(layer, MEMORY_BLOCKS):
+        return _memory(layer, x, state, i)
+    if isinstance(layer, TPool):
+        return _pool(layer, x, state, i)
+    return _unflat(_call(layer, _flat(x)), x.shape[0])
+
+
 def run_layers(layers: nn.Sequential, x: torch.Tensor, state: State, start: int = 0) -> torch.Tensor | None:
     """Run ``layers[start:]`` on the chunk ``x`` (N x T x C x H x W), updating ``state`` in place.
     Returns the output frames, or None when a ``TPool`` still waits for frames."""
-    n = x.shape[0]
     for i in range(start, len(layers)):
-        layer = layers[i]
-        if isinstance(layer, MEMORY_BLOCKS):
-            x = _memory(layer, x, state, i)
-        elif isinstance(layer, TPool):
-            x = _pool(layer, x, state, i)
-            if x.shape[1] == 0:
-                return None
-        else:
-            x = _unflat(_call(layer, _flat(x)), n)
+        x = run_layer(layers[i], i, x, state)
+        if x.shape[1] == 0:
+            return None
     return x
 
 

@@ -90,7 +90,7 @@ class TaehvVAE(ModelMixin, ConfigMixin):
         # what the pipelines read as attributes rather than config entries
         self.temperal_downsample = [True] * levels          # Qwen Image, Krea 2: 2 ** len == 8
         self.spatial_compression_ratio, self.temporal_compression_ratio = v.downscale, v.time_downscale
-        self.chunk, self.fast = chunk, fast
+        self.chunk, self.fast, self.tile_size = chunk, fast, None
         self._ready = False
         self.requires_grad_(False)
 
@@ -129,12 +129,14 @@ class TaehvVAE(ModelMixin, ConfigMixin):
         return self.taehv
 
     # --- what AutoencoderMixin offers the pipelines' examples ------------------------------------------
-    def enable_tiling(self, *_, **__) -> None:
-        """Bounded memory: TAEHV runs ``TILING_CHUNK`` frames per step (the same pixels)."""
+    def enable_tiling(self, *_, tile_size: int | None = None, **__) -> None:
+        """Bounded memory: TAEHV runs ``TILING_CHUNK`` frames per step and, with ``tile_size`` (latent
+        pixels), each step in seam-exact spatial tiles (the same pixels either way)."""
         self.chunk = self.chunk or TILING_CHUNK
+        self.tile_size = tile_size
 
     def disable_tiling(self) -> None:
-        self.chunk = None
+        self.chunk, self.tile_size = None, None
 
     def enable_slicing(self) -> None:   # one batch, one pass: nothing to slice
         pass
@@ -147,7 +149,9 @@ class TaehvVAE(ModelMixin, ConfigMixin):
         """Videos ``N x 3 x T x H x W`` (or images ``N x 3 x H x W``) in [-1, 1] -> latents NCTHW."""
         model = self._model()
         frames = (x[:, :, None] if x.ndim == 4 else x).transpose(1, 2).to(next(model.parameters()).dtype)
-        z = model.encode(frames.add(1).div(2), chunk=self.chunk).transpose(1, 2).to(x.dtype)
+        d, tile = model.variant.downscale, self.tile_size   # tiles need whole latents
+        tile = tile if frames.shape[-2] % d == 0 and frames.shape[-1] % d == 0 else None
+        z = model.encode(frames.add(1).div(2), chunk=self.chunk, tile_size=tile).transpose(1, 2).to(x.dtype)
         return TaehvEncoderOutput(latents=z) if return_dict else (z,)
 
     def decode(self, z: torch.Tensor, temb: torch.Tensor | None = None, return_dict: bool = True, **_):
@@ -158,7 +162,8 @@ class TaehvVAE(ModelMixin, ConfigMixin):
         model = self._model()
         latents = z.transpose(1, 2).to(next(model.parameters()).dtype)
         chunk = None if self.chunk is None else max(1, self.chunk // model.time_upscale)
-        video = model.decode(latents, chunk=chunk).mul(2).sub(1).transpose(1, 2).to(z.dtype)
+        video = model.decode(latents, chunk=chunk, tile_size=self.tile_size)
+        video = video.mul(2).sub(1).transpose(1, 2).to(z.dtype)
         return DecoderOutput(sample=video) if return_dict else (video,)
 
 
