@@ -303,3 +303,13 @@ def test_decoder_step_compiles_without_graph_breaks():
     eager_y, eager_state = model.step("decoder", latents[:, :1], state)
     y, new_state = compiled(latents[:, :1], state)
     assert torch.equal(y, eager_y) and all(torch.equal(a, b) for a, b in zip(new_state, eager_state))
+
+
+def test_a_folder_of_photos_of_several_sizes_is_not_a_clip(tmp_path):
+    from PIL import Image
+
+    from taesd.io.video import read_video
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    Image.new("RGB", (56, 40)).save(tmp_path / "b.png")
+    with pytest.raises(TaesdError, match="b.png is 56x40 but a.png is 64x48: a frame folder holds frames of one size"):
+        read_video(tmp_path)

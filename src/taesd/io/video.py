@@ -80,8 +80,14 @@ def iter_frames(path: str | os.PathLike) -> Iterator[torch.Tensor]:
     if not p.exists():
         raise TaesdError(f"no video at {p}; check the path")
     if p.is_dir():
+        first = None
         for f in _frame_files(p):
             with Image.open(f) as im:
+                if first is None:
+                    first = (f, im.size)
+                elif im.size != first[1]:   # photos of several sizes are not a clip
+                    raise TaesdError(f"{f} is {im.size[0]}x{im.size[1]} but {first[0].name} is "
+                                     f"{first[1][0]}x{first[1][1]}: a frame folder holds frames of one size")
                 yield _to_tensor(np.asarray(im.convert("RGB")))
     elif p.suffix.lower() == ".gif":
         with Image.open(p) as im:
