@@ -180,9 +180,14 @@ def fused_available(x: torch.Tensor, module: nn.Module | None = None) -> bool:
     (or bf16/fp16 where this CPU has them)."""
     if x.device.type != "cpu" or not torch.backends.mkldnn.is_available() or eager_only(x, module):
         return False
-    ok = _fused_ok.get(x.dtype)
+    return native(x.dtype)
+
+
+def native(dtype: torch.dtype) -> bool:
+    """This CPU runs the fused kernels in ``dtype`` (probed once per dtype)."""
+    ok = _fused_ok.get(dtype)
     if ok is None:
-        ok = _fused_ok[x.dtype] = _probe_fused(x.dtype)
+        ok = _fused_ok[dtype] = _probe_fused(dtype)
     return ok
 
 
@@ -347,7 +352,7 @@ class CpuExecutor(Executor):
             bf16 = settings.cpu_bf16()
         if bf16 is None:
             bf16 = isa.default_dtype() == torch.bfloat16
-        if bf16 and fused_available(torch.zeros(1, dtype=torch.bfloat16)):
+        if bf16 and torch.backends.mkldnn.is_available() and native(torch.bfloat16):
             return torch.bfloat16
         return torch.float32
 
@@ -388,7 +393,7 @@ class CpuExecutor(Executor):
 
 def _warn_emulated(model) -> None:
     if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16) \
-            and not fused_available(torch.zeros(1, dtype=model.dtype)):
+            and not (torch.backends.mkldnn.is_available() and native(model.dtype)):
         name = str(model.dtype).removeprefix("torch.")
         warnings.warn(f"{name} has no native kernels on this CPU (it needs AVX-512 BF16/FP16, AMX or "
                       "AVX-NE-CONVERT) and runs emulated, slower than the fp32 default", stacklevel=4)
