@@ -5,16 +5,18 @@ A 3x3, stride-1 convolution computed tile by tile as ``A^T [(G g G^T) * (B^T d B
 F(2x2,3x3), 4x fewer for F(4x4,3x3). TAESD spends ~95% of its FLOPs in 64->64 3x3 convolutions, so
 this is the one way below the direct-convolution floor on a CPU (docs/performance.md).
 
-The kernel is ``_winograd.cpp`` (AVX2/FMA, fused bias + residual + ReLU; its GEMM in AVX-512 where
-the CPU has it, ``gemm_width``), compiled on first use
+The kernel is ``_winograd.cpp`` (AVX2/FMA, fused bias + residual + ReLU; its GEMM and transforms in
+AVX-512 where the CPU has it, ``gemm_width``), compiled on first use
 with the machine's C++ compiler into ``$TAESD_CACHE_DIR`` (default ``~/.cache/taesd``) and called
 through ctypes; nothing is compiled at install time and nothing needs PyTorch headers. Without a
 compiler, off x86-64, or with ``TAESD_WINOGRAD=0``, the fast executor uses oneDNN's direct
 convolution instead.
 
 Accuracy, fp32 (measured on taef2's real weights and photos, tests/test_winograd.py): F(4x4) in the
-decoder changes decoded pixels by <= 1e-5; the encoder uses the more exact F(2x2) because its
-latents amplify rounding (plain eager fp32 is itself up to 1.2e-4 off a float64 reference there).
+decoder changes decoded pixels by <= 1e-5; the encoder uses F(4x4) only at full resolution and the
+more exact F(2x2) after its first downsampling, because its latents amplify the rounding of those
+stages (plain eager fp32 is itself up to 1.2e-4 off a float64 reference there; ours stays within
+1e-5 of the latents' range, ``executors.cpu.WINOGRAD_TILES``).
 """
 from __future__ import annotations
 
@@ -149,7 +151,8 @@ def available() -> bool:
 
 
 def gemm_width(bits: int = 0) -> int:
-    """The kernel's GEMM vector width: 512 where it was built for an AVX-512 CPU, else 256.
+    """The kernel's vector width (GEMM and transforms): 512 where it was built for an AVX-512 CPU,
+    else 256.
     ``bits`` (256 or 512) switches it for the process (benchmarks and tests compare the two);
     0 only asks. 0 back when the kernel is not available."""
     lib = library()

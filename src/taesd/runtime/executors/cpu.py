@@ -22,8 +22,9 @@ does, each measured (docs/performance.md):
   ReLU run as single oneDNN kernels (``mkldnn._convolution_pointwise``): three fewer passes over
   memory per block. Blocks keep their class layout (``conv``/``skip``/``fuse``/``pool``), so
   ``state_dict`` keys, Sequential indices and layer slices (tiling) are unchanged.
-- Winograd: 3x3 stride-1 convolutions on maps of 48x48 px and more run as Winograd F(2x2,3x3)
-  (encoder) or F(4x4,3x3) (decoder) in our own kernel (``taesd.runtime.winograd``): 2.25x / 4x fewer
+- Winograd: 3x3 stride-1 convolutions on maps of 48x48 px and more run as Winograd F(4x4,3x3)
+  (decoder; encoder at full resolution) or F(2x2,3x3) (the encoder's downsampled stages) in our
+  own kernel (``taesd.runtime.winograd``): 2.25x / 4x fewer
   multiplies, bias + residual + ReLU fused. Decoded pixels stay within ~1e-5 of the plain network,
   latents as close to a float64 evaluation as plain fp32's (docs/performance.md). ``TAESD_WINOGRAD=0``
   or ``CpuExecutor(use_winograd=False)`` keeps every convolution direct.
@@ -319,12 +320,27 @@ class FastSequential(nn.Sequential):
 
 # ---------------------------------------------------------------- the executor
 
-# Winograd tile size per part (0: direct convolution). The encoder's latents amplify rounding, so it
-# gets the more exact F(2x2,3x3); decoded pixels tolerate F(4x4,3x3) (taesd.runtime.winograd, measured).
+# Winograd tile size per part (0: direct convolution). Decoded pixels tolerate F(4x4,3x3). The
+# encoder's latents amplify the rounding of its downsampled stages, so those get the more exact
+# F(2x2,3x3); its full-resolution layers (before the first stride-2 conv; 40% of its time) keep
+# F(4x4): measured on taef2's real weights, astronaut 1024², latents 5.0e-5 off float64 against
+# 5.6e-5 with F(2x2) everywhere and 5.3e-4 with F(4x4) everywhere (docs/performance.md).
 WINOGRAD_TILES = {"encoder": 2, "decoder": 4}
+FULL_RESOLUTION_TILES = {"encoder": 4}
 TABLE = {Block: FastBlock, nn.Conv2d: FastConv2d}
 ROOT = {nn.Sequential: FastSequential}   # the part itself (a Block's inner Sequential stays plain)
 CACHES = (*PACK_CACHE, "winograd")
+
+
+def winograd_tiles(part: str, module: nn.Module):
+    """(conv, tile size) for each ``FastConv2d`` of a part, in forward order: the part's tile size,
+    or its full-resolution one up to the first strided convolution."""
+    full = FULL_RESOLUTION_TILES.get(part)
+    for sub in module.modules():
+        if type(sub) is FastConv2d:
+            if sub.stride != (1, 1):
+                full = None
+            yield sub, full or WINOGRAD_TILES.get(part, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,9 +385,8 @@ class CpuExecutor(Executor):
             module = model.part(part)
             module.to(memory_format=torch.channels_last)
             swap(module, TABLE, ROOT)
-            for sub in module.modules():
-                if type(sub) is FastConv2d:
-                    sub.winograd = WINOGRAD_TILES.get(part, 0) if use_winograd else 0
+            for conv, m in winograd_tiles(part, module):
+                conv.winograd = m if use_winograd else 0
 
     def restore(self, model) -> None:
         for part in model.parts:
