@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import taesd
 from conftest import photo
 from taesd.model import create
-from taesd.runtime import isa, winograd
+from taesd.runtime import isa, native, winograd
 from taesd.runtime.executors.cpu import FastConv2d, make_fast
 
 pytestmark = pytest.mark.skipif(not winograd.available(),
@@ -145,7 +145,7 @@ def test_batches_split_per_image_give_the_same_result(per_image_bytes, monkeypat
 
 def test_missing_compiler_falls_back_with_a_reason(monkeypatch, tmp_path):
     monkeypatch.setenv(winograd.ENV_CACHE, str(tmp_path))
-    monkeypatch.setattr(winograd, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "compiler", lambda: None)
     monkeypatch.setattr(winograd, "_lib", None)
     monkeypatch.setattr(winograd, "_lib_error", None)
     assert winograd.library() is None and not winograd.available()

@@ -17,12 +17,13 @@ _FALSE = ("0", "false", "no", "off")
 # name -> what it does; `taesd info --settings`-style listings and the README read this table.
 VARIABLES = {
     "TAESD_WEIGHTS": "a folder (or file) of weights searched before the cache and the network",
-    "TAESD_CACHE_DIR": "where downloads and the compiled Winograd kernel are kept",
+    "TAESD_CACHE_DIR": "where downloads and the compiled CPU kernels are kept",
     "TAESD_OFFLINE": "1: never reach the network (HF_HUB_OFFLINE=1 does the same)",
     "TAESD_GITHUB_URL": "another host for the GitHub-published weights (a mirror, a test server)",
     "TAESD_MAX_IMAGE_PIXELS": "the largest image, in pixels, an input may decode to",
     "TAESD_CGROUP_DIR": "the cgroup folder whose memory limit bounds automatic tiling",
     "TAESD_WINOGRAD": "0: the CPU executor uses oneDNN's direct convolutions only",
+    "TAESD_AMX": "0: bf16 compute on AMX CPUs uses oneDNN's convolutions only, not taesd's AMX kernel",
     "TAESD_CPU_BF16": "0: fp32 models compute in fp32 on every CPU; 1: in bf16 wherever it runs natively; "
                       "unset: bf16 on AMX CPUs only",
     "TAESD_MALLOPT": "0: the CPU executor leaves glibc's allocator thresholds alone",
@@ -116,6 +117,11 @@ def cgroup_dir() -> Path | None:
 
 def winograd() -> bool:
     return flag("TAESD_WINOGRAD", True)
+
+
+def amx() -> bool:
+    """$TAESD_AMX: our AMX 3x3 kernel for bf16 compute (taesd.runtime.amx); 0 leaves oneDNN's."""
+    return flag("TAESD_AMX", True)
 
 
 def cpu_bf16() -> bool | None:

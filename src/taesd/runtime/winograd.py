@@ -6,9 +6,8 @@ F(2x2,3x3), 4x fewer for F(4x4,3x3). TAESD spends ~95% of its FLOPs in 64->64 3x
 this is the one way below the direct-convolution floor on a CPU (docs/performance.md).
 
 The kernel is ``_winograd.cpp`` (AVX2/FMA, fused bias + residual + ReLU; its GEMM and transforms in
-AVX-512 where the CPU has it, ``gemm_width``), compiled on first use
-with the machine's C++ compiler into ``$TAESD_CACHE_DIR`` (default ``~/.cache/taesd``) and called
-through ctypes; nothing is compiled at install time and nothing needs PyTorch headers. Without a
+AVX-512 where the CPU has it, ``gemm_width``), compiled on first use with the machine's C++ compiler
+(``taesd.runtime.native``) and called through ctypes. Without a
 compiler, off x86-64, or with ``TAESD_WINOGRAD=0``, the fast executor uses oneDNN's direct
 convolution instead.
 
@@ -21,19 +20,14 @@ stages (plain eager fp32 is itself up to 1.2e-4 off a float64 reference there; o
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
 from taesd import settings
-from taesd.runtime import isa
+from taesd.runtime import isa, native
 
 ENV_SWITCH = "TAESD_WINOGRAD"
 ENV_CACHE = "TAESD_CACHE_DIR"
@@ -64,56 +58,14 @@ def cache_dir() -> Path:
     return settings.cache_dir()
 
 
-def _cpu_signature() -> str:
-    """-march=native code must not run on another CPU: key the build on the CPU's flags."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode()).hexdigest()[:16]
-    return cache_dir() / f"winograd-{platform.machine()}-{key}.so"
-
-
-def _compiler() -> str | None:
-    for cxx in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if cxx and shutil.which(cxx):
-            return cxx
-    return None
+    return native.library_path(SOURCE, "winograd")
 
 
 def build(force: bool = False) -> Path:
-    """Compile the kernel into the cache (atomic: a temp file renamed into place). Raises
-    RuntimeError with the reason when it cannot."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise RuntimeError(f"the Winograd kernel needs x86-64 with AVX2 (this is {platform.machine()})")
-    if "avx2" not in _cpu_signature() or "fma" not in _cpu_signature():
-        raise RuntimeError("the Winograd kernel needs a CPU with AVX2 and FMA")
-    out = library_path()
-    if out.exists() and not force:
-        return out
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, "-O3", "-march=native", "-mavx2", "-mfma", "-std=c++17", "-fPIC", "-shared",
-           "-pthread", str(SOURCE), "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    """Compile the kernel into the cache (``taesd.runtime.native``). Raises RuntimeError with the
+    reason when it cannot."""
+    return native.build(SOURCE, "winograd", needs=("avx2", "fma"), force=force)
 
 
 def library() -> ctypes.CDLL | None:

@@ -1,0 +1,165 @@
+// 3x3, stride 1, zero-padding 1 convolution on AMX tiles (Intel Sapphire Rapids and later), bf16
+// activations in NHWC (channels_last), fp32 sums; bias, residual add and ReLU fused; optionally
+// reading the input nearest-upsampled 2x (the decoder's Upsample + conv, the big map never made).
+// Built at first use by taesd/runtime/amx.py (plain C ABI, called through ctypes).
+//
+// Each thread takes bands of output rows. For each output row it keeps the three input rows it
+// reads in a ring of zero-padded rows (one new row copied per output row), then per 32 output
+// pixels and 32 output channels runs 9 taps x Ci/32 steps of four tile products (2 pixel tiles x
+// 2 channel tiles, TDPBF16PS), each A tile read straight from the padded rows with the row stride
+// of one pixel. Per output pixel the sum order is fixed (taps, then input channels), whatever the
+// map size, band or thread: a tile of a bigger map gives the same bits (seam-exact tiling).
+#include <immintrin.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+constexpr int PX = 16;     // pixels per A tile (its rows)
+constexpr int KC = 32;     // input channels per A tile (64 bytes of bf16)
+constexpr int BAND = 8;    // output rows per unit of work
+
+struct TileCfg {           // the LDTILECFG layout, palette 1
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+struct Job {
+  const uint16_t* x;      // [N][H >> up][W >> up][Ci]
+  const uint16_t* w;      // packed weights (amx.py pack_weight): [Co/32][9][Ci/32][2][16][16][2]
+  const float* bias;      // [Co] or null
+  const uint16_t* res;    // [N][H][W][Co] or null
+  uint16_t* y;            // [N][H][W][Co]
+  int N, H, W, Ci, Co, relu, up, groups;   // groups: 32-pixel groups per row
+  long bands, per_image;
+  std::atomic<long> next;
+};
+
+static inline __m512 bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// Input row iy (padded: one zero pixel left, zeros right of W) into dst.
+static void copy_row(const Job* job, int n, int iy, uint16_t* dst, long padded) {
+  const int Ci = job->Ci, W = job->W, up = job->up;
+  if (iy < 0 || iy >= job->H) { memset(dst, 0, 2 * padded); return; }
+  memset(dst, 0, 2 * Ci);
+  const uint16_t* src = job->x + ((long)n * (job->H >> up) + (iy >> up)) * (long)(W >> up) * Ci;
+  if (!up) {
+    memcpy(dst + Ci, src, 2L * W * Ci);
+  } else {
+    for (int x = 0; x < W; ++x) memcpy(dst + (long)(x + 1) * Ci, src + (long)(x >> 1) * Ci, 2 * Ci);
+  }
+  memset(dst + (long)(W + 1) * Ci, 0, 2 * (padded - (long)(W + 1) * Ci));
+}
+
+static void* worker(void* arg) {
+  Job* job = (Job*)arg;
+  TileCfg cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+  const int Ci = job->Ci, Co = job->Co, W = job->W, H = job->H, nk = Ci / KC;
+  const long padded = (long)(job->groups * 32 + 2) * Ci;    // elements per padded row
+  const long tap = (long)nk * 1024;                          // elements per tap of one channel pair-tile
+  uint16_t* ring = (uint16_t*)aligned_alloc(64, 2 * 3 * padded);
+  float* S = (float*)aligned_alloc(64, sizeof(float) * 32 * Co);
+  for (long b; (b = job->next.fetch_add(1)) < job->bands;) {
+    const int n = (int)(b / job->per_image), y0 = (int)(b % job->per_image) * BAND;
+    const int y1 = y0 + BAND < H ? y0 + BAND : H;
+    copy_row(job, n, y0 - 1, ring + ((y0 + 2) % 3) * padded, padded);
+    copy_row(job, n, y0, ring + (y0 % 3) * padded, padded);
+    for (int yy = y0; yy < y1; ++yy) {
+      copy_row(job, n, yy + 1, ring + ((yy + 1) % 3) * padded, padded);
+      const uint16_t* rows[3] = {ring + ((yy + 2) % 3) * padded, ring + (yy % 3) * padded,
+                                 ring + ((yy + 1) % 3) * padded};
+      for (int g = 0; g < job->groups; ++g) {
+        const int x0 = g * 32;
+        for (int op = 0; op < Co / 32; ++op) {
+          _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+          const uint16_t* wb = job->w + (long)op * 9 * tap;
+          for (int t = 0; t < 9; ++t) {
+            const uint16_t* arow = rows[t / 3] + (long)(x0 + t % 3) * Ci;
+            for (int k = 0; k < nk; ++k) {
+              const uint16_t* a = arow + k * KC;
+              const uint16_t* w = wb + t * tap + k * 1024;
+              _tile_loadd(4, a, Ci * 2);
+              _tile_loadd(5, a + PX * Ci, Ci * 2);
+              _tile_loadd(6, w, 64);
+              _tile_loadd(7, w + 512, 64);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          float* s = S + op * 32;
+          _tile_stored(0, s, Co * 4);
+          _tile_stored(1, s + 16, Co * 4);
+          _tile_stored(2, s + PX * Co, Co * 4);
+          _tile_stored(3, s + PX * Co + 16, Co * 4);
+        }
+        const int np = W - x0 < 32 ? W - x0 : 32;     // the last group of a row may be partial
+        for (int p = 0; p < np; ++p) {
+          const long off = (((long)n * H + yy) * W + x0 + p) * Co;
+          for (int c = 0; c < Co; c += 16) {
+            __m512 v = _mm512_loadu_ps(S + p * Co + c);
+            if (job->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(job->bias + c));
+            if (job->res) v = _mm512_add_ps(v, bf16x16(job->res + off + c));
+            if (job->relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+            _mm256_storeu_si256((__m256i*)(job->y + off + c), (__m256i)_mm512_cvtneps_pbh(v));
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+  free(ring);
+  free(S);
+  return nullptr;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Ask Linux for the AMX tile state (once per process; 0 when granted).
+int taesd_amx_permit() {
+  return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+}
+
+// y = act(conv3x3(up ? upsample2x(x) : x) + bias + res). H, W: the output's size. Ci % 32 == 0,
+// Co % 32 == 0. Returns 0, 1 (shapes), 2 (odd size with up) or 4 (the kernel refused AMX).
+int taesd_amx_conv3x3(const void* x, int N, int H, int W, int Ci, const void* w, int Co,
+                      const float* bias, const void* res, int relu, void* y, int threads, int up) {
+  if (Ci % KC || Co % 32 || N < 1 || H < 1 || W < 1) return 1;
+  if (up && (H % 2 || W % 2)) return 2;
+  if (taesd_amx_permit() != 0) return 4;
+  Job job;
+  job.x = (const uint16_t*)x; job.w = (const uint16_t*)w; job.bias = bias;
+  job.res = (const uint16_t*)res; job.y = (uint16_t*)y;
+  job.N = N; job.H = H; job.W = W; job.Ci = Ci; job.Co = Co; job.relu = relu; job.up = up;
+  job.groups = (W + 31) / 32;
+  job.per_image = (H + BAND - 1) / BAND;
+  job.bands = (long)N * job.per_image;
+  job.next.store(0);
+  if (threads < 1) threads = 1;
+  if (threads > 64) threads = 64;
+  if (threads > job.bands) threads = (int)job.bands;
+  pthread_t tids[64];
+  int started = 0;
+  for (int i = 1; i < threads; ++i)
+    if (pthread_create(&tids[started], nullptr, worker, &job) == 0) ++started;
+  worker(&job);
+  for (int i = 0; i < started; ++i) pthread_join(tids[i], nullptr);
+  return 0;
+}
+
+}

@@ -1,0 +1,119 @@
+"""Our 3x3 convolution on AMX tiles, for bf16 compute on Intel CPUs with AMX (Sapphire Rapids on).
+
+oneDNN's bf16 convolutions already run on the tile units, as fast as ours on a plain 3x3 conv. Ours
+(``_amx_conv.cpp``) reads its input nearest-upsampled 2x on the fly: the decoder's Upsample + conv
+without the 4x bigger map, the same sums as the conv of the upsampled map (so, unlike the fp32
+phase-kernel fusion, it keeps bf16 tiles exact), bias + residual + ReLU in the same pass. Per output
+pixel the sum order is fixed, whatever the map, so a tile of a map gives the same bits as the map.
+Built on first use (``taesd.runtime.native``); off with ``TAESD_AMX=0`` or where the CPU, the
+compiler or Linux refuses.
+"""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+from taesd import settings
+from taesd.runtime import isa, native
+
+SOURCE = Path(__file__).with_name("_amx_conv.cpp")
+MIN_PIXELS = 48 * 48   # below this the thread start-up outweighs the gain: oneDNN's direct conv
+
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+_lock = threading.Lock()
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel (built on first use, the tile state granted); None, with ``load_error()``
+    saying why, where it cannot run."""
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _lib_error is not None:
+            return _lib
+        try:
+            if not isa.detect().amx:
+                raise RuntimeError("this CPU has no AMX tile units")
+            lib = ctypes.CDLL(str(native.build(SOURCE, "amx_conv", needs=("amx_tile", "amx_bf16"))))
+            fn = lib.taesd_amx_conv3x3
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                           ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            if lib.taesd_amx_permit() != 0:
+                raise RuntimeError("Linux did not grant the AMX tile state (arch_prctl)")
+            _lib = lib
+        except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as e:
+            _lib_error = str(e)
+    return _lib
+
+
+def load_error() -> str | None:
+    return _lib_error
+
+
+def available() -> bool:
+    return settings.amx() and library() is not None
+
+
+def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
+             pixels: "int | None" = None) -> bool:
+    """This layer and input can run the kernel: bf16 on the CPU, 3x3 stride 1 padding 1, channels
+    in multiples of 32, an output map of at least ``MIN_PIXELS`` (``pixels``: decide by this size,
+    as a tile of a bigger map does)."""
+    if pixels is None:
+        pixels = x.shape[2] * x.shape[3] * (4 if upsample else 1) if x.dim() == 4 else 0
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4
+            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.in_channels % 32 == 0 and conv.out_channels % 32 == 0 and pixels >= MIN_PIXELS)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O, I, 3, 3) -> the tile layout [O/32][9 taps][I/32][2][16 input-channel pairs][16][2] in
+    bf16: for each tap and 32 input channels, two B tiles of 16 output channels, pairs of input
+    channels side by side (what TDPBF16PS multiplies and adds in one step)."""
+    o, i = weight.shape[:2]
+    w = weight.detach().to("cpu", torch.bfloat16).reshape(o // 32, 2, 16, i // 32, 16, 2, 3, 3)
+    return w.permute(0, 6, 7, 3, 1, 4, 2, 5).contiguous().reshape(-1)
+
+
+def conv3x3(x: torch.Tensor, packed: torch.Tensor, out_channels: int, bias: torch.Tensor | None,
+            residual: torch.Tensor | None = None, relu: bool = False, upsample: bool = False) -> torch.Tensor:
+    """act(conv3x3(x) + bias + residual) in bf16 (sums in fp32), channels_last out; ``upsample``:
+    convolve the nearest 2x upsampling of x without making it. ``packed``: ``pack_weight``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the AMX kernel is not available: {load_error()}")
+    n, ci, h, w = x.shape
+    if upsample:
+        h, w = 2 * h, 2 * w
+    if x.dtype != torch.bfloat16 or packed.numel() != out_channels * ci * 9:
+        raise ValueError(f"packed weight of {packed.numel()} values does not fit {ci} -> {out_channels} "
+                         "channels in bf16")
+    x = x.contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+        if residual.shape != (n, out_channels, h, w) or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} does not match the output "
+                             f"{(n, out_channels, h, w)}")
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    y = torch.empty((n, out_channels, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+    rc = lib.taesd_amx_conv3x3(
+        x.data_ptr(), n, h, w, ci, packed.data_ptr(), out_channels, None if bias is None else bias.data_ptr(),
+        None if residual is None else residual.data_ptr(), int(relu), y.data_ptr(), torch.get_num_threads(),
+        int(upsample))
+    if rc != 0:
+        raise RuntimeError(f"the AMX kernel refused the call (code {rc})")
+    return y
+
+
+if __name__ == "__main__":   # python -m taesd.runtime.amx: build now, say where
+    print(f"AMX kernel: {'built' if library() else 'not built (' + str(load_error()) + ')'}")

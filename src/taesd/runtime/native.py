@@ -1,0 +1,72 @@
+"""Our C++ kernels, compiled on first use: one shared library per source file and CPU, cached.
+
+Each kernel (``_winograd.cpp``, ``_amx_conv.cpp``) is a plain C ABI called through ctypes, so nothing
+needs PyTorch headers and nothing is compiled at install time. It is built with ``-march=native``
+into ``$TAESD_CACHE_DIR`` (default ``~/.cache/taesd``), keyed by the source and the CPU's flags
+(code built for one CPU must not run on another), atomically (a temp file renamed into place).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from taesd import settings
+
+
+def cpu_signature() -> str:
+    """The CPU's flags line (the key of a -march=native build)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path(source: Path, stem: str) -> Path:
+    key = hashlib.sha256(source.read_bytes() + cpu_signature().encode()).hexdigest()[:16]
+    return settings.cache_dir() / f"{stem}-{platform.machine()}-{key}.so"
+
+
+def compiler() -> str | None:
+    for cxx in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cxx and shutil.which(cxx):
+            return cxx
+    return None
+
+
+def build(source: Path, stem: str, needs: tuple[str, ...], force: bool = False) -> Path:
+    """Compile ``source`` for this CPU into the cache (once). ``needs``: the CPU flags it requires.
+    Raises RuntimeError with the reason when it cannot."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"the {stem} kernel needs x86-64 (this is {platform.machine()})")
+    flags = set(cpu_signature().split())
+    missing = [f for f in needs if f not in flags]
+    if missing:
+        raise RuntimeError(f"the {stem} kernel needs a CPU with {', '.join(missing)}")
+    out = library_path(source, stem)
+    if out.exists() and not force:
+        return out
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread",
+           "-Wno-ignored-attributes", str(source), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {source.name} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,88 @@
+"""Our AMX 3x3 kernel (bf16 compute on AMX CPUs): the sums of F.conv2d on the same bf16 values, the
+upsampled input read on the fly, bits that do not depend on where a pixel sits in the map (so tiles
+stay exact), and the decoder's Upsample + conv pairs running it. Skipped off AMX, with the reason."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import taesd
+from taesd.runtime import amx
+from taesd.runtime.executors import CpuExecutor
+
+pytestmark = pytest.mark.skipif(not amx.available(), reason=f"no AMX kernel here: {amx.load_error()}")
+
+
+def bf16(*shape):
+    return torch.randn(*shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
+def reference(x, weight, bias=None, res=None, relu=False, upsample=False):
+    x = x.double()
+    if upsample:
+        x = F.interpolate(x, scale_factor=2)
+    y = F.conv2d(x, weight.to(torch.bfloat16).double(), None if bias is None else bias.double(), padding=1)
+    if res is not None:
+        y = y + res.double()
+    return F.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64, 64, 64), (2, 32, 37, 53, 32), (1, 96, 9, 70, 64)])
+@pytest.mark.parametrize("upsample", [False, True])
+def test_kernel_matches_the_convolution_of_the_same_bf16_values(shape, upsample):
+    """Partial 32-pixel groups at the right edge, batches, 1-3 input-channel blocks; bias, residual and
+    ReLU fused. Sums in fp32, one rounding to bf16 at the end: within a bf16 step of the exact result."""
+    n, ci, h, w, co = shape
+    x, weight, bias = bf16(n, ci, h, w), torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5), torch.randn(co)
+    oh, ow = (2 * h, 2 * w) if upsample else (h, w)
+    res = bf16(n, co, oh, ow)
+    packed = amx.pack_weight(weight)
+    for b, r, relu in ((bias, None, False), (None, res, True), (bias, res, True)):
+        y = amx.conv3x3(x, packed, co, b, residual=r, relu=relu, upsample=upsample)
+        ref = reference(x, weight, b, r, relu, upsample)
+        assert y.shape == ref.shape and y.dtype == torch.bfloat16
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert ((y.double() - ref).abs() <= ref.abs() / 128 + 1e-2).all()
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_a_pixel_gets_the_same_bits_wherever_it_sits(upsample):
+    """The convolution of a crop equals the map's convolution inside the crop's border, bit for bit
+    (what seam-exact tiling needs), and a changed pixel moves only its neighbourhood."""
+    x, weight, bias = bf16(1, 64, 40, 72), torch.randn(64, 64, 3, 3) / 24, torch.randn(64)
+    packed = amx.pack_weight(weight)
+    whole = amx.conv3x3(x, packed, 64, bias, relu=True, upsample=upsample)
+    crop = amx.conv3x3(x[:, :, 7:29, 13:50], packed, 64, bias, relu=True, upsample=upsample)
+    s = 2 if upsample else 1
+    assert torch.equal(crop[:, :, s:-s, s:-s], whole[:, :, 7 * s + s:29 * s - s, 13 * s + s:50 * s - s])
+    x2 = x.clone()
+    x2[0, :, 20, 30] += 1
+    diff = (amx.conv3x3(x2, packed, 64, bias, upsample=upsample).float() - amx.conv3x3(
+        x, packed, 64, bias, upsample=upsample).float()).abs().sum(1)[0]
+    rows, cols = slice(20 * s - 1, 21 * s + 1), slice(30 * s - 1, 31 * s + 1)   # what the 3x3 reaches
+    assert diff[rows, cols].min() > 0
+    diff[rows, cols] = 0
+    assert diff.max() == 0
+
+
+def test_kernel_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="does not fit"):
+        amx.conv3x3(bf16(1, 64, 8, 8), amx.pack_weight(torch.randn(32, 64, 3, 3)), 64, None)
+    assert not amx.supports(torch.nn.Conv2d(16, 64, 3, padding=1), bf16(1, 16, 64, 64))
+    assert not amx.supports(torch.nn.Conv2d(64, 64, 3, padding=1), torch.zeros(1, 64, 64, 64))   # fp32
+
+
+def test_the_decoder_runs_its_upsample_convs_on_it_and_tiles_stay_exact(monkeypatch):
+    monkeypatch.delenv("TAESD_AMX", raising=False)
+    calls = []
+    real = amx.conv3x3
+    monkeypatch.setattr(amx, "conv3x3", lambda *a, **k: calls.append(k.get("upsample")) or real(*a, **k))
+    model = CpuExecutor(bf16=True).apply(taesd.create("taesd", seed=0))
+    z = torch.randn(1, 4, 32, 32)
+    y = model.decode(z)
+    assert calls == [True, True, True]     # 32->64, 64->128, 128->256: every Upsample + conv pair
+    assert torch.equal(y, model.decode(z, tile_size=8))
+    monkeypatch.setenv("TAESD_AMX", "0")
+    calls.clear()
+    off = model.decode(z)
+    assert calls == []                     # oneDNN: upsample, then convolve
+    assert (off - y).abs().max().item() < 0.05    # both bf16 compute (measured here: the same bits)
