@@ -64,6 +64,32 @@ def test_a_pixel_gets_the_same_bits_wherever_it_sits(upsample):
     assert diff.max() == 0
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 37, 53), (2, 32, 20, 70), (1, 64, 3, 40)])
+def test_the_fused_block_gives_the_bits_of_its_three_convolutions(shape):
+    """One pass through relu(conv2(relu(conv1(relu(conv0 x)))) + x) with the intermediate rows in
+    rings: the same bits as the three convolutions one after the other (each rounds to bf16), at
+    partial widths, in batches and on maps shorter than the rows it recomputes at range edges."""
+    n, c, h, w = shape
+    x = bf16(n, c, h, w)
+    weights, biases = [torch.randn(c, c, 3, 3) / (3 * c ** 0.5) for _ in range(3)], [torch.randn(c) / 4 for _ in range(3)]
+    packed = [amx.pack_weight(wt) for wt in weights]
+    h1 = amx.conv3x3(x, packed[0], c, biases[0], relu=True)
+    h2 = amx.conv3x3(h1, packed[1], c, biases[1], relu=True)
+    separate = amx.conv3x3(h2, packed[2], c, biases[2], residual=x, relu=True)
+    for threads in (1, 2, 3):
+        with torch.inference_mode():
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                fused = amx.block(x, packed, biases)
+            finally:
+                torch.set_num_threads(before)
+        assert torch.equal(fused, separate), threads
+    ref = reference(reference(reference(x, weights[0], biases[0], relu=True).to(torch.bfloat16), weights[1],
+                              biases[1], relu=True).to(torch.bfloat16), weights[2], biases[2], x, relu=True)
+    assert ((fused.double() - ref).abs() <= ref.abs() / 64 + 2e-2).all()
+
+
 def test_kernel_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="does not fit"):
         amx.conv3x3(bf16(1, 64, 8, 8), amx.pack_weight(torch.randn(32, 64, 3, 3)), 64, None)
@@ -71,18 +97,22 @@ def test_kernel_refuses_what_it_cannot_run():
     assert not amx.supports(torch.nn.Conv2d(64, 64, 3, padding=1), torch.zeros(1, 64, 64, 64))   # fp32
 
 
-def test_the_decoder_runs_its_upsample_convs_on_it_and_tiles_stay_exact(monkeypatch):
+def test_the_network_runs_its_blocks_and_upsample_convs_on_it_and_tiles_stay_exact(monkeypatch):
     monkeypatch.delenv("TAESD_AMX", raising=False)
     calls = []
-    real = amx.conv3x3
-    monkeypatch.setattr(amx, "conv3x3", lambda *a, **k: calls.append(k.get("upsample")) or real(*a, **k))
+    conv, block = amx.conv3x3, amx.block
+    monkeypatch.setattr(amx, "conv3x3", lambda *a, **k: calls.append("up" if k.get("upsample") else "conv")
+                        or conv(*a, **k))
+    monkeypatch.setattr(amx, "block", lambda *a: calls.append("block") or block(*a))
     model = CpuExecutor(bf16=True).apply(taesd.create("taesd", seed=0))
-    z = torch.randn(1, 4, 32, 32)
+    z, x = torch.randn(1, 4, 32, 32), torch.rand(1, 3, 256, 256)
     y = model.decode(z)
-    assert calls == [True, True, True]     # 32->64, 64->128, 128->256: every Upsample + conv pair
+    # blocks on maps of 48² and more (decided by the untiled map); every Upsample + conv pair
+    assert calls == ["up", "block", "block", "block", "up", "block", "block", "block", "up", "block"]
     assert torch.equal(y, model.decode(z, tile_size=8))
+    assert torch.equal(model.encode(x), model.encode(x, tile_size=64))
     monkeypatch.setenv("TAESD_AMX", "0")
     calls.clear()
     off = model.decode(z)
-    assert calls == []                     # oneDNN: upsample, then convolve
-    assert (off - y).abs().max().item() < 0.05    # both bf16 compute (measured here: the same bits)
+    assert calls == []                     # oneDNN's kernels, the upsample made
+    assert (off - y).abs().max().item() < 0.05    # both bf16 compute of the same network

@@ -59,64 +59,149 @@ static void copy_row(const Job* job, int n, int iy, uint16_t* dst, long padded) 
   memset(dst + (long)(W + 1) * Ci, 0, 2 * (padded - (long)(W + 1) * Ci));
 }
 
-static void* worker(void* arg) {
-  Job* job = (Job*)arg;
+static void configure_tiles() {
   TileCfg cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
   for (int t = 0; t < 8; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
   _tile_loadconfig(&cfg);
-  const int Ci = job->Ci, Co = job->Co, W = job->W, H = job->H, nk = Ci / KC;
-  const long padded = (long)(job->groups * 32 + 2) * Ci;    // elements per padded row
+}
+
+// One output row of a 3x3 conv: rows[0..2] are the padded input rows above, at and below it.
+// out: where pixel p's Co channels go (out + p * out_stride); res: the residual row or null.
+static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const float* bias,
+                     const uint16_t* res, int relu, uint16_t* out, int W, int groups, int Ci, int Co,
+                     float* S) {
+  const int nk = Ci / KC;
   const long tap = (long)nk * 1024;                          // elements per tap of one channel pair-tile
+  for (int g = 0; g < groups; ++g) {
+    const int x0 = g * 32;
+    for (int op = 0; op < Co / 32; ++op) {
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      const uint16_t* wb = w + (long)op * 9 * tap;
+      for (int t = 0; t < 9; ++t) {
+        const uint16_t* arow = rows[t / 3] + (long)(x0 + t % 3) * Ci;
+        for (int k = 0; k < nk; ++k) {
+          const uint16_t* a = arow + k * KC;
+          const uint16_t* b = wb + t * tap + k * 1024;
+          _tile_loadd(4, a, Ci * 2);
+          _tile_loadd(5, a + PX * Ci, Ci * 2);
+          _tile_loadd(6, b, 64);
+          _tile_loadd(7, b + 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      float* s = S + op * 32;
+      _tile_stored(0, s, Co * 4);
+      _tile_stored(1, s + 16, Co * 4);
+      _tile_stored(2, s + PX * Co, Co * 4);
+      _tile_stored(3, s + PX * Co + 16, Co * 4);
+    }
+    const int np = W - x0 < 32 ? W - x0 : 32;     // the last group of a row may be partial
+    for (int p = 0; p < np; ++p) {
+      const long off = (long)(x0 + p) * Co;
+      for (int c = 0; c < Co; c += 16) {
+        __m512 v = _mm512_loadu_ps(S + p * Co + c);
+        if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + c));
+        if (res) v = _mm512_add_ps(v, bf16x16(res + off + c));
+        if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+        _mm256_storeu_si256((__m256i*)(out + off + c), (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+  }
+}
+
+static inline int slot(int row) { return ((row % 3) + 3) % 3; }
+
+static void* worker(void* arg) {
+  Job* job = (Job*)arg;
+  configure_tiles();
+  const int Ci = job->Ci, Co = job->Co, W = job->W, H = job->H;
+  const long padded = (long)(job->groups * 32 + 2) * Ci;    // elements per padded row
   uint16_t* ring = (uint16_t*)aligned_alloc(64, 2 * 3 * padded);
   float* S = (float*)aligned_alloc(64, sizeof(float) * 32 * Co);
   for (long b; (b = job->next.fetch_add(1)) < job->bands;) {
     const int n = (int)(b / job->per_image), y0 = (int)(b % job->per_image) * BAND;
     const int y1 = y0 + BAND < H ? y0 + BAND : H;
-    copy_row(job, n, y0 - 1, ring + ((y0 + 2) % 3) * padded, padded);
-    copy_row(job, n, y0, ring + (y0 % 3) * padded, padded);
+    copy_row(job, n, y0 - 1, ring + slot(y0 - 1) * padded, padded);
+    copy_row(job, n, y0, ring + slot(y0) * padded, padded);
     for (int yy = y0; yy < y1; ++yy) {
-      copy_row(job, n, yy + 1, ring + ((yy + 1) % 3) * padded, padded);
-      const uint16_t* rows[3] = {ring + ((yy + 2) % 3) * padded, ring + (yy % 3) * padded,
-                                 ring + ((yy + 1) % 3) * padded};
-      for (int g = 0; g < job->groups; ++g) {
-        const int x0 = g * 32;
-        for (int op = 0; op < Co / 32; ++op) {
-          _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-          const uint16_t* wb = job->w + (long)op * 9 * tap;
-          for (int t = 0; t < 9; ++t) {
-            const uint16_t* arow = rows[t / 3] + (long)(x0 + t % 3) * Ci;
-            for (int k = 0; k < nk; ++k) {
-              const uint16_t* a = arow + k * KC;
-              const uint16_t* w = wb + t * tap + k * 1024;
-              _tile_loadd(4, a, Ci * 2);
-              _tile_loadd(5, a + PX * Ci, Ci * 2);
-              _tile_loadd(6, w, 64);
-              _tile_loadd(7, w + 512, 64);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
-            }
-          }
-          float* s = S + op * 32;
-          _tile_stored(0, s, Co * 4);
-          _tile_stored(1, s + 16, Co * 4);
-          _tile_stored(2, s + PX * Co, Co * 4);
-          _tile_stored(3, s + PX * Co + 16, Co * 4);
+      copy_row(job, n, yy + 1, ring + slot(yy + 1) * padded, padded);
+      const uint16_t* rows[3] = {ring + slot(yy - 1) * padded, ring + slot(yy) * padded,
+                                 ring + slot(yy + 1) * padded};
+      const long row = ((long)n * H + yy) * W * Co;
+      conv_row(rows, job->w, job->bias, job->res ? job->res + row : nullptr, job->relu, job->y + row,
+               W, job->groups, Ci, Co, S);
+    }
+  }
+  _tile_release();
+  free(ring);
+  free(S);
+  return nullptr;
+}
+
+// The residual block relu(conv2(relu(conv1(relu(conv0(x))))) + x), C channels throughout, as one
+// pass: per range of output rows each thread runs the three convs as a pipeline of 3-row rings, so
+// the two intermediate maps never leave the cache (recomputing 4 + 2 rows at each range's edges).
+// Each conv rounds its output to bf16 as the unfused kernels do: the same bits.
+struct BlockJob {
+  const uint16_t* x;
+  const uint16_t* w[3];
+  const float* b[3];
+  uint16_t* y;
+  int N, H, W, C, groups, parts;   // parts: row ranges per image
+  long items;
+  std::atomic<long> next;
+};
+
+static void* block_worker(void* arg) {
+  BlockJob* job = (BlockJob*)arg;
+  configure_tiles();
+  const int C = job->C, W = job->W, H = job->H;
+  const long padded = (long)(job->groups * 32 + 2) * C;
+  uint16_t* ring = (uint16_t*)aligned_alloc(64, 2 * 9 * padded);   // 3 rings of 3 padded rows
+  memset(ring, 0, 2 * 9 * padded);                                 // pads and tails stay zero
+  uint16_t* r0 = ring, *r1 = ring + 3 * padded, *r2 = ring + 6 * padded;
+  float* S = (float*)aligned_alloc(64, sizeof(float) * 32 * C);
+  const long data = (long)W * C;            // the data part of a padded row (after one zero pixel)
+  for (long it; (it = job->next.fetch_add(1)) < job->items;) {
+    const int n = (int)(it / job->parts), part = (int)(it % job->parts);
+    const int y0 = (int)((long)H * part / job->parts), y1 = (int)((long)H * (part + 1) / job->parts);
+    if (y0 >= y1) continue;
+    const uint16_t* xn = job->x + (long)n * H * data;
+    auto load = [&](int row) {   // input row into ring 0 (zeros outside the map)
+      uint16_t* d = r0 + slot(row) * padded + C;
+      if (row < 0 || row >= H) memset(d, 0, 2 * data); else memcpy(d, xn + (long)row * data, 2 * data);
+    };
+    load(y0 - 3);
+    load(y0 - 2);
+    for (int t = y0 - 2; t <= y1 + 1; ++t) {
+      load(t + 1);
+      uint16_t* d1 = r1 + slot(t) * padded + C;      // conv0 row t
+      if (t < 0 || t >= H) {
+        memset(d1, 0, 2 * data);
+      } else {
+        const uint16_t* rows[3] = {r0 + slot(t - 1) * padded, r0 + slot(t) * padded, r0 + slot(t + 1) * padded};
+        conv_row(rows, job->w[0], job->b[0], nullptr, 1, d1, W, job->groups, C, C, S);
+      }
+      const int u = t - 1;                           // conv1 row u
+      if (u >= y0 - 1) {
+        uint16_t* d2 = r2 + slot(u) * padded + C;
+        if (u < 0 || u >= H) {
+          memset(d2, 0, 2 * data);
+        } else {
+          const uint16_t* rows[3] = {r1 + slot(u - 1) * padded, r1 + slot(u) * padded, r1 + slot(u + 1) * padded};
+          conv_row(rows, job->w[1], job->b[1], nullptr, 1, d2, W, job->groups, C, C, S);
         }
-        const int np = W - x0 < 32 ? W - x0 : 32;     // the last group of a row may be partial
-        for (int p = 0; p < np; ++p) {
-          const long off = (((long)n * H + yy) * W + x0 + p) * Co;
-          for (int c = 0; c < Co; c += 16) {
-            __m512 v = _mm512_loadu_ps(S + p * Co + c);
-            if (job->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(job->bias + c));
-            if (job->res) v = _mm512_add_ps(v, bf16x16(job->res + off + c));
-            if (job->relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
-            _mm256_storeu_si256((__m256i*)(job->y + off + c), (__m256i)_mm512_cvtneps_pbh(v));
-          }
-        }
+      }
+      const int v = t - 2;                           // conv2 row v: the block's output
+      if (v >= y0 && v < y1) {
+        const uint16_t* rows[3] = {r2 + slot(v - 1) * padded, r2 + slot(v) * padded, r2 + slot(v + 1) * padded};
+        conv_row(rows, job->w[2], job->b[2], xn + (long)v * data, 1, job->y + ((long)n * H + v) * data,
+                 W, job->groups, C, C, S);
       }
     }
   }
@@ -124,6 +209,19 @@ static void* worker(void* arg) {
   free(ring);
   free(S);
   return nullptr;
+}
+
+template <class J>
+static void run_threads(void* (*fn)(void*), J* job, int threads, long items) {
+  if (threads < 1) threads = 1;
+  if (threads > 64) threads = 64;
+  if (threads > items) threads = (int)items;
+  pthread_t tids[64];
+  int started = 0;
+  for (int i = 1; i < threads; ++i)
+    if (pthread_create(&tids[started], nullptr, fn, job) == 0) ++started;
+  fn(job);
+  for (int i = 0; i < started; ++i) pthread_join(tids[i], nullptr);
 }
 
 }  // namespace
@@ -150,15 +248,25 @@ int taesd_amx_conv3x3(const void* x, int N, int H, int W, int Ci, const void* w,
   job.per_image = (H + BAND - 1) / BAND;
   job.bands = (long)N * job.per_image;
   job.next.store(0);
-  if (threads < 1) threads = 1;
-  if (threads > 64) threads = 64;
-  if (threads > job.bands) threads = (int)job.bands;
-  pthread_t tids[64];
-  int started = 0;
-  for (int i = 1; i < threads; ++i)
-    if (pthread_create(&tids[started], nullptr, worker, &job) == 0) ++started;
-  worker(&job);
-  for (int i = 0; i < started; ++i) pthread_join(tids[i], nullptr);
+  run_threads(worker, &job, threads, job.bands);
+  return 0;
+}
+
+// y = relu(conv2(relu(conv1(relu(conv0(x))))) + x): TAESD's residual block with an identity skip,
+// C -> C channels (C % 32 == 0), weights packed as for taesd_amx_conv3x3. Returns as it does.
+int taesd_amx_block(const void* x, int N, int H, int W, int C, const void* w0, const float* b0,
+                    const void* w1, const float* b1, const void* w2, const float* b2, void* y, int threads) {
+  if (C % 32 || N < 1 || H < 1 || W < 1) return 1;
+  if (taesd_amx_permit() != 0) return 4;
+  BlockJob job;
+  job.x = (const uint16_t*)x; job.y = (uint16_t*)y;
+  job.w[0] = (const uint16_t*)w0; job.w[1] = (const uint16_t*)w1; job.w[2] = (const uint16_t*)w2;
+  job.b[0] = b0; job.b[1] = b1; job.b[2] = b2;
+  job.N = N; job.H = H; job.W = W; job.C = C; job.groups = (W + 31) / 32;
+  job.parts = threads < 1 ? 1 : threads;   // one row range per thread and image
+  job.items = (long)N * job.parts;
+  job.next.store(0);
+  run_threads(block_worker, &job, threads, job.items);
   return 0;
 }
 

@@ -46,6 +46,10 @@ def library() -> ctypes.CDLL | None:
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
             fn.restype = ctypes.c_int
+            block = lib.taesd_amx_block
+            block.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              *[ctypes.c_void_p] * 6, ctypes.c_void_p, ctypes.c_int]
+            block.restype = ctypes.c_int
             if lib.taesd_amx_permit() != 0:
                 raise RuntimeError("Linux did not grant the AMX tile state (arch_prctl)")
             _lib = lib
@@ -110,6 +114,27 @@ def conv3x3(x: torch.Tensor, packed: torch.Tensor, out_channels: int, bias: torc
         x.data_ptr(), n, h, w, ci, packed.data_ptr(), out_channels, None if bias is None else bias.data_ptr(),
         None if residual is None else residual.data_ptr(), int(relu), y.data_ptr(), torch.get_num_threads(),
         int(upsample))
+    if rc != 0:
+        raise RuntimeError(f"the AMX kernel refused the call (code {rc})")
+    return y
+
+
+def block(x: torch.Tensor, packed: "list[torch.Tensor]", biases: "list[torch.Tensor | None]") -> torch.Tensor:
+    """relu(conv2(relu(conv1(relu(conv0(x))))) + x) in one pass (TAESD's residual block, identity
+    skip, C -> C channels): the two intermediate maps stay in the cache, each rounded to bf16 as the
+    separate convolutions round them (the same bits). ``packed``: three ``pack_weight``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the AMX kernel is not available: {load_error()}")
+    n, c, h, w = x.shape
+    if x.dtype != torch.bfloat16 or any(p.numel() != c * c * 9 for p in packed):
+        raise ValueError(f"packed weights do not fit a {c} -> {c} channel block in bf16")
+    x = x.contiguous(memory_format=torch.channels_last)
+    bs = [None if b is None else b.detach().float().contiguous() for b in biases]
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    ptr = [None if b is None else b.data_ptr() for b in bs]
+    rc = lib.taesd_amx_block(x.data_ptr(), n, h, w, c, packed[0].data_ptr(), ptr[0], packed[1].data_ptr(),
+                             ptr[1], packed[2].data_ptr(), ptr[2], y.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the AMX kernel refused the call (code {rc})")
     return y

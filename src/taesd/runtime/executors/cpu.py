@@ -20,7 +20,9 @@ does, each measured (docs/performance.md):
   pixel and channel pair; the upsampled map is never made). Sums of weights: fp32 rounding only.
 - fusion: inside each residual ``Block`` the conv+bias+ReLU pairs and the last conv + skip add +
   ReLU run as single oneDNN kernels (``mkldnn._convolution_pointwise``): three fewer passes over
-  memory per block. Blocks keep their class layout (``conv``/``skip``/``fuse``/``pool``), so
+  memory per block. In bf16 on AMX CPUs the whole block is one pass of our AMX kernel
+  (``taesd.runtime.amx``), its intermediate maps never leaving the cache. Blocks keep their class
+  layout (``conv``/``skip``/``fuse``/``pool``), so
   ``state_dict`` keys, Sequential indices and layer slices (tiling) are unchanged.
 - Winograd: 3x3 stride-1 convolutions on maps of 48x48 px and more run as Winograd F(4x4,3x3)
   (decoder; encoder at full resolution) or F(2x2,3x3) (the encoder's downsampled stages) in our
@@ -148,10 +150,10 @@ class FastConv2d(nn.Conv2d):
         return self.__dict__["_amx_w"]
 
     def uses_amx(self, x: torch.Tensor, upsample: bool = False) -> bool:
-        """This bf16 call runs our AMX kernel (decided as the untiled map would, like Winograd). Only
-        the upsample + conv pairs do: on a plain 3x3 conv oneDNN's AMX kernel is as fast at 2 threads
-        (512²: 12.3 against 12.4 ms); reading the small map upsampled on the fly is 1.5x faster
-        (256² -> 512²: 10.1 against 15.9 ms for Upsample then conv)."""
+        """This bf16 call can run our AMX kernel (decided as the untiled map would, like Winograd).
+        The executor uses it for the upsample + conv pairs (256² -> 512²: 10.1 against 15.9 ms for
+        oneDNN's Upsample then conv) and whole residual blocks (``amx.block``; 512², one thread:
+        47.7 against 69.5 ms); a lone 3x3 conv stays oneDNN's, as fast as ours."""
         return x.dtype == torch.bfloat16 and amx.supports(self, x, upsample, untiled_pixels.get()) \
             and amx.available()
 
@@ -238,6 +240,11 @@ class FastBlock(Block):
         if self.pool is not None:
             x = x + self.pool(x)
         body = self.conv
+        convs = (body[0], body[2], body[4])
+        if x.dtype == torch.bfloat16 and type(self.skip) is nn.Identity \
+                and all(type(c) is FastConv2d and c.in_channels == c.out_channels == x.shape[1]
+                        and c.uses_amx(x) for c in convs):
+            return amx.block(x, [c.amx_weight() for c in convs], [c.bias for c in convs])
         h = conv_relu(body[2], conv_relu(body[0], x))
         return conv_add_relu(body[4], h, self.skip(x))
 
