@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 import speed  # noqa: E402
 
-PATHS = ["taesd", "taesd-fp32", "onnxruntime", "openvino", "openvino-f32"]
+PATHS = ["taesd", "taesd-onednn", "taesd-fp32", "onnxruntime", "openvino", "openvino-f32"]
 PRECISION = {"taesd-fp32": "fp32", "taesd-bf16": "bf16", "onnxruntime": "fp32", "openvino-f32": "f32"}
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
@@ -69,7 +69,14 @@ def _path_functions(name: str, weights: str, x, z):
     if name.startswith("taesd"):
         dtype = {"taesd-bf16": torch.bfloat16, "taesd-fp32": torch.float32}.get(name)   # taesd: the default
         model = taesd.load("taef2", weights, device="cpu", dtype=dtype)
-        return (lambda t: model.encode(t.to(model.dtype)).float()), (lambda t: model.decode(t.to(model.dtype)).float())
+        amx_switch = "0" if name == "taesd-onednn" else "1"
+
+        def call(run):
+            def f(t):
+                with speed.environment(TAESD_AMX=amx_switch):
+                    return run(t.to(model.dtype)).float()
+            return f
+        return call(model.encode), call(model.decode)
     plain = taesd.load("taef2", weights, device="cpu", fast=False)
     enc = speed.onnx_runner(plain.encoder, x[:1, :, :64, :64], name)
     dec = speed.onnx_runner(plain.decoder, z[:1, :, :8, :8], name)
@@ -117,6 +124,14 @@ def table(rows, psnrs: dict) -> str:
     return "\n".join(lines)
 
 
+def amx_default() -> bool:
+    """The default path computes in bf16 with our AMX kernel here (then taesd-onednn is its A/B)."""
+    import torch
+
+    from taesd.runtime import amx
+    return isa_default() == torch.bfloat16 and amx.available()
+
+
 def isa_default():
     """What taesd's default computes in here (the CPU's rule and $TAESD_CPU_BF16)."""
     import taesd
@@ -134,7 +149,9 @@ def machine_lines() -> list[str]:
 
 def run(args) -> int:
     names = args.competitors or [n for n in PATHS
-                                 if not n.startswith("openvino") or importlib.util.find_spec("openvino")]
+                                 if (not n.startswith("openvino") or importlib.util.find_spec("openvino"))
+                                 and (n != "taesd-onednn" or amx_default())]
+    PRECISION["taesd-onednn"] = "bf16"
     PRECISION["taesd"] = {"bfloat16": "bf16 (default)"}.get(str(isa_default()).removeprefix("torch."), "fp32")
     if any(n.startswith("openvino") for n in names):
         PRECISION["openvino"] = speed.openvino_precision("openvino")

@@ -10,6 +10,7 @@ the same turns: the machine's achievable conv rate that the network's GFLOP/s is
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ VARIANT = "taesd"   # the base network; diffusers AutoencoderTiny's default conf
 COMPETITORS = {
     "taesd": "taesd.load default: fast executor, fp32 model (computing in bf16 on AMX CPUs)",
     "taesd-fp32": "taesd fast executor, dtype='fp32' asked for (computes in fp32 on every CPU)",
+    "taesd-onednn": "taesd.load default with TAESD_AMX=0: bf16 compute on oneDNN's kernels only (AMX CPUs)",
     "taesd-direct": "taesd fast executor without Winograd (direct convolutions only, TAESD_WINOGRAD=0), fp32",
     "taesd-bf16": "taesd fast executor, dtype=bfloat16",
     "taesd-compile": "taesd compiled mode (torch.compile), fp32",
@@ -43,6 +45,21 @@ COMPETITORS = {
 }
 PEAK = "conv-peak"
 PEAK_SHAPE = (1, 64, 256, 256)
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """Environment variables set for the duration of a block (taesd reads its settings per call)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -96,6 +113,9 @@ def _make_call(name: str, op: str, size: int, batch: int):
             make_fast(model)
         elif name == "taesd-fp32":
             CpuExecutor(bf16=False).apply(model)
+        elif name == "taesd-onednn":
+            os.environ["TAESD_AMX"] = "0"    # this worker process only
+            make_fast(model)
         elif name == "taesd-direct":
             make_fast(model, use_winograd=False)
         elif name == "taesd-bf16":
@@ -309,7 +329,13 @@ def machine_facts() -> list[str]:
             f"oneDNN/PyTorch CPU capability: {torch.backends.cpu.get_cpu_capability()}",
             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
             f"Winograd kernel (taesd default): {_winograd_fact()}",
+            f"AMX kernel (taesd's bf16 compute): {_amx_fact()}",
             f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+
+
+def _amx_fact() -> str:
+    from taesd.runtime import amx
+    return "built" if amx.available() else f"not used ({amx.load_error() or 'TAESD_AMX=0'})"
 
 
 def _winograd_fact() -> str:
