@@ -263,7 +263,10 @@ int taesd_amx_block(const void* x, int N, int H, int W, int C, const void* w0, c
   job.w[0] = (const uint16_t*)w0; job.w[1] = (const uint16_t*)w1; job.w[2] = (const uint16_t*)w2;
   job.b[0] = b0; job.b[1] = b1; job.b[2] = b2;
   job.N = N; job.H = H; job.W = W; job.C = C; job.groups = (W + 31) / 32;
-  job.parts = threads < 1 ? 1 : threads;   // one row range per thread and image
+  // One row range per thread and image, of 16 rows at least: each range recomputes 6 rows at its edges.
+  int parts = threads < 1 ? 1 : threads;
+  if (parts > H / 16) parts = H / 16 > 1 ? H / 16 : 1;
+  job.parts = parts;
   job.items = (long)N * job.parts;
   job.next.store(0);
   run_threads(block_worker, &job, threads, job.items);
