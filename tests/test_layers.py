@@ -23,7 +23,7 @@ LAYERS = {
     "taesd.video.model": 5, "taesd.video.temporal": 5, "taesd.video.runs": 5, "taesd.video.weights": 5,
     "taesd.video.tiling": 5,
     "taesd.video.fast": 7, "taesd.video": 8,
-    "taesd.export": 6, "taesd.runtime.winograd": 6,
+    "taesd.export": 6, "taesd.runtime.winograd": 6, "taesd.runtime.amx": 6, "taesd.runtime.native": 6,
     "taesd.runtime": 7,   # taesd.runtime.executors: cpu, cuda, compile, onnxruntime, plain, resolve
     "taesd.loader": 8, "taesd.options": 8,
     "taesd.integrations": 9,
