@@ -44,6 +44,18 @@ def test_kernel_matches_the_convolution_of_the_same_bf16_values(shape, upsample)
         assert ((y.double() - ref).abs() <= ref.abs() / 128 + 1e-2).all()
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 64, 64, 64), (2, 32, 37, 53, 32), (1, 64, 5, 70, 64)])
+def test_stride_2_matches_the_convolution(shape):
+    """The encoder's downsampling convs: odd sizes (the last output row and column read the zero pad)."""
+    n, ci, h, w, co = shape
+    x, weight, bias = bf16(n, ci, h, w), torch.randn(co, ci, 3, 3) / (3 * ci ** 0.5), torch.randn(co)
+    y = amx.conv3x3(x, amx.pack_weight(weight), co, bias, stride=2)
+    ref = F.conv2d(x.double(), weight.to(torch.bfloat16).double(), bias.double(), padding=1, stride=2)
+    assert y.shape == ref.shape and ((y.double() - ref).abs() <= ref.abs() / 128 + 1e-2).all()
+    crop = amx.conv3x3(x[:, :, 2:, 4:], amx.pack_weight(weight), co, bias, stride=2)   # even offsets
+    assert torch.equal(crop[:, :, 1:, 1:], y[:, :, 2:, 3:])
+
+
 @pytest.mark.parametrize("upsample", [False, True])
 def test_a_pixel_gets_the_same_bits_wherever_it_sits(upsample):
     """The convolution of a crop equals the map's convolution inside the crop's border, bit for bit
@@ -110,7 +122,10 @@ def test_the_network_runs_its_blocks_and_upsample_convs_on_it_and_tiles_stay_exa
     # blocks on maps of 48² and more (decided by the untiled map); every Upsample + conv pair
     assert calls == ["up", "block", "block", "block", "up", "block", "block", "block", "up", "block"]
     assert torch.equal(y, model.decode(z, tile_size=8))
-    assert torch.equal(model.encode(x), model.encode(x, tile_size=64))
+    calls.clear()
+    lat = model.encode(x)
+    assert calls == ["block", "conv", "block", "block", "block", "conv", "block", "block", "block", "conv"]
+    assert torch.equal(lat, model.encode(x, tile_size=64))
     monkeypatch.setenv("TAESD_AMX", "0")
     calls.clear()
     off = model.decode(z)

@@ -31,12 +31,13 @@ struct TileCfg {           // the LDTILECFG layout, palette 1
 };
 
 struct Job {
-  const uint16_t* x;      // [N][H >> up][W >> up][Ci]
+  const uint16_t* x;      // [N][Hv >> up][Wv >> up][Ci]
   const uint16_t* w;      // packed weights (amx.py pack_weight): [Co/32][9][Ci/32][2][16][16][2]
   const float* bias;      // [Co] or null
   const uint16_t* res;    // [N][H][W][Co] or null
   uint16_t* y;            // [N][H][W][Co]
-  int N, H, W, Ci, Co, relu, up, groups;   // groups: 32-pixel groups per row
+  int N, H, W, Ci, Co, relu, up, groups;   // H, W: the output's size; groups: 32-pixel groups per row
+  int Hv, Wv, stride;     // the map the conv reads (x, or x upsampled) and the conv's stride (1, 2)
   long bands, per_image;
   std::atomic<long> next;
 };
@@ -45,12 +46,12 @@ static inline __m512 bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// Input row iy (padded: one zero pixel left, zeros right of W) into dst.
+// Row iy of the map the conv reads (padded: one zero pixel left, zeros right of Wv) into dst.
 static void copy_row(const Job* job, int n, int iy, uint16_t* dst, long padded) {
-  const int Ci = job->Ci, W = job->W, up = job->up;
-  if (iy < 0 || iy >= job->H) { memset(dst, 0, 2 * padded); return; }
+  const int Ci = job->Ci, W = job->Wv, up = job->up;
+  if (iy < 0 || iy >= job->Hv) { memset(dst, 0, 2 * padded); return; }
   memset(dst, 0, 2 * Ci);
-  const uint16_t* src = job->x + ((long)n * (job->H >> up) + (iy >> up)) * (long)(W >> up) * Ci;
+  const uint16_t* src = job->x + ((long)n * (job->Hv >> up) + (iy >> up)) * (long)(W >> up) * Ci;
   if (!up) {
     memcpy(dst + Ci, src, 2L * W * Ci);
   } else {
@@ -67,11 +68,11 @@ static void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// One output row of a 3x3 conv: rows[0..2] are the padded input rows above, at and below it.
-// out: where pixel p's Co channels go (out + p * out_stride); res: the residual row or null.
+// One output row of a 3x3 conv: rows[0..2] are the padded input rows it reads (above, at and below
+// it, at stride sx). out: where pixel p's Co channels go (out + p * Co); res: the residual row or null.
 static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const float* bias,
                      const uint16_t* res, int relu, uint16_t* out, int W, int groups, int Ci, int Co,
-                     float* S) {
+                     float* S, int sx = 1) {
   const int nk = Ci / KC;
   const long tap = (long)nk * 1024;                          // elements per tap of one channel pair-tile
   for (int g = 0; g < groups; ++g) {
@@ -80,12 +81,12 @@ static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const flo
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
       const uint16_t* wb = w + (long)op * 9 * tap;
       for (int t = 0; t < 9; ++t) {
-        const uint16_t* arow = rows[t / 3] + (long)(x0 + t % 3) * Ci;
+        const uint16_t* arow = rows[t / 3] + (long)(x0 * sx + t % 3) * Ci;
         for (int k = 0; k < nk; ++k) {
           const uint16_t* a = arow + k * KC;
           const uint16_t* b = wb + t * tap + k * 1024;
-          _tile_loadd(4, a, Ci * 2);
-          _tile_loadd(5, a + PX * Ci, Ci * 2);
+          _tile_loadd(4, a, Ci * 2 * sx);
+          _tile_loadd(5, a + PX * sx * Ci, Ci * 2 * sx);
           _tile_loadd(6, b, 64);
           _tile_loadd(7, b + 512, 64);
           _tile_dpbf16ps(0, 4, 6);
@@ -119,22 +120,22 @@ static inline int slot(int row) { return ((row % 3) + 3) % 3; }
 static void* worker(void* arg) {
   Job* job = (Job*)arg;
   configure_tiles();
-  const int Ci = job->Ci, Co = job->Co, W = job->W, H = job->H;
-  const long padded = (long)(job->groups * 32 + 2) * Ci;    // elements per padded row
+  const int Ci = job->Ci, Co = job->Co, W = job->W, H = job->H, s = job->stride;
+  const long padded = (long)(job->groups * 32 * s + 2) * Ci;    // elements per padded row
   uint16_t* ring = (uint16_t*)aligned_alloc(64, 2 * 3 * padded);
   float* S = (float*)aligned_alloc(64, sizeof(float) * 32 * Co);
   for (long b; (b = job->next.fetch_add(1)) < job->bands;) {
     const int n = (int)(b / job->per_image), y0 = (int)(b % job->per_image) * BAND;
     const int y1 = y0 + BAND < H ? y0 + BAND : H;
-    copy_row(job, n, y0 - 1, ring + slot(y0 - 1) * padded, padded);
-    copy_row(job, n, y0, ring + slot(y0) * padded, padded);
+    int next = s * y0 - 1;                     // the next row of the read map to bring into the ring
     for (int yy = y0; yy < y1; ++yy) {
-      copy_row(job, n, yy + 1, ring + slot(yy + 1) * padded, padded);
-      const uint16_t* rows[3] = {ring + slot(yy - 1) * padded, ring + slot(yy) * padded,
-                                 ring + slot(yy + 1) * padded};
+      const int top = s * yy - 1;             // output row yy reads rows top .. top + 2
+      for (; next <= top + 2; ++next) copy_row(job, n, next, ring + slot(next) * padded, padded);
+      const uint16_t* rows[3] = {ring + slot(top) * padded, ring + slot(top + 1) * padded,
+                                 ring + slot(top + 2) * padded};
       const long row = ((long)n * H + yy) * W * Co;
       conv_row(rows, job->w, job->bias, job->res ? job->res + row : nullptr, job->relu, job->y + row,
-               W, job->groups, Ci, Co, S);
+               W, job->groups, Ci, Co, S, s);
     }
   }
   _tile_release();
@@ -233,17 +234,21 @@ int taesd_amx_permit() {
   return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
 }
 
-// y = act(conv3x3(up ? upsample2x(x) : x) + bias + res). H, W: the output's size. Ci % 32 == 0,
-// Co % 32 == 0. Returns 0, 1 (shapes), 2 (odd size with up) or 4 (the kernel refused AMX).
-int taesd_amx_conv3x3(const void* x, int N, int H, int W, int Ci, const void* w, int Co,
-                      const float* bias, const void* res, int relu, void* y, int threads, int up) {
-  if (Ci % KC || Co % 32 || N < 1 || H < 1 || W < 1) return 1;
-  if (up && (H % 2 || W % 2)) return 2;
+// y = act(conv3x3(up ? upsample2x(x) : x, stride) + bias + res). Hv, Wv: the size of the map the conv
+// reads (x's, or twice it with up); the output is (Hv - 1) / stride + 1 high (and as wide).
+// Ci % 32 == 0, Co % 32 == 0. Returns 0, 1 (shapes), 2 (odd size with up) or 4 (no AMX).
+int taesd_amx_conv3x3(const void* x, int N, int Hv, int Wv, int Ci, const void* w, int Co,
+                      const float* bias, const void* res, int relu, void* y, int threads, int up,
+                      int stride) {
+  if (Ci % KC || Co % 32 || N < 1 || Hv < 1 || Wv < 1 || (stride != 1 && stride != 2)) return 1;
+  if (up && (Hv % 2 || Wv % 2 || stride != 1)) return 2;
+  const int H = (Hv - 1) / stride + 1, W = (Wv - 1) / stride + 1;
   if (taesd_amx_permit() != 0) return 4;
   Job job;
   job.x = (const uint16_t*)x; job.w = (const uint16_t*)w; job.bias = bias;
   job.res = (const uint16_t*)res; job.y = (uint16_t*)y;
   job.N = N; job.H = H; job.W = W; job.Ci = Ci; job.Co = Co; job.relu = relu; job.up = up;
+  job.Hv = Hv; job.Wv = Wv; job.stride = stride;
   job.groups = (W + 31) / 32;
   job.per_image = (H + BAND - 1) / BAND;
   job.bands = (long)N * job.per_image;

@@ -44,7 +44,7 @@ def library() -> ctypes.CDLL | None:
             fn = lib.taesd_amx_conv3x3
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                           ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                           ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             fn.restype = ctypes.c_int
             block = lib.taesd_amx_block
             block.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -68,13 +68,14 @@ def available() -> bool:
 
 def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
              pixels: "int | None" = None) -> bool:
-    """This layer and input can run the kernel: bf16 on the CPU, 3x3 stride 1 padding 1, channels
-    in multiples of 32, an output map of at least ``MIN_PIXELS`` (``pixels``: decide by this size,
-    as a tile of a bigger map does)."""
+    """This layer and input can run the kernel: bf16 on the CPU, 3x3 stride 1 (or 2, without
+    upsampling) padding 1, channels in multiples of 32, a map of at least ``MIN_PIXELS`` read
+    (``pixels``: decide by this size, as a tile of a bigger map does)."""
     if pixels is None:
         pixels = x.shape[2] * x.shape[3] * (4 if upsample else 1) if x.dim() == 4 else 0
     return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4
-            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and (conv.stride == (1, 1) or (conv.stride == (2, 2) and not upsample))
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.in_channels % 32 == 0 and conv.out_channels % 32 == 0 and pixels >= MIN_PIXELS)
 
@@ -89,15 +90,17 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def conv3x3(x: torch.Tensor, packed: torch.Tensor, out_channels: int, bias: torch.Tensor | None,
-            residual: torch.Tensor | None = None, relu: bool = False, upsample: bool = False) -> torch.Tensor:
-    """act(conv3x3(x) + bias + residual) in bf16 (sums in fp32), channels_last out; ``upsample``:
+            residual: torch.Tensor | None = None, relu: bool = False, upsample: bool = False,
+            stride: int = 1) -> torch.Tensor:
+    """act(conv3x3(x, stride) + bias + residual) in bf16 (sums in fp32), channels_last out; ``upsample``:
     convolve the nearest 2x upsampling of x without making it. ``packed``: ``pack_weight``."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"the AMX kernel is not available: {load_error()}")
-    n, ci, h, w = x.shape
+    n, ci, hv, wv = x.shape
     if upsample:
-        h, w = 2 * h, 2 * w
+        hv, wv = 2 * hv, 2 * wv
+    h, w = (hv - 1) // stride + 1, (wv - 1) // stride + 1
     if x.dtype != torch.bfloat16 or packed.numel() != out_channels * ci * 9:
         raise ValueError(f"packed weight of {packed.numel()} values does not fit {ci} -> {out_channels} "
                          "channels in bf16")
@@ -111,9 +114,9 @@ def conv3x3(x: torch.Tensor, packed: torch.Tensor, out_channels: int, bias: torc
         bias = bias.detach().float().contiguous()
     y = torch.empty((n, out_channels, h, w), dtype=x.dtype, memory_format=torch.channels_last)
     rc = lib.taesd_amx_conv3x3(
-        x.data_ptr(), n, h, w, ci, packed.data_ptr(), out_channels, None if bias is None else bias.data_ptr(),
-        None if residual is None else residual.data_ptr(), int(relu), y.data_ptr(), torch.get_num_threads(),
-        int(upsample))
+        x.data_ptr(), n, hv, wv, ci, packed.data_ptr(), out_channels,
+        None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
+        int(relu), y.data_ptr(), torch.get_num_threads(), int(upsample), int(stride))
     if rc != 0:
         raise RuntimeError(f"the AMX kernel refused the call (code {rc})")
     return y

@@ -152,8 +152,8 @@ class FastConv2d(nn.Conv2d):
     def uses_amx(self, x: torch.Tensor, upsample: bool = False) -> bool:
         """This bf16 call can run our AMX kernel (decided as the untiled map would, like Winograd).
         The executor uses it for the upsample + conv pairs (256² -> 512²: 10.1 against 15.9 ms for
-        oneDNN's Upsample then conv) and whole residual blocks (``amx.block``; 512², one thread:
-        47.7 against 69.5 ms); a lone 3x3 conv stays oneDNN's, as fast as ours."""
+        oneDNN's Upsample then conv), whole residual blocks (``amx.block``; 512², one thread: 47.7
+        against 69.5 ms) and stride-2 convs; a lone 3x3 stride-1 conv stays oneDNN's, as fast as ours."""
         return x.dtype == torch.bfloat16 and amx.supports(self, x, upsample, untiled_pixels.get()) \
             and amx.available()
 
@@ -170,6 +170,8 @@ class FastConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_available(x, self):
             return super().forward(x)
+        if self.stride == (2, 2) and self.uses_amx(x):   # the encoder's downsampling convs, bf16
+            return amx.conv3x3(x, self.amx_weight(), self.out_channels, self.bias, stride=2)
         m = self.winograd_tile(x)
         if m:
             return winograd.conv3x3(x, self.winograd_weight(m), self.bias, m)
