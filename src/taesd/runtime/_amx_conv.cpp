@@ -217,12 +217,18 @@ static void run_threads(void* (*fn)(void*), J* job, int threads, long items) {
   if (threads < 1) threads = 1;
   if (threads > 64) threads = 64;
   if (threads > items) threads = (int)items;
+#ifdef _OPENMP
+  // PyTorch's own OpenMP threads (the process's libgomp): its workers would otherwise spin beside ours.
+#pragma omp parallel num_threads(threads)
+  fn(job);
+#else
   pthread_t tids[64];
   int started = 0;
   for (int i = 1; i < threads; ++i)
     if (pthread_create(&tids[started], nullptr, fn, job) == 0) ++started;
   fn(job);
   for (int i = 0; i < started; ++i) pthread_join(tids[i], nullptr);
+#endif
 }
 
 }  // namespace

@@ -396,12 +396,18 @@ int taesd_winograd_conv(const void* x, int N, int H, int W, int Ci, const void* 
   if (threads < 1) threads = 1;
   if (threads > 64) threads = 64;
   if (threads > job.nblocks) threads = (int)job.nblocks;
+#ifdef _OPENMP
+  // PyTorch's own OpenMP threads (the process's libgomp): its workers would otherwise spin beside ours.
+#pragma omp parallel num_threads(threads)
+  fn(&job);
+#else
   pthread_t tids[64];
   int started = 0;
   for (int i = 1; i < threads; ++i)
     if (pthread_create(&tids[started], nullptr, fn, &job) == 0) ++started;
   fn(&job);
   for (int i = 0; i < started; ++i) pthread_join(tids[i], nullptr);
+#endif
   return 0;
 }
 

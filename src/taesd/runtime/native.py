@@ -1,9 +1,11 @@
 """Our C++ kernels, compiled on first use: one shared library per source file and CPU, cached.
 
 Each kernel (``_winograd.cpp``, ``_amx_conv.cpp``) is a plain C ABI called through ctypes, so nothing
-needs PyTorch headers and nothing is compiled at install time. It is built with ``-march=native``
-into ``$TAESD_CACHE_DIR`` (default ``~/.cache/taesd``), keyed by the source and the CPU's flags
-(code built for one CPU must not run on another), atomically (a temp file renamed into place).
+needs PyTorch headers and nothing is compiled at install time. Its threads are OpenMP's, which in a
+process with PyTorch are PyTorch's own pool (pthreads where the compiler has no OpenMP). It is built
+with ``-march=native`` into ``$TAESD_CACHE_DIR`` (default ``~/.cache/taesd``), keyed by the source and
+the CPU's flags (code built for one CPU must not run on another), atomically (a temp file renamed
+into place).
 """
 from __future__ import annotations
 
@@ -62,7 +64,12 @@ def build(source: Path, stem: str, needs: tuple[str, ...], force: bool = False) 
     cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread",
            "-Wno-ignored-attributes", str(source), "-o", tmp]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        # With OpenMP the kernels run on PyTorch's own threads: the library asks for libgomp.so.1,
+        # which is the copy torch already loaded (same soname), so no second pool spins beside it.
+        # A compiler without OpenMP builds the pthread version.
+        proc = subprocess.run(cmd[:1] + ["-fopenmp"] + cmd[1:], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {source.name} failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp, out)
