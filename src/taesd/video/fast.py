@@ -87,6 +87,8 @@ class FoldedTGrow(TGrow):
     """A TGrow folded into the conv after it (``GrownConv2d``): passes its input on unchanged; its
     weight stays here (same state_dict) and the conv reads it."""
 
+    time_stride = 1      # the frames grow in the conv (taesd.video.temporal.time_stride)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -97,6 +99,10 @@ class GrownConv2d(FastConv2d):
     all ``stride`` of them run as one conv with ``stride`` x the output channels (a tiny output: the
     ``_super`` decoders' last conv makes 3 * patch² channels), then split into frames. The grown map
     (2x the frames at full resolution) and its 1x1 conv are never made."""
+
+    @property
+    def time_stride(self) -> int:
+        return self.__dict__["_grow"].stride
 
     def _folded(self) -> FastConv2d:
         grow = self.__dict__["_grow"]
