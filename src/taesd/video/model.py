@@ -70,8 +70,8 @@ class TAEHV(nn.Module):
         if x is None:
             return None
         p = self.variant.patch_size
-        if p > 1:
-            x = F.pixel_shuffle(x.flatten(0, 1), p).unflatten(0, (x.shape[0], -1))
+        if p > 1:     # pixel_shuffle makes a new tensor: clamp it in place
+            return F.pixel_shuffle(x.flatten(0, 1), p).unflatten(0, (x.shape[0], -1)).clamp_(0, 1)
         return x.clamp(0, 1)
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:

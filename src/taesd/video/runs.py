@@ -27,7 +27,9 @@ H3_CHUNK, H3_LEAD, H3_DROP_LATENTS = 17, 3, 3
 
 def _cat(pieces: list[torch.Tensor]) -> torch.Tensor | None:
     pieces = [p for p in pieces if p is not None and p.shape[1]]
-    return torch.cat(pieces, 1) if pieces else None
+    if len(pieces) < 2:
+        return pieces[0] if pieces else None      # one piece: no copy
+    return torch.cat(pieces, 1)
 
 
 def _hold(held: torch.Tensor | None, new: torch.Tensor | None, keep: int):

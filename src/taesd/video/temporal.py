@@ -32,13 +32,13 @@ def _unflat(y: torch.Tensor, n: int) -> torch.Tensor:
     return y.unflatten(0, (n, -1))
 
 
-def _call(layer: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
-    """``layer(*xs)`` on a batch of frames. oneDNN runs a batch of one image with other kernels than
-    larger batches (results 1 ulp apart), so a single frame runs as a pair: streaming frame by
+def _call(layer: nn.Module, *xs: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+    """``layer(*xs, **kw)`` on a batch of frames. oneDNN runs a batch of one image with other kernels
+    than larger batches (results 1 ulp apart), so a single frame runs as a pair: streaming frame by
     frame then computes bit for bit what the whole clip does (on the CPU; elsewhere it only costs)."""
     if xs[0].shape[0] != 1 or xs[0].device.type != "cpu":
-        return layer(*xs)
-    y = layer(*(torch.cat([x, x]) for x in xs))
+        return layer(*xs, **kw)
+    y = layer(*(torch.cat([x, x]) for x in xs), **{k: torch.cat([v, v]) for k, v in kw.items()})
     return y[: y.shape[0] // 2]      # a TGrow makes several frames of one
 
 
@@ -60,17 +60,36 @@ def _past(last: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return past
 
 
+def _joined(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """``cat([frame, past], channels)`` for each frame of ``x`` (channels_last frames) written into
+    one channels_last buffer, the past taken from ``x`` itself: one pass over the frames instead of
+    making the past frames and then concatenating. ``last`` None: the first frame is only a past."""
+    n, t, c, h, w = x.shape
+    t_out = t if last is not None else t - 1
+    joined = torch.empty(n * t_out, 2 * c, h, w, dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last).unflatten(0, (n, t_out))
+    joined[:, :, :c] = x[:, t - t_out:]
+    if last is not None:
+        joined[:, 0, c:] = last
+    joined[:, t_out - (t - 1):, c:] = x[:, :-1]
+    return joined
+
+
 def _memory(layer: nn.Module, x: torch.Tensor, state: State, i: int, skip_first: bool = False):
-    """``skip_first``: the first frame's output is not needed (it is still the next frame's past)."""
-    if skip_first:
-        state[i] = _own(x[:, -1], x)
-        return _unflat(_call(layer, _flat(x[:, 1:]), _flat(x[:, :-1])), x.shape[0])
-    last = state.get(i)
-    if last is None:
-        last = torch.zeros_like(x[:, 0])
-    past = _past(last, x)
+    """``skip_first``: the first frame's output is not needed (it is still the next frame's past).
+    A block that takes its input and past already joined (``joins_past``, the fast executor's) gets
+    them so for channels_last frames."""
+    last = None
+    if not skip_first:
+        last = state.get(i)
+        if last is None:
+            last = torch.zeros_like(x[:, 0])
     state[i] = _own(x[:, -1], x)
-    return _unflat(_call(layer, _flat(x), _flat(past)), x.shape[0])
+    n, cur = x.shape[0], x[:, 1:] if skip_first else x
+    if getattr(layer, "joins_past", False) and x.stride(2) == 1 and not torch.jit.is_tracing():
+        return _unflat(_call(layer, _flat(cur), joined=_flat(_joined(x, last))), n)
+    past = x[:, :-1] if skip_first else _past(last, x)
+    return _unflat(_call(layer, _flat(cur), _flat(past)), n)
 
 
 def _pool(layer: TPool, x: torch.Tensor, state: State, i: int) -> torch.Tensor:
