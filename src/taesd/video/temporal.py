@@ -60,17 +60,18 @@ def _past(last: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return past
 
 
-def _joined(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+def _joined(x: torch.Tensor, last: torch.Tensor | None, skip_first: bool) -> torch.Tensor:
     """``cat([frame, past], channels)`` for each frame of ``x`` (channels_last frames) written into
     one channels_last buffer, the past taken from ``x`` itself: one pass over the frames instead of
-    making the past frames and then concatenating. ``last`` None: the first frame is only a past."""
+    making the past frames and then concatenating. ``last`` None: zeros; ``skip_first``: the first
+    frame is only a past."""
     n, t, c, h, w = x.shape
-    t_out = t if last is not None else t - 1
+    t_out = t - 1 if skip_first else t
     joined = torch.empty(n * t_out, 2 * c, h, w, dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last).unflatten(0, (n, t_out))
     joined[:, :, :c] = x[:, t - t_out:]
-    if last is not None:
-        joined[:, 0, c:] = last
+    if not skip_first:
+        joined[:, 0, c:] = 0 if last is None else last
     joined[:, t_out - (t - 1):, c:] = x[:, :-1]
     return joined
 
@@ -79,16 +80,15 @@ def _memory(layer: nn.Module, x: torch.Tensor, state: State, i: int, skip_first:
     """``skip_first``: the first frame's output is not needed (it is still the next frame's past).
     A block that takes its input and past already joined (``joins_past``, the fast executor's) gets
     them so for channels_last frames."""
-    last = None
-    if not skip_first:
-        last = state.get(i)
-        if last is None:
-            last = torch.zeros_like(x[:, 0])
+    last = state.get(i)
     state[i] = _own(x[:, -1], x)
     n, cur = x.shape[0], x[:, 1:] if skip_first else x
     if getattr(layer, "joins_past", False) and x.stride(2) == 1 and not torch.jit.is_tracing():
-        return _unflat(_call(layer, _flat(cur), joined=_flat(_joined(x, last))), n)
-    past = x[:, :-1] if skip_first else _past(last, x)
+        return _unflat(_call(layer, _flat(cur), joined=_flat(_joined(x, last, skip_first))), n)
+    if skip_first:
+        past = x[:, :-1]
+    else:
+        past = _past(torch.zeros_like(x[:, 0]) if last is None else last, x)
     return _unflat(_call(layer, _flat(cur), _flat(past)), n)
 
 
