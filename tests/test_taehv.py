@@ -313,3 +313,26 @@ def test_a_folder_of_photos_of_several_sizes_is_not_a_clip(tmp_path):
     Image.new("RGB", (56, 40)).save(tmp_path / "b.png")
     with pytest.raises(TaesdError, match="b.png is 56x40 but a.png is 64x48: a frame folder holds frames of one size"):
         read_video(tmp_path)
+
+
+@torch.no_grad()
+def test_bounded_mode_runs_each_step_with_budgeted_allocations(monkeypatch):
+    """Bounded mode's peak stays flat in clip length because each step's big blocks are mmapped and
+    freed (a kept heap fragmented and grew over the first chunks); whole mode keeps the fast heap."""
+    import contextlib
+
+    from taesd.tiling import memory
+    entered = []
+
+    @contextlib.contextmanager
+    def spy():
+        entered.append(1)
+        yield
+
+    monkeypatch.setattr(memory, "budgeted_allocations", spy)
+    model = TAEHV("taew2_1", parts="decoder").eval()
+    latents = torch.randn(1, 3, 16, 2, 2)
+    model.decode(latents)
+    assert entered == []
+    model.decode(latents, chunk=1)
+    assert len(entered) == 4          # three steps and the finish

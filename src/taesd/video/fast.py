@@ -8,7 +8,9 @@ the video blocks. Same modules, same state_dict, same temporal engine; only forw
   commutes with a nearest upsample: 4x fewer multiply-adds, bit for bit the same) and one
   upsample+conv kernel (4 instead of 9 multiply-adds per output, or Winograd reading the small map);
 - ``_super`` decoders: the residual add fused into the block's last 1x1 conv, TGrow frames made
-  channels_last directly, and the last ``TGrow -> conv3x3`` folded into one conv on the ungrown frames.
+  channels_last directly, and the last ``TGrow -> conv3x3`` folded into one conv on the ungrown frames;
+- a conv followed by a ReLU runs as one kernel; memory blocks take their input and past frames
+  already joined along channels (``joins_past``: one copy instead of making the past, then the cat).
 Decoded pixels stay within ~1e-5 of the plain network; ``use_winograd=False`` keeps it within fp32
 rounding of the sums of phase weights.
 """
@@ -36,29 +38,45 @@ from taesd.video.model import TAEHV
 CL = torch.channels_last
 
 
+def _joined(x: torch.Tensor, past: torch.Tensor | None, joined: torch.Tensor | None) -> torch.Tensor:
+    """cat(x, past) along channels, channels_last; ``joined``: made so already (``taesd.video.temporal``
+    builds it in one pass from the frames, ``joins_past``)."""
+    return torch.cat([x, past], 1).contiguous(memory_format=CL) if joined is None else joined
+
+
+def _past(x: torch.Tensor, past: torch.Tensor | None, joined: torch.Tensor | None) -> torch.Tensor:
+    return past if joined is None else joined[:, x.shape[1]:]
+
+
 class FastMemBlock(MemBlock):
-    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    joins_past = True
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None, joined: torch.Tensor | None = None):
         if not fused_available(x, self):
-            return super().forward(x, past)
-        h = torch.cat([x, past], 1).contiguous(memory_format=CL)
+            return super().forward(x, _past(x, past, joined))
+        h = _joined(x, past, joined)
         h = conv_relu(self.conv[2], conv_relu(self.conv[0], h))
         return conv_add_relu(self.conv[4], h, self.skip(x).contiguous(memory_format=CL))
 
 
 class FastWideMemBlock(WideMemBlock):
-    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    joins_past = True
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None, joined: torch.Tensor | None = None):
         if not fused_available(x, self):
-            return super().forward(x, past)
-        h = torch.cat([x, past], 1).contiguous(memory_format=CL)
+            return super().forward(x, _past(x, past, joined))
+        h = _joined(x, past, joined)
         h = conv_relu(self.conv[4], conv_relu(self.conv[2], conv_relu(self.conv[0], h)))
         return conv_add_relu(self.conv[6], h, self.skip(x).contiguous(memory_format=CL))
 
 
 class FastSuperMemBlock(SuperMemBlock):
-    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    joins_past = True
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None, joined: torch.Tensor | None = None):
         if not fused_available(x, self):
-            return super().forward(x, past)
-        h = conv_relu(self.conv[1], self.conv[0](torch.cat([x, past], 1).contiguous(memory_format=CL)))
+            return super().forward(x, _past(x, past, joined))
+        h = conv_relu(self.conv[1], self.conv[0](_joined(x, past, joined)))
         return conv_add(self.conv[3], h, x.contiguous(memory_format=CL))
 
 
@@ -87,6 +105,8 @@ class FoldedTGrow(TGrow):
     """A TGrow folded into the conv after it (``GrownConv2d``): passes its input on unchanged; its
     weight stays here (same state_dict) and the conv reads it."""
 
+    time_stride = 1      # the frames grow in the conv (taesd.video.temporal.time_stride)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -97,6 +117,10 @@ class GrownConv2d(FastConv2d):
     all ``stride`` of them run as one conv with ``stride`` x the output channels (a tiny output: the
     ``_super`` decoders' last conv makes 3 * patch² channels), then split into frames. The grown map
     (2x the frames at full resolution) and its 1x1 conv are never made."""
+
+    @property
+    def time_stride(self) -> int:
+        return self.__dict__["_grow"].stride
 
     def _folded(self) -> FastConv2d:
         grow = self.__dict__["_grow"]
@@ -121,6 +145,16 @@ class GrownConv2d(FastConv2d):
             return super().forward(TGrow.forward(grow, x))
         y = self._folded()(x)                                   # N x (stride * C_out) x H x W
         return y.unflatten(1, (grow.stride, -1)).flatten(0, 1)  # frames in time order
+
+
+class ConvReLU2d(FastConv2d):
+    """relu(conv(x)) in one kernel: stands where a conv followed by an ``nn.ReLU`` stood, the ReLU
+    replaced by ``nn.Identity`` (one pass less over the conv's output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_available(x, self):
+            return conv_relu(self, x.contiguous(memory_format=CL))
+        return F.relu(super().forward(x))
 
 
 class UpsampledConv2d(FastConv2d):
@@ -149,6 +183,13 @@ def _fuse_upsamples(seq: nn.Sequential) -> None:
             conv.upsample_factor = 2
 
 
+def _fuse_relus(seq: nn.Sequential) -> None:
+    for i in range(len(seq) - 1):
+        if type(seq[i]) is FastConv2d and type(seq[i + 1]) is nn.ReLU:
+            seq[i].__class__ = ConvReLU2d
+            seq[i + 1] = nn.Identity()
+
+
 def _fold_last_grow(seq: nn.Sequential) -> None:
     """The ``_super`` decoders end ``PixelShuffle -> TGrow -> conv3x3``: fold the TGrow into the conv."""
     if (len(seq) >= 3 and type(seq[-3]) is nn.PixelShuffle and type(seq[-2]) is FastTGrow
@@ -175,4 +216,5 @@ def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True) -
                 sub.winograd = WINOGRAD_TILES.get(part, 0) if use_winograd else 0
         _fuse_upsamples(seq)
         _fold_last_grow(seq)
+        _fuse_relus(seq)
     return model

@@ -27,7 +27,9 @@ H3_CHUNK, H3_LEAD, H3_DROP_LATENTS = 17, 3, 3
 
 def _cat(pieces: list[torch.Tensor]) -> torch.Tensor | None:
     pieces = [p for p in pieces if p is not None and p.shape[1]]
-    return torch.cat(pieces, 1) if pieces else None
+    if len(pieces) < 2:
+        return pieces[0] if pieces else None      # one piece: no copy
+    return torch.cat(pieces, 1)
 
 
 def _hold(held: torch.Tensor | None, new: torch.Tensor | None, keep: int):
@@ -45,8 +47,8 @@ class Layers:
     def __init__(self, layers):
         self.layers, self.state = layers, {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        return run_layers(self.layers, x, self.state)
+    def __call__(self, x: torch.Tensor, drop: int = 0) -> torch.Tensor | None:
+        return run_layers(self.layers, x, self.state, drop)
 
     def clear(self) -> None:
         self.state.clear()
@@ -128,16 +130,27 @@ class DecodeRun:
     def state(self):
         return self.engine.state
 
+    def _kept(self, index: torch.Tensor) -> torch.Tensor:
+        return index % self.period >= self.lead if self.period else index >= self.lead
+
     def _keep(self, y: torch.Tensor) -> torch.Tensor:
-        index = torch.arange(self.raw_frames, self.raw_frames + y.shape[1])
+        keep = self._kept(torch.arange(self.raw_frames, self.raw_frames + y.shape[1]))
         self.raw_frames += y.shape[1]
-        keep = index % self.period >= self.lead if self.period else index >= self.lead
         return y if bool(keep.all()) else y[:, keep]
+
+    def _leading_drop(self, n_latents: int) -> int:
+        """How many of the next raw frames, from the first on, are dropped (at most all but one:
+        the last frame carries the state)."""
+        n = n_latents * self.model.time_upscale
+        keep = self._kept(torch.arange(self.raw_frames, self.raw_frames + n))
+        return int(keep.int().argmax()) if bool(keep.any()) else keep.numel() - 1
 
     def feed(self, latents: torch.Tensor) -> torch.Tensor | None:
         if latents.shape[1] == 0:
             return None
-        y = self.engine(latents)
+        drop = self._leading_drop(latents.shape[1])     # not computed, beyond what the state needs
+        y = self.engine(latents, drop)
+        self.raw_frames += drop
         y = self._keep(self.model.postprocess(y))
         out, self.held = _hold(self.held, y, self.tail)
         return out

@@ -27,7 +27,7 @@ from taesd.tiling import memory
 from taesd.tiling.planner import splits, tile_pair
 from taesd.tiling.receptive import needed_interval, scale_of, winograd_attribute
 from taesd.tiling.runner import untiled_pixels
-from taesd.video.temporal import State, run_layer
+from taesd.video.temporal import State, leading_drops, run_layer
 
 
 def _lcm(a: int, b: int) -> int:
@@ -150,6 +150,7 @@ class TiledLayers:
         self.tiles: list[Tile] = []
         self.size: tuple[int, int] | None = None
         self.state: State = {}
+        self.drops = [0] * (len(layers) + 1)     # this chunk's ``leading_drops``
 
     def clear(self) -> None:
         self.state.clear()
@@ -175,13 +176,15 @@ class TiledLayers:
         for i in range(start, stop):
             if x is None or x.shape[1] == 0:
                 return None
-            x = run_layer(self.layers[i], i, x, self.state)
+            x = run_layer(self.layers[i], i, x, self.state, self.drops[i + 1])
         return None if x is None or x.shape[1] == 0 else x
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The chunk ``x`` (N x T x C x H x W) through every layer, the large maps tile by tile."""
+    def __call__(self, x: torch.Tensor, drop: int = 0) -> torch.Tensor | None:
+        """The chunk ``x`` (N x T x C x H x W) through every layer, the large maps tile by tile;
+        ``drop`` as for ``run_layers``."""
         self._plan(*x.shape[-2:])
-        x = self._whole(x, 0, self.start)
+        self.drops = leading_drops(self.layers, drop)
+        x = self._whole(x[:, self.drops[0]:], 0, self.start)
         if x is None or self.start == self.stop:
             return self._whole(x, self.stop, len(self.layers))
         fo, out, nxt, at = self.geometry.per_latent[-1], None, {}, self.start
@@ -214,7 +217,8 @@ class TiledLayers:
         for k in range(self.stop - self.start):
             token = untiled_pixels.set(pixels * per[k + 1] ** 2)
             try:
-                y = run_layer(self.layers[self.start + k], self.start + k, y, state)
+                i = self.start + k
+                y = run_layer(self.layers[i], i, y, state, self.drops[i + 1])
             finally:
                 untiled_pixels.reset(token)
             if y.shape[1] == 0:
