@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """TAEHV on the CPU: decode speed against the published taehv.py, and bounded mode's peak memory.
 
-    # speed: published decode_video (eager, parallel) vs taesd (fast executor, whole clip),
-    # same process, same weights, alternated
+    # speed: published decode_video (eager, parallel, fp32) vs taesd (fast executor, whole clip) in
+    # fp32 and in its default precision (bf16 on AMX CPUs), same process, same weights, alternated
     python benchmarks/bench_taehv.py speed /tmp/taehv_ref/taehv.py --variant taew2_1 --size 40 --latents 3
     # memory: peak RSS of a bounded decode (one latent per step, frames dropped as made) per clip length
     python benchmarks/bench_taehv.py memory --variant taew2_1 --height 240 --width 416 --frames 17 81
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -33,6 +34,13 @@ def _published(path: str):
     return module
 
 
+def _psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """PSNR against the reference's own range (random weights decode to a narrow range of values)."""
+    mse = (ref - x).double().pow(2).mean().item()
+    span = (ref.max() - ref.min()).item()
+    return float("inf") if mse == 0 else 10 * math.log10(span ** 2 / mse)
+
+
 @torch.no_grad()
 def speed(args) -> None:
     ref_module = _published(args.taehv_py)
@@ -44,24 +52,31 @@ def speed(args) -> None:
                            decoder_time_upscale=v.decoder_time_upscale,
                            arch_variant="super" if v.decoder_block == "super" else None).eval()
     ref.decoder.load_state_dict(ours.decoder.state_dict())
-    make_fast(ours)
+    default = TAEHV(args.variant, parts="decoder").eval()
+    default.load_state_dict(ours.state_dict())
+    make_fast(ours, bf16=False)      # fp32, as the published code computes
+    make_fast(default)               # what taesd.video.load gives: bf16 on AMX CPUs, else fp32
     latents = torch.randn(1, args.latents, v.latent_channels, args.size, args.size)
-    times = {"published": [], "taesd": []}
-    for _ in range(args.repeats):     # alternated: both see the same machine load
-        t = time.perf_counter()
-        a = ref.decode_video(latents, parallel=True, show_progress_bar=False)
-        times["published"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        b = ours.decode(latents)
-        times["taesd"].append(time.perf_counter() - t)
-    pub, mine = statistics.median(times["published"]), statistics.median(times["taesd"])
-    print(f"| {v.name} | {args.latents}x{args.size}x{args.size} -> {tuple(b.shape[1:])} | {pub:.2f} s | "
-          f"{mine:.2f} s | {pub / mine:.2f}x | {(a - b).abs().max().item():.1e} |")
+    runs = {"published": lambda: ref.decode_video(latents, parallel=True, show_progress_bar=False),
+            "fp32": lambda: ours.decode(latents), "default": lambda: default.decode(latents)}
+    times = {k: [] for k in runs}
+    out = {}
+    for _ in range(args.repeats):     # alternated: all see the same machine load
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            out[k] = fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    pub = med["published"]
+    print(f"| {v.name} | {args.latents}x{args.size}x{args.size} -> {tuple(out['fp32'].shape[1:])} | {pub:.2f} s | "
+          f"{med['fp32']:.2f} s | {pub / med['fp32']:.2f}x | {(out['published'] - out['fp32']).abs().max().item():.1e} | "
+          f"{str(default.compute_dtype).replace('torch.', '')} | {med['default']:.2f} s | {pub / med['default']:.2f}x | "
+          f"{_psnr(out['fp32'], out['default']):.1f} dB |", flush=True)
 
 
 @torch.no_grad()
 def _measure_one(variant: str, height: int, width: int, frames: int, mode: str, tile: int = 0) -> dict:
-    model = make_fast(TAEHV(variant, parts="decoder").eval())
+    model = make_fast(TAEHV(variant, parts="decoder").eval(), bf16=False)   # fp32: as documented
     v = model.variant
     n_latents = (frames - 1) // v.time_upscale + 1
     latents = torch.randn(1, n_latents, v.latent_channels, height // v.downscale, width // v.downscale)
@@ -87,6 +102,11 @@ def memory(args) -> None:
                       f"{r['growth_mib']:.0f} MiB | {r['seconds']:.1f} s |", flush=True)
 
 
+SPEED_HEADER = ("| variant | latents -> frames | published fp32 | taesd fp32 | x published | max abs diff | "
+                "taesd default computes in | taesd default | x published | PSNR default vs fp32 |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_one":
         variant, h, w, frames, mode, tile = sys.argv[2:8]
@@ -100,6 +120,7 @@ def main() -> None:
     s.add_argument("--size", type=int, default=40, help="latent height = width")
     s.add_argument("--latents", type=int, default=3)
     s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--no-header", action="store_true", help="print the table row only (to join runs)")
     m = sub.add_parser("memory")
     m.add_argument("--variant", default="taew2_1")
     m.add_argument("--height", type=int, default=480)
@@ -109,7 +130,12 @@ def main() -> None:
     m.add_argument("--tile-sizes", type=int, nargs="+", default=[0],
                    help="spatial tiles in latent pixels, 0: untiled (seam-exact either way)")
     args = parser.parse_args()
-    speed(args) if args.what == "speed" else memory(args)
+    if args.what == "speed":
+        if not args.no_header:
+            print(SPEED_HEADER)
+        speed(args)
+    else:
+        memory(args)
 
 
 if __name__ == "__main__":

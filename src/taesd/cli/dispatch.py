@@ -86,7 +86,7 @@ def run_video(action: str, args) -> int:
     ns = argparse.Namespace(action=action, input=str(src), variant=args.variant,
                             weights=weights[0] if weights else None, output=str(out),
                             chunk=getattr(args, "chunk", None), max_frames=getattr(args, "max_frames", None),
-                            tile_size=getattr(args, "tile_size", None))
+                            tile_size=getattr(args, "tile_size", None), dtype=getattr(args, "dtype", None))
     return video.run(ns)
 
 

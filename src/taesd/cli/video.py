@@ -23,6 +23,7 @@ from taesd.errors import TaesdError
 from taesd.evaluation.video import pad_frames, roundtrip_video
 from taesd.io.video import VideoWriter, read_video
 from taesd.registry import VIDEO_VARIANTS, get_video_variant
+from taesd.runtime.dtypes import DTYPE_CHOICES
 from taesd.video import identify_video, load, read_state_dict
 
 
@@ -39,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tile-size", type=int, default=None, metavar="N",
                    help="spatial tiles of N latent pixels (seam-exact: same result, less memory per step)")
     p.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="precision of the computation (default: fp32, in bf16 on AMX CPUs; files keep fp32)")
     p.set_defaults(run=run)
 
 
@@ -85,7 +88,7 @@ def run(args) -> int:
         raise TaesdError(f"taesd video {args.action} needs an input file")
     if args.action == "decode" and args.variant is None:
         args.variant = _latent_meta(args.input)[0].get("variant")
-    model = load(_weights(args), variant=args.variant).eval()
+    model = load(_weights(args), variant=args.variant, dtype=getattr(args, "dtype", None)).eval()
     with torch.no_grad():
         if args.action == "roundtrip":
             clip = read_video(args.input, args.max_frames)

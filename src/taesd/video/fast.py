@@ -29,6 +29,7 @@ from taesd.runtime.executors.cpu import (
     _weight_key,
     conv_add_relu,
     conv_relu,
+    cpu_compute_dtype,
     fused_available,
     tune_allocator,
     upsample_conv,
@@ -200,10 +201,16 @@ def _fold_last_grow(seq: nn.Sequential) -> None:
         seq[-1].__dict__["_grow"] = seq[-2]
 
 
-def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True) -> TAEHV:
-    """Transform ``model`` in place for fast CPU inference and return it (module docstring)."""
+def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True,
+              bf16: bool | None = None) -> TAEHV:
+    """Transform ``model`` in place for fast CPU inference and return it (module docstring).
+    ``bf16``: whether an fp32 model computes in bf16 (weights stay fp32, each conv packs a bf16 copy
+    once; inputs and outputs keep their dtype); None: the image executor's rule
+    (``cpu_compute_dtype``: ``$TAESD_CPU_BF16``, else bf16 on AMX CPUs)."""
     if allocator:
         tune_allocator()
+    ref = next(model.parameters())
+    model.compute_dtype = cpu_compute_dtype(ref.dtype, ref.device, bf16)
     use_winograd = use_winograd and winograd.available()
     for part in model.parts:
         seq = getattr(model, part)

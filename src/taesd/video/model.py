@@ -40,6 +40,9 @@ class TAEHV(nn.Module):
         self.decoder = (build_video_decoder(self.variant, time_upscale, space_upscale)
                         if "decoder" in parts else None)
         self.weights_info: dict = {}
+        # What encode/decode/stream compute in (``make_fast`` sets it by the CPU rule: bf16 on AMX CPUs);
+        # None: the weights' dtype. Inputs are cast to it, outputs come back in the input's dtype.
+        self.compute_dtype: torch.dtype | None = None
 
     # --- facts -----------------------------------------------------------------------------------------
     @property
@@ -59,6 +62,11 @@ class TAEHV(nn.Module):
         if module is None:
             raise TaesdError(f"this {self.variant.name} model has no {part}; load it with {part!r} in parts")
         return module
+
+    def to_compute(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype the network runs in (``compute_dtype``, else the weights')."""
+        dtype = self.compute_dtype or next(self.parameters()).dtype
+        return x if x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
 
     # --- pixels <-> network frames ----------------------------------------------------------------------
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,8 @@ class EncodeRun:
         return self.engine.state
 
     def _run(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self.engine(self.model.preprocess(x))
+        y = self.engine(self.model.to_compute(self.model.preprocess(x)))
+        return None if y is None else y.to(x.dtype)
 
     def _feed_h3(self, frames: torch.Tensor) -> list[torch.Tensor | None]:
         out, pos = [], 0
@@ -149,9 +150,9 @@ class DecodeRun:
         if latents.shape[1] == 0:
             return None
         drop = self._leading_drop(latents.shape[1])     # not computed, beyond what the state needs
-        y = self.engine(latents, drop)
+        y = self.engine(self.model.to_compute(latents), drop)
         self.raw_frames += drop
-        y = self._keep(self.model.postprocess(y))
+        y = self._keep(self.model.postprocess(None if y is None else y.to(latents.dtype)))
         out, self.held = _hold(self.held, y, self.tail)
         return out
 

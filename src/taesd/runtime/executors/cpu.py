@@ -194,6 +194,9 @@ def conv_add_relu(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> tor
     m = conv.winograd_tile(x)
     if m:
         return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, residual=other, relu=True)
+    if conv.groups > 1 and x.dtype != torch.float32:
+        # PyTorch's fallback for a grouped conv with a binary post-op has no reduced-precision add_relu
+        return FastConv2d.forward(conv, x).add_(other).relu_()
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, other, conv.packed_weight(x), conv.bias_as(x), *_conv_args(conv), "add", None, "relu", [], None)
 
@@ -274,7 +277,8 @@ def upsample_conv(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.bfloat16:
         if conv.uses_amx(x, upsample=True):
             return amx.conv3x3(x, conv.amx_weight(), conv.out_channels, conv.bias, upsample=True)
-        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        # FastConv2d's own forward: ``conv`` may be a subclass whose forward upsamples again
+        return FastConv2d.forward(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
     m = conv.winograd_tile(x, upsample=True)
     if m:
         return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, upsample=True)
@@ -375,6 +379,22 @@ def winograd_tiles(part: str, module: nn.Module):
             yield sub, full or WINOGRAD_TILES.get(part, 0)
 
 
+def cpu_compute_dtype(dtype: torch.dtype, device: torch.device, bf16: "bool | None" = None) -> torch.dtype:
+    """What a model whose weights are ``dtype`` on ``device`` computes in on the CPU executors (image
+    and video): an fp32 model on a CPU computes in bf16 where ``bf16`` says so (None:
+    ``$TAESD_CPU_BF16``, else this CPU's rule, ``taesd.runtime.isa.default_dtype``) and the CPU runs it
+    natively; any other model in its own dtype."""
+    if dtype != torch.float32 or device.type != "cpu":
+        return dtype
+    if bf16 is None:
+        bf16 = settings.cpu_bf16()
+    if bf16 is None:
+        bf16 = isa.default_dtype() == torch.bfloat16
+    if bf16 and torch.backends.mkldnn.is_available() and native(torch.bfloat16):
+        return torch.bfloat16
+    return torch.float32
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuExecutor(Executor):
     """The CPU executor (see the module docstring). ``allocator=False`` leaves the process allocator
@@ -393,16 +413,7 @@ class CpuExecutor(Executor):
         return model.device.type == "cpu"
 
     def compute_dtype(self, model) -> torch.dtype:
-        if model.dtype != torch.float32 or model.device.type != "cpu":
-            return model.dtype
-        bf16 = self.bf16
-        if bf16 is None:
-            bf16 = settings.cpu_bf16()
-        if bf16 is None:
-            bf16 = isa.default_dtype() == torch.bfloat16
-        if bf16 and torch.backends.mkldnn.is_available() and native(torch.bfloat16):
-            return torch.bfloat16
-        return torch.float32
+        return cpu_compute_dtype(model.dtype, model.device, self.bf16)
 
     def winograd_on(self) -> bool:
         """Winograd runs: asked for, switched on and compiled (else tiling plans for direct convs)."""
