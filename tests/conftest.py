@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The suites that start many subprocesses or train: deselected by `bash test.sh` (the fast suite a
 # user runs), run by `bash test.sh --all` (CI, .ci/run).
 SLOW_FILES = {"test_hostile.py", "test_training_cli.py", "test_train.py", "test_pipelines.py",
-              "test_core_install.py", "test_download.py", "test_memory.py", "test_onnx.py", "test_eval.py"}
+              "test_core_install.py", "test_download.py", "test_memory.py", "test_onnx.py", "test_eval.py",
+              "test_onnx_web.py"}
 
 
 def pytest_collection_modifyitems(config, items):
