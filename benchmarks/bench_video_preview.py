@@ -70,9 +70,10 @@ def main() -> None:
         cb = VideoPreviewCallback(pipe, on_preview=lambda _: None, **kw)
         rows.append((label, _median_ms(lambda cb=cb: cb(pipe, 0, 0.0, {"latents": latents}), args.reps,
                                        args.device)))
-    full = _median_ms(lambda: vae.decode(latents), 1, args.device)
+    full = _median_ms(lambda: vae.decode(latents), args.reps, args.device)
+    compute = vae.taehv.compute_dtype or dtype    # set by the fast executor: bf16 on AMX CPUs
     print(f"taew2_1, {args.frames} frames at {h}x{w} ({latents.shape[2]} latent frames), {args.device} "
-          f"{dtype}, {torch.get_num_threads()} threads")
+          f"{dtype} in and out, computing in {compute}, {torch.get_num_threads()} threads")
     print("| preview | ms | share of a whole-clip TAEHV decode |\n|---|---:|---:|")
     for label, ms in rows:
         print(f"| {label} | {ms:.0f} | {ms / full:.1%} |")
