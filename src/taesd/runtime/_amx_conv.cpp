@@ -4,11 +4,14 @@
 // Built at first use by taesd/runtime/amx.py (plain C ABI, called through ctypes).
 //
 // Each thread takes bands of output rows. For each output row it keeps the three input rows it
-// reads in a ring of zero-padded rows (one new row copied per output row), then per 64 output
-// pixels and 16 output channels runs 9 taps x Ci/32 steps of four tile products (4 pixel tiles
-// sharing one weight tile, TDPBF16PS), each A tile read straight from the padded rows with the row
-// stride of one pixel. Per output pixel the sum order is fixed (taps, then input channels), whatever
-// the map size, band or thread: a tile of a bigger map gives the same bits (seam-exact tiling).
+// reads in a ring of zero-padded rows (one new row copied per output row), then per 32 output
+// pixels and 32 output channels runs 9 taps x Ci/32 steps of four tile products (2 pixel tiles x
+// 2 channel tiles, TDPBF16PS), each A tile read straight from the padded rows with the row stride
+// of one pixel, the next step's tiles loaded as soon as the products free them (tiles are not
+// renamed: a load waits for the last product that reads its tile). Each block's bias, residual,
+// ReLU and bf16 rounding run between the next block's products. Per output pixel the sum order is
+// fixed (taps, then input channels), whatever the map size, band or thread: a tile of a bigger map
+// gives the same bits (seam-exact tiling).
 #include <immintrin.h>
 #include <pthread.h>
 #include <sys/syscall.h>
@@ -36,7 +39,7 @@ struct Job {
   const float* bias;      // [Co] or null
   const uint16_t* res;    // [N][H][W][Co] or null
   uint16_t* y;            // [N][H][W][Co]
-  int N, H, W, Ci, Co, relu, up, groups;   // H, W: the output's size; groups: GP-pixel groups per row
+  int N, H, W, Ci, Co, relu, up, groups;   // H, W: the output's size; groups: 32-pixel groups per row
   int Hv, Wv, stride;     // the map the conv reads (x, or x upsampled) and the conv's stride (1, 2)
   long bands, per_image;
   std::atomic<long> next;
@@ -68,13 +71,11 @@ static void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-constexpr int GP = 64;    // output pixels per group (four A tiles)
-
-// The finishing pass of one block of sums, GP pixels x 16 output channels: S ([GP][16], fp32) +
-// bias + residual, ReLU, rounded to bf16 into out; pixels p0 .. p1 - 1 of its np.
+// The finishing pass of one 32-pixel x 32-channel block of sums: S ([32 pixels][32], fp32) + bias
+// + residual, ReLU, rounded to bf16 into out; pixels p0 .. p1 - 1 of its np.
 struct Pending {
   const float* S;
-  const float* bias;      // this block's 16 channels, or null
+  const float* bias;      // this block's 32 channels, or null
   const uint16_t* res;    // pixel 0, channel 0 of the block (stride Co), or null
   uint16_t* out;          // likewise
   int np;
@@ -82,61 +83,76 @@ struct Pending {
 
 static inline void finish(const Pending& b, int p0, int p1, int relu, int Co) {
   if (p1 > b.np) p1 = b.np;
-  const __m512 bias = b.bias ? _mm512_loadu_ps(b.bias) : _mm512_setzero_ps();
   for (int p = p0; p < p1; ++p) {
-    __m512 v = _mm512_add_ps(_mm512_load_ps(b.S + p * 16), bias);
-    if (b.res) v = _mm512_add_ps(v, bf16x16(b.res + (long)p * Co));
-    if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
-    _mm256_storeu_si256((__m256i*)(b.out + (long)p * Co), (__m256i)_mm512_cvtneps_pbh(v));
+    for (int c = 0; c < 32; c += 16) {
+      __m512 v = _mm512_load_ps(b.S + p * 32 + c);
+      if (b.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(b.bias + c));
+      if (b.res) v = _mm512_add_ps(v, bf16x16(b.res + (long)p * Co + c));
+      if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+      _mm256_storeu_si256((__m256i*)(b.out + (long)p * Co + c), (__m256i)_mm512_cvtneps_pbh(v));
+    }
   }
 }
 
 // One output row of a 3x3 conv: rows[0..2] are the padded input rows it reads (above, at and below
 // it, at stride sx). out: where pixel p's Co channels go (out + p * Co); res: the residual row or null.
-// S: two GP x 16 fp32 buffers (8 KB). Blocks of GP pixels (four A tiles sharing each B tile: half
-// the weight reads of two) x 16 output channels; each block's finishing pass runs interleaved with
-// the next block's tile products, so the vector units work while the tile unit multiplies.
+// S: two 32 x 32 fp32 buffers (8 KB). Blocks of 32 pixels x 32 output channels; each block's
+// finishing pass runs interleaved with the next block's tile products (in program order between
+// them), so the vector units work while the tile unit multiplies.
 static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const float* bias,
                      const uint16_t* res, int relu, uint16_t* out, int W, int groups, int Ci, int Co,
                      float* S, int sx = 1) {
   const int nk = Ci / KC;
   const long tap = (long)nk * 1024;                          // elements per tap of one channel pair-tile
-  const long ast = (long)PX * sx * Ci;                       // from one A tile to the next
   Pending prev{nullptr, nullptr, nullptr, nullptr, 0};
   int cur = 0;
   for (int g = 0; g < groups; ++g) {
-    const int x0 = g * GP;
-    const int np = W - x0 < GP ? W - x0 : GP;     // the last group of a row may be partial
-    for (int j = 0; j < Co / 16; ++j) {
+    const int x0 = g * 32;
+    const int np = W - x0 < 32 ? W - x0 : 32;     // the last group of a row may be partial
+    for (int op = 0; op < Co / 32; ++op) {
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      const uint16_t* wb = w + (long)(j >> 1) * 9 * tap + (j & 1) * 512;
+      const uint16_t* wb = w + (long)op * 9 * tap;
+      // Software-pipelined: each step's tile products free their operand tiles in turn, and the
+      // next step's loads go in as soon as their tile is free.
+      const long ast = Ci * 2 * sx;
+      auto A = [&](int t, int k) { return rows[t / 3] + (long)(x0 * sx + t % 3) * Ci + k * KC; };
+      {
+        const uint16_t* a = A(0, 0);
+        _tile_loadd(4, a, ast);
+        _tile_loadd(5, a + PX * sx * Ci, ast);
+        _tile_loadd(6, wb, 64);
+        _tile_loadd(7, wb + 512, 64);
+      }
       for (int t = 0; t < 9; ++t) {
-        const uint16_t* arow = rows[t / 3] + (long)(x0 * sx + t % 3) * Ci;
         for (int k = 0; k < nk; ++k) {
-          const uint16_t* a = arow + k * KC;
-          _tile_loadd(6, wb + t * tap + k * 1024, 64);
-          _tile_loadd(4, a, Ci * 2 * sx);
-          _tile_loadd(5, a + ast, Ci * 2 * sx);
-          _tile_loadd(7, a + 2 * ast, Ci * 2 * sx);
+          const bool last = t == 8 && k == nk - 1;
+          const int tn = k == nk - 1 ? t + 1 : t, kn = k == nk - 1 ? 0 : k + 1;
+          const uint16_t* a = last ? nullptr : A(tn, kn);
+          const uint16_t* b = wb + tn * tap + kn * 1024;
           _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 5, 6);
-          _tile_loadd(4, a + 3 * ast, Ci * 2 * sx);
-          _tile_dpbf16ps(2, 7, 6);
-          _tile_dpbf16ps(3, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if (!last) _tile_loadd(6, b, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          if (!last) _tile_loadd(4, a, ast);
+          _tile_dpbf16ps(3, 5, 7);
+          if (!last) {
+            _tile_loadd(5, a + PX * sx * Ci, ast);
+            _tile_loadd(7, b + 512, 64);
+          }
         }
-        if (prev.S) finish(prev, t * 7, t == 8 ? GP : t * 7 + 7, relu, Co);
+        if (prev.S) finish(prev, t * 4, t == 8 ? 32 : t * 4 + 4, relu, Co);
       }
       float* s = S + cur * 1024;
-      _tile_stored(0, s, 64);
-      _tile_stored(1, s + 16 * 16, 64);
-      _tile_stored(2, s + 32 * 16, 64);
-      _tile_stored(3, s + 48 * 16, 64);
-      const long off = (long)x0 * Co + j * 16;
-      prev = Pending{s, bias ? bias + j * 16 : nullptr, res ? res + off : nullptr, out + off, np};
+      _tile_stored(0, s, 128);
+      _tile_stored(1, s + 16, 128);
+      _tile_stored(2, s + PX * 32, 128);
+      _tile_stored(3, s + PX * 32 + 16, 128);
+      const long off = (long)x0 * Co + op * 32;
+      prev = Pending{s, bias ? bias + op * 32 : nullptr, res ? res + off : nullptr, out + off, np};
       cur ^= 1;
     }
   }
-  if (prev.S) finish(prev, 0, GP, relu, Co);
+  if (prev.S) finish(prev, 0, 32, relu, Co);
 }
 
 static inline int slot(int row) { return ((row % 3) + 3) % 3; }
@@ -145,7 +161,7 @@ static void* worker(void* arg) {
   Job* job = (Job*)arg;
   configure_tiles();
   const int Ci = job->Ci, Co = job->Co, W = job->W, H = job->H, s = job->stride;
-  const long padded = (long)(job->groups * GP * s + 2) * Ci;    // elements per padded row
+  const long padded = (long)(job->groups * 32 * s + 2) * Ci;    // elements per padded row
   uint16_t* ring = (uint16_t*)aligned_alloc(64, 2 * 3 * padded);
   float* S = (float*)aligned_alloc(64, sizeof(float) * 2048);
   for (long b; (b = job->next.fetch_add(1)) < job->bands;) {
@@ -186,7 +202,7 @@ static void* block_worker(void* arg) {
   BlockJob* job = (BlockJob*)arg;
   configure_tiles();
   const int C = job->C, W = job->W, H = job->H;
-  const long padded = (long)(job->groups * GP + 2) * C;
+  const long padded = (long)(job->groups * 32 + 2) * C;
   uint16_t* ring = (uint16_t*)aligned_alloc(64, 2 * 9 * padded);   // 3 rings of 3 padded rows
   memset(ring, 0, 2 * 9 * padded);                                 // pads and tails stay zero
   uint16_t* r0 = ring, *r1 = ring + 3 * padded, *r2 = ring + 6 * padded;
@@ -279,7 +295,7 @@ int taesd_amx_conv3x3(const void* x, int N, int Hv, int Wv, int Ci, const void* 
   job.res = (const uint16_t*)res; job.y = (uint16_t*)y;
   job.N = N; job.H = H; job.W = W; job.Ci = Ci; job.Co = Co; job.relu = relu; job.up = up;
   job.Hv = Hv; job.Wv = Wv; job.stride = stride;
-  job.groups = (W + GP - 1) / GP;
+  job.groups = (W + 31) / 32;
   job.per_image = (H + BAND - 1) / BAND;
   job.bands = (long)N * job.per_image;
   job.next.store(0);
@@ -297,7 +313,7 @@ int taesd_amx_block(const void* x, int N, int H, int W, int C, const void* w0, c
   job.x = (const uint16_t*)x; job.y = (uint16_t*)y;
   job.w[0] = (const uint16_t*)w0; job.w[1] = (const uint16_t*)w1; job.w[2] = (const uint16_t*)w2;
   job.b[0] = b0; job.b[1] = b1; job.b[2] = b2;
-  job.N = N; job.H = H; job.W = W; job.C = C; job.groups = (W + GP - 1) / GP;
+  job.N = N; job.H = H; job.W = W; job.C = C; job.groups = (W + 31) / 32;
   // One row range per thread and image, of 16 rows at least: each range recomputes 6 rows at its edges.
   int parts = threads < 1 ? 1 : threads;
   if (parts > H / 16) parts = H / 16 > 1 ? H / 16 : 1;
