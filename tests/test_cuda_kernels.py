@@ -45,8 +45,10 @@ DEVICE = "cuda" if CUDA else "cpu"
 # Triton reads TRITON_INTERPRET once per process (other suites may import it first), so without a GPU
 # the kernel tests run in a child process started with the interpreter on (test_kernels_in_a_child).
 IN_CHILD = CUDA or os.environ.get("TAESD_KERNEL_CHILD") == "1"
-needs_triton = pytest.mark.skipif(ck.triton is None or not IN_CHILD,
-                                  reason="triton missing, or run in the interpreter child process")
+def needs_triton(test):
+    """A Triton kernel test: on a GPU compiled, without one in the interpreter child process only
+    (tests/conftest.py leaves it out of the parent)."""
+    return pytest.mark.triton_child(pytest.mark.skipif(ck.triton is None, reason="needs triton (pip install triton)")(test))
 
 
 @pytest.mark.skipif(ck.triton is None or IN_CHILD, reason="triton missing, or this is the child")
