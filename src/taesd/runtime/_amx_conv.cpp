@@ -17,6 +17,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -278,6 +279,26 @@ extern "C" {
 // Ask Linux for the AMX tile state (once per process; 0 when granted).
 int taesd_amx_permit() {
   return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+}
+
+// The tile unit's rate on the calling core, for benchmarks/bench_amx.py's "% of peak": seconds for
+// `steps` x four TDPBF16PS on tiles already loaded (no memory traffic); -1 without AMX.
+double taesd_amx_peak(long steps) {
+  if (taesd_amx_permit() != 0) return -1;
+  configure_tiles();
+  alignas(64) static uint16_t ones[1024];
+  for (int i = 0; i < 1024; ++i) ones[i] = 0x3f80;   // bf16 1.0
+  _tile_loadd(4, ones, 64); _tile_loadd(5, ones, 64); _tile_loadd(6, ones, 64); _tile_loadd(7, ones, 64);
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (long i = 0; i < steps; ++i) {
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) static float sink[256];
+  _tile_stored(0, sink, 64);   // the products must happen
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  _tile_release();
+  return s;
 }
 
 // y = act(conv3x3(up ? upsample2x(x) : x, stride) + bias + res). Hv, Wv: the size of the map the conv

@@ -151,9 +151,10 @@ class FastConv2d(nn.Conv2d):
 
     def uses_amx(self, x: torch.Tensor, upsample: bool = False) -> bool:
         """This bf16 call can run our AMX kernel (decided as the untiled map would, like Winograd).
-        The executor uses it for the upsample + conv pairs (256² -> 512²: 10.1 against 15.9 ms for
-        oneDNN's Upsample then conv), whole residual blocks (``amx.block``; 512², one thread: 47.7
-        against 69.5 ms) and stride-2 convs; a lone 3x3 stride-1 conv stays oneDNN's, as fast as ours."""
+        The executor uses it for every 3x3 conv it applies to: upsample + conv pairs, whole residual
+        blocks (``amx.block``), stride-2 convs and lone convs with or without a fused ReLU / add + ReLU
+        (TAEHV's memory blocks); benchmarks/AMX.md: 1.2-1.5x oneDNN's bf16 conv on a lone conv,
+        1.4-1.7x on a block and on upsample + conv."""
         return x.dtype == torch.bfloat16 and amx.supports(self, x, upsample, untiled_pixels.get()) \
             and amx.available()
 
@@ -170,8 +171,8 @@ class FastConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_available(x, self):
             return super().forward(x)
-        if self.stride == (2, 2) and self.uses_amx(x):   # the encoder's downsampling convs, bf16
-            return amx.conv3x3(x, self.amx_weight(), self.out_channels, self.bias, stride=2)
+        if self.uses_amx(x):   # bf16: the encoder's downsampling convs, TAEHV's memory-block convs
+            return amx.conv3x3(x, self.amx_weight(), self.out_channels, self.bias, stride=self.stride[0])
         m = self.winograd_tile(x)
         if m:
             return winograd.conv3x3(x, self.winograd_weight(m), self.bias, m)
@@ -181,7 +182,10 @@ class FastConv2d(nn.Conv2d):
 
 
 def conv_relu(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(conv(x)) in one kernel (Winograd where the conv has a tile size, else oneDNN)."""
+    """relu(conv(x)) in one kernel (Winograd where the conv has a tile size, our AMX kernel in bf16
+    where it applies, else oneDNN)."""
+    if conv.uses_amx(x):
+        return amx.conv3x3(x, conv.amx_weight(), conv.out_channels, conv.bias, relu=True, stride=conv.stride[0])
     m = conv.winograd_tile(x)
     if m:
         return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, relu=True)
@@ -191,6 +195,9 @@ def conv_relu(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
 
 def conv_add_relu(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """relu(conv(x) + other) in one kernel (the residual block's end); ``other`` is only read."""
+    if conv.uses_amx(x) and other.shape[1] == conv.out_channels and other.dtype == x.dtype:
+        return amx.conv3x3(x, conv.amx_weight(), conv.out_channels, conv.bias, residual=other, relu=True,
+                           stride=conv.stride[0])
     m = conv.winograd_tile(x)
     if m:
         return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, residual=other, relu=True)

@@ -1,0 +1,131 @@
+"""Our AMX kernel against the tile unit's peak and oneDNN: `python benchmarks/bench_amx.py [-o benchmarks/AMX.md]`.
+
+The bf16 layers of a TAESD decode/encode at 64 channels (a lone 3x3 conv with ReLU, a residual block
+of three, a nearest-2x upsample + conv), per map size and thread count: milliseconds per call (the
+best of 12 after a warm-up), GMAC/s, the share of the tile unit's peak (measured here: back-to-back
+TDPBF16PS on loaded tiles, times the threads), and oneDNN's bf16 kernels on the same layer (what
+`TAESD_AMX=0` runs). Needs a CPU with AMX (Sapphire Rapids or later); elsewhere it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from speed import machine_facts  # noqa: E402
+from taesd.runtime import amx  # noqa: E402
+from taesd.runtime.executors.cpu import FastConv2d, tune_allocator  # noqa: E402
+
+C = 64
+
+
+def best_ms(fn, trials: int = 12) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(trials):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def peak_gmacs() -> float:
+    """One core's bf16 tile rate, GMAC/s (16 x 16 x 32 multiply-adds per TDPBF16PS)."""
+    fn = amx.library().taesd_amx_peak
+    fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_long]
+    steps = 2_000_000
+    seconds = min(fn(steps) for _ in range(3))
+    return steps * 4 * 16 * 16 * 32 / seconds / 1e9
+
+
+def fast_conv(seed: int) -> FastConv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(C, C, 3, padding=1).to(memory_format=torch.channels_last).requires_grad_(False)
+    conv.__class__ = FastConv2d
+    conv.winograd = 0   # oneDNN's direct bf16 convolution, as on an AMX CPU
+    return conv
+
+
+ARGS = ([1, 1], [1, 1], [1, 1], 1)   # padding, stride, dilation, groups of a 3x3 conv
+
+
+def onednn(conv: FastConv2d, x: torch.Tensor, act: str = "none", other: "torch.Tensor | None" = None):
+    """oneDNN's bf16 conv with its fused post-op (what the executor ran before our kernel)."""
+    if other is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, conv.packed_weight(x), conv.bias_as(x), *ARGS, "add", None, "relu", [], None)
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.packed_weight(x), conv.bias, *ARGS, act, [], None)
+
+
+def cases(size: int):
+    """(name, multiply-adds, ours, oneDNN's) for the layers at output size ``size``."""
+    x = torch.randn(1, C, size, size).bfloat16().contiguous(memory_format=torch.channels_last)
+    small = torch.randn(1, C, size // 2, size // 2).bfloat16().contiguous(memory_format=torch.channels_last)
+    convs = [fast_conv(i) for i in range(3)]
+    packed = [c.amx_weight() for c in convs]
+    conv_macs = size * size * C * C * 9
+    yield ("conv+ReLU", conv_macs,
+           lambda: amx.conv3x3(x, packed[0], C, convs[0].bias, relu=True),
+           lambda: onednn(convs[0], x, "relu"))
+    yield ("block (3 convs)", 3 * conv_macs,
+           lambda: amx.block(x, packed, [c.bias for c in convs]),
+           lambda: onednn(convs[2], onednn(convs[1], onednn(convs[0], x, "relu"), "relu"), other=x))
+    yield ("upsample+conv", conv_macs,
+           lambda: amx.conv3x3(small, packed[0], C, convs[0].bias, upsample=True),
+           lambda: onednn(convs[0], F.interpolate(small, scale_factor=2.0, mode="nearest")))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_amx.py", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
+    p.add_argument("-o", "--output", default=str(HERE / "AMX.md"))
+    args = p.parse_args(argv)
+    if not amx.available():
+        print(f"bench_amx.py: no AMX kernel here ({amx.load_error() or 'TAESD_AMX=0'}); it needs an Intel "
+              "CPU with AMX (Sapphire Rapids or later)", file=sys.stderr)
+        return 2
+    tune_allocator()
+    peak = peak_gmacs()
+    head = ("| layer (64 ch, bf16) | output | threads | ours ms | GMAC/s | % of tile peak | oneDNN ms "
+            "| x oneDNN |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
+    print(head)
+    with torch.no_grad():
+        for threads in dict.fromkeys(args.threads):
+            torch.set_num_threads(threads)
+            for size in args.sizes:
+                for name, macs, ours, onednn in cases(size):
+                    a, b = best_ms(ours), best_ms(onednn)
+                    rate = macs / a / 1e6
+                    row = (f"| {name} | {size}² | {threads} | {a:.2f} | {rate:.0f} | {100 * rate / (peak * threads):.0f}% "
+                           f"| {b:.2f} | {b / a:.2f} |")
+                    rows.append(row)
+                    print(row, flush=True)
+    text = "\n".join([
+        "# Our AMX kernel against the tile unit's peak and oneDNN", "",
+        "Written by `benchmarks/bench_amx.py`.", "",
+        *[f"- {fact}" for fact in machine_facts()],
+        f"- Tile peak measured here: {peak:.0f} GMAC/s per core (back-to-back TDPBF16PS on loaded tiles); "
+        "\"% of tile peak\" is against that times the threads.",
+        "- Best of 12 calls after a warm-up; fresh weights, random bf16 maps, batch 1. oneDNN: its bf16 "
+        "convolutions with the fused ReLU / add+ReLU post-ops (a block: three calls), upsample: "
+        "F.interpolate then the conv.", "", head, *rows, ""])
+    Path(args.output).write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
