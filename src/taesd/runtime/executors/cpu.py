@@ -153,8 +153,8 @@ class FastConv2d(nn.Conv2d):
         """This bf16 call can run our AMX kernel (decided as the untiled map would, like Winograd).
         The executor uses it for every 3x3 conv it applies to: upsample + conv pairs, whole residual
         blocks (``amx.block``), stride-2 convs and lone convs with or without a fused ReLU / add + ReLU
-        (TAEHV's memory blocks); benchmarks/AMX.md: 1.2-1.5x oneDNN's bf16 conv on a lone conv,
-        1.4-1.7x on a block and on upsample + conv."""
+        (TAEHV's memory blocks); benchmarks/AMX.md: 1.2-1.4x oneDNN's bf16 conv on a lone conv,
+        1.3-1.7x on a block and on upsample + conv."""
         return x.dtype == torch.bfloat16 and amx.supports(self, x, upsample, untiled_pixels.get()) \
             and amx.available()
 
@@ -185,7 +185,8 @@ def conv_relu(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
     """relu(conv(x)) in one kernel (Winograd where the conv has a tile size, our AMX kernel in bf16
     where it applies, else oneDNN)."""
     if conv.uses_amx(x):
-        return amx.conv3x3(x, conv.amx_weight(), conv.out_channels, conv.bias, relu=True, stride=conv.stride[0])
+        return amx.conv3x3(x, conv.amx_weight(), conv.out_channels, conv.bias, relu=True,
+                           stride=conv.stride[0])
     m = conv.winograd_tile(x)
     if m:
         return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, relu=True)
