@@ -26,6 +26,8 @@ VARIABLES = {
     "TAESD_AMX": "0: bf16 compute on AMX CPUs uses oneDNN's convolutions only, not taesd's AMX kernel",
     "TAESD_CPU_BF16": "0: fp32 models compute in fp32 on every CPU; 1: in bf16 wherever it runs natively; "
                       "unset: bf16 on AMX CPUs only",
+    "TAESD_ISA": "avx2, avx512 or avx512_bf16: taesd's CPU choices and kernels act as on a CPU of at most "
+                 "that tier (to test or compare an older CPU's paths on a newer one)",
     "TAESD_MALLOPT": "0: the CPU executor leaves glibc's allocator thresholds alone",
     "TAESD_PER_IMAGE_BYTES": "the CPU executor's per-image split threshold, in bytes",
     "TAESD_TILE_OVERHEAD": "the tiling planner's memory factor for the Winograd kernel",
@@ -127,6 +129,19 @@ def amx() -> bool:
 def cpu_bf16() -> bool | None:
     """$TAESD_CPU_BF16 as a switch; None when unset (the CPU decides: taesd.runtime.isa)."""
     return None if raw("TAESD_CPU_BF16") is None else flag("TAESD_CPU_BF16", False)
+
+
+ISA_TIERS = ("avx2", "avx512", "avx512_bf16", "amx")
+
+
+def isa_cap() -> str | None:
+    """$TAESD_ISA: the highest CPU tier taesd uses (taesd.runtime.isa); None when unset."""
+    value = raw("TAESD_ISA")
+    if value is None:
+        return None
+    if value.lower() not in ISA_TIERS:
+        raise TaesdError(f"TAESD_ISA must be one of {', '.join(ISA_TIERS)}, not {value!r}")
+    return value.lower()
 
 
 def mallopt() -> bool:

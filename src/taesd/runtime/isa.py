@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from taesd import settings
+
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -72,15 +74,32 @@ def from_flags(flags: set[str], torch_capability: str = "") -> Isa:
                torch_capability=torch_capability)
 
 
-@functools.lru_cache(maxsize=1)
-def detect() -> Isa:
-    """This machine's features (cached: they do not change while a process runs). Off Linux or
-    off x86 every flag is False and the policy falls back to fp32 with oneDNN's direct convolution."""
+# The flags each tier takes away when $TAESD_ISA caps the CPU below it (prefixes).
+ABOVE = {"avx2": ("avx512", "amx"), "avx512": ("avx512_bf16", "amx"), "avx512_bf16": ("amx",), "amx": ()}
+
+
+def cap(flags: set[str], tier: str | None) -> set[str]:
+    """``flags`` as a CPU of at most ``tier`` would have them (None: as they are)."""
+    if tier is None:
+        return set(flags)
+    return {f for f in flags if not f.startswith(ABOVE[tier])}
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU flags, capped by ``$TAESD_ISA``."""
     try:
         flags = parse_flags(CPUINFO.read_text())
     except OSError:
         flags = set()
-    return from_flags(flags, torch.backends.cpu.get_cpu_capability())
+    return cap(flags, settings.isa_cap())
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Isa:
+    """This machine's features (cached: they do not change while a process runs), capped by
+    ``$TAESD_ISA``. Off Linux or off x86 every flag is False and the policy falls back to fp32 with
+    oneDNN's direct convolution."""
+    return from_flags(cpu_flags(), torch.backends.cpu.get_cpu_capability())
 
 
 def default_dtype(isa: Isa | None = None) -> torch.dtype:

@@ -5,7 +5,7 @@ needs PyTorch headers and nothing is compiled at install time. Its threads are O
 process with PyTorch are PyTorch's own pool (pthreads where the compiler has no OpenMP). It is built
 with ``-march=native`` into ``$TAESD_CACHE_DIR`` (default ``~/.cache/taesd``), keyed by the source and
 the CPU's flags (code built for one CPU must not run on another), atomically (a temp file renamed
-into place).
+into place). ``$TAESD_ISA`` caps the flags (``-mno-avx512f`` ... for a CPU tier below this one's).
 """
 from __future__ import annotations
 
@@ -18,17 +18,19 @@ import tempfile
 from pathlib import Path
 
 from taesd import settings
+from taesd.runtime import isa
+
+
+# What -march=native must leave out on a CPU capped by $TAESD_ISA (GCC and Clang spellings).
+NO_AMX = ("-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
+CAP_FLAGS = {"avx2": ("-mno-avx512f", *NO_AMX), "avx512": ("-mno-avx512bf16", *NO_AMX),
+             "avx512_bf16": NO_AMX, "amx": (), None: ()}
 
 
 def cpu_signature() -> str:
-    """The CPU's flags line (the key of a -march=native build)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's flags as taesd uses them (``$TAESD_ISA`` capped): the key of a -march=native build."""
+    flags = isa.cpu_flags()
+    return " ".join(sorted(flags)) if flags else platform.processor() or platform.machine()
 
 
 def library_path(source: Path, stem: str) -> Path:
@@ -61,8 +63,8 @@ def build(source: Path, stem: str, needs: tuple[str, ...], force: bool = False) 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread",
-           "-Wno-ignored-attributes", str(source), "-o", tmp]
+    cmd = [cxx, "-O3", "-march=native", *CAP_FLAGS[settings.isa_cap()], "-std=c++17", "-fPIC", "-shared",
+           "-pthread", "-Wno-ignored-attributes", str(source), "-o", tmp]
     try:
         # With OpenMP the kernels run on PyTorch's own threads: the library asks for libgomp.so.1,
         # which is the copy torch already loaded (same soname), so no second pool spins beside it.
