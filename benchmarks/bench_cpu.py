@@ -151,8 +151,9 @@ def run(args) -> int:
     names = args.competitors or [n for n in PATHS
                                  if (not n.startswith("openvino") or importlib.util.find_spec("openvino"))
                                  and (n != "taesd-onednn" or amx_default())]
-    PRECISION["taesd-onednn"] = "bf16"
-    PRECISION["taesd"] = {"bfloat16": "bf16 (default)"}.get(str(isa_default()).removeprefix("torch."), "fp32")
+    default_bf16 = str(isa_default()) == "torch.bfloat16"
+    PRECISION["taesd"] = "bf16 (default)" if default_bf16 else "fp32"
+    PRECISION["taesd-onednn"] = PRECISION["taesd-direct"] = "bf16" if default_bf16 else "fp32"
     if any(n.startswith("openvino") for n in names):
         PRECISION["openvino"] = speed.openvino_precision("openvino")
         PRECISION["openvino-f32"] = speed.openvino_precision("openvino-f32")
@@ -177,6 +178,10 @@ def run(args) -> int:
              "encode rows: the fp32 decode of that path's latents.",
              f"whole run: {time.time() - started:.0f} s; load average at the end: "
              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+    capped = {k: os.environ[k] for k in ("TAESD_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
+    if capped:
+        notes.append(f"CPU capped for taesd and PyTorch ({', '.join(f'{k}={v}' for k, v in capped.items())}): "
+                     "the paths of an older CPU, run on this one; ONNX Runtime ran uncapped (the whole CPU).")
     report = "\n".join(["# TAESD on the CPU: taesd, ONNX Runtime, OpenVINO", "",
                         "Written by `benchmarks/bench_cpu.py`.", "", "## Machine", ""]
                        + [f"- {f}" for f in facts] + ["", "## Speed and accuracy", "", text, "", "## Notes", ""]

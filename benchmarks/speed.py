@@ -32,7 +32,8 @@ COMPETITORS = {
     "taesd": "taesd.load default: fast executor, fp32 model (computing in bf16 on AMX CPUs)",
     "taesd-fp32": "taesd fast executor, dtype='fp32' asked for (computes in fp32 on every CPU)",
     "taesd-onednn": "taesd.load default with TAESD_AMX=0: bf16 compute on oneDNN's kernels only (AMX CPUs)",
-    "taesd-direct": "taesd fast executor without Winograd (direct convolutions only, TAESD_WINOGRAD=0), fp32",
+    "taesd-direct": "taesd fast executor without Winograd (direct convolutions only, TAESD_WINOGRAD=0), "
+                    "in the default precision",
     "taesd-bf16": "taesd fast executor, dtype=bfloat16",
     "taesd-compile": "taesd compiled mode (torch.compile), fp32",
     "plain": "published network, eager fp32 (taesd executor='plain')",
