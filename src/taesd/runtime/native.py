@@ -20,7 +20,6 @@ from pathlib import Path
 from taesd import settings
 from taesd.runtime import isa
 
-
 # What -march=native must leave out on a CPU capped by $TAESD_ISA (GCC and Clang spellings).
 NO_AMX = ("-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
 CAP_FLAGS = {"avx2": ("-mno-avx512f", *NO_AMX), "avx512": ("-mno-avx512bf16", *NO_AMX),
