@@ -10,22 +10,25 @@ TDPBF16PS on loaded tiles, times the threads), and oneDNN's bf16 kernels on the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
+import taesd  # noqa: E402
 from speed import machine_facts  # noqa: E402
 from taesd.runtime import amx  # noqa: E402
-from taesd.runtime.executors.cpu import FastConv2d, tune_allocator  # noqa: E402
+from taesd.runtime.executors import CpuExecutor  # noqa: E402
+from taesd.runtime.executors.cpu import FastBlock, conv_relu, tune_allocator, upsample_conv  # noqa: E402
 
 C = 64
 
@@ -49,41 +52,39 @@ def peak_gmacs() -> float:
     return steps * 4 * 16 * 16 * 32 / seconds / 1e9
 
 
-def fast_conv(seed: int) -> FastConv2d:
-    torch.manual_seed(seed)
-    conv = nn.Conv2d(C, C, 3, padding=1).to(memory_format=torch.channels_last).requires_grad_(False)
-    conv.__class__ = FastConv2d
-    conv.winograd = 0   # oneDNN's direct bf16 convolution, as on an AMX CPU
-    return conv
+def layers():
+    """TAESD's own 64-channel layers as the CPU executor runs them (fresh weights): a residual block
+    (FastBlock), its first conv, and the conv that follows an Upsample."""
+    model = CpuExecutor().apply(taesd.create("taesd", seed=0))
+    block = next(m for m in model.decoder if isinstance(m, FastBlock))
+    up = next(model.decoder[i + 1] for i, m in enumerate(model.decoder) if isinstance(m, nn.Upsample))
+    return block, block.conv[0], up
 
 
-ARGS = ([1, 1], [1, 1], [1, 1], 1)   # padding, stride, dilation, groups of a 3x3 conv
-
-
-def onednn(conv: FastConv2d, x: torch.Tensor, act: str = "none", other: "torch.Tensor | None" = None):
-    """oneDNN's bf16 conv with its fused post-op (what the executor ran before our kernel)."""
-    if other is not None:
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, conv.packed_weight(x), conv.bias_as(x), *ARGS, "add", None, "relu", [], None)
-    return torch.ops.mkldnn._convolution_pointwise(x, conv.packed_weight(x), conv.bias, *ARGS, act, [], None)
+@contextlib.contextmanager
+def amx_off():
+    """The executor's own layers as ``TAESD_AMX=0`` runs them: oneDNN's bf16 kernels."""
+    old = os.environ.get("TAESD_AMX")
+    os.environ["TAESD_AMX"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TAESD_AMX")
+        else:
+            os.environ["TAESD_AMX"] = old
 
 
 def cases(size: int):
-    """(name, multiply-adds, ours, oneDNN's) for the layers at output size ``size``."""
+    """(name, multiply-adds, the layer's call) at output size ``size``: the same call runs our kernel,
+    and oneDNN's under ``amx_off``."""
     x = torch.randn(1, C, size, size).bfloat16().contiguous(memory_format=torch.channels_last)
     small = torch.randn(1, C, size // 2, size // 2).bfloat16().contiguous(memory_format=torch.channels_last)
-    convs = [fast_conv(i) for i in range(3)]
-    packed = [c.amx_weight() for c in convs]
+    block, conv, up = layers()
     conv_macs = size * size * C * C * 9
-    yield ("conv+ReLU", conv_macs,
-           lambda: amx.conv3x3(x, packed[0], C, convs[0].bias, relu=True),
-           lambda: onednn(convs[0], x, "relu"))
-    yield ("block (3 convs)", 3 * conv_macs,
-           lambda: amx.block(x, packed, [c.bias for c in convs]),
-           lambda: onednn(convs[2], onednn(convs[1], onednn(convs[0], x, "relu"), "relu"), other=x))
-    yield ("upsample+conv", conv_macs,
-           lambda: amx.conv3x3(small, packed[0], C, convs[0].bias, upsample=True),
-           lambda: onednn(convs[0], F.interpolate(small, scale_factor=2.0, mode="nearest")))
+    yield "conv+ReLU", conv_macs, lambda: conv_relu(conv, x)
+    yield "block (3 convs)", 3 * conv_macs, lambda: block(x)
+    yield "upsample+conv", conv_macs, lambda: upsample_conv(up, small)
 
 
 def main(argv=None) -> int:
@@ -106,8 +107,10 @@ def main(argv=None) -> int:
         for threads in dict.fromkeys(args.threads):
             torch.set_num_threads(threads)
             for size in args.sizes:
-                for name, macs, ours, onednn in cases(size):
-                    a, b = best_ms(ours), best_ms(onednn)
+                for name, macs, call in cases(size):
+                    a = best_ms(call)
+                    with amx_off():
+                        b = best_ms(call)
                     rate = macs / a / 1e6
                     row = (f"| {name} | {size}² | {threads} | {a:.2f} | {rate:.0f} | {100 * rate / (peak * threads):.0f}% "
                            f"| {b:.2f} | {b / a:.2f} |")
@@ -119,9 +122,10 @@ def main(argv=None) -> int:
         *[f"- {fact}" for fact in machine_facts()],
         f"- Tile peak measured here: {peak:.0f} GMAC/s per core (back-to-back TDPBF16PS on loaded tiles); "
         "\"% of tile peak\" is against that times the threads.",
-        "- Best of 12 calls after a warm-up; fresh weights, random bf16 maps, batch 1. oneDNN: its bf16 "
-        "convolutions with the fused ReLU / add+ReLU post-ops (a block: three calls), upsample: "
-        "F.interpolate then the conv.", "", head, *rows, ""])
+        "- Best of 12 calls after a warm-up; TAESD's layers with fresh weights as the CPU executor runs "
+        "them, random bf16 maps, batch 1. oneDNN: the same calls with TAESD_AMX=0 (its bf16 convolutions "
+        "with the fused ReLU / add+ReLU post-ops; a block: three calls; upsample: F.interpolate, then "
+        "the conv).", "", head, *rows, ""])
     Path(args.output).write_text(text)
     print(f"wrote {args.output}")
     return 0

@@ -158,6 +158,12 @@ class FastConv2d(nn.Conv2d):
         return x.dtype == torch.bfloat16 and amx.supports(self, x, upsample, untiled_pixels.get()) \
             and amx.available()
 
+    def amx_conv(self, x: torch.Tensor, relu: bool = False, residual: "torch.Tensor | None" = None,
+                 upsample: bool = False) -> torch.Tensor:
+        """This conv (+ residual, ReLU; of x nearest-upsampled 2x) on our AMX kernel (``uses_amx``)."""
+        return amx.conv3x3(x, self.amx_weight(), self.out_channels, self.bias, residual=residual, relu=relu,
+                           upsample=upsample, stride=self.stride[0])
+
     def winograd_tile(self, x: torch.Tensor, upsample: bool = False) -> int:
         """The Winograd tile size m to run this call with, 0 for oneDNN's direct convolution."""
         m = getattr(self, "winograd", 0)
@@ -172,7 +178,7 @@ class FastConv2d(nn.Conv2d):
         if not fused_available(x, self):
             return super().forward(x)
         if self.uses_amx(x):   # bf16: the encoder's downsampling convs, TAEHV's memory-block convs
-            return amx.conv3x3(x, self.amx_weight(), self.out_channels, self.bias, stride=self.stride[0])
+            return self.amx_conv(x)
         m = self.winograd_tile(x)
         if m:
             return winograd.conv3x3(x, self.winograd_weight(m), self.bias, m)
@@ -185,8 +191,7 @@ def conv_relu(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
     """relu(conv(x)) in one kernel (Winograd where the conv has a tile size, our AMX kernel in bf16
     where it applies, else oneDNN)."""
     if conv.uses_amx(x):
-        return amx.conv3x3(x, conv.amx_weight(), conv.out_channels, conv.bias, relu=True,
-                           stride=conv.stride[0])
+        return conv.amx_conv(x, relu=True)
     m = conv.winograd_tile(x)
     if m:
         return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, relu=True)
@@ -197,8 +202,7 @@ def conv_relu(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
 def conv_add_relu(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """relu(conv(x) + other) in one kernel (the residual block's end); ``other`` is only read."""
     if conv.uses_amx(x) and other.shape[1] == conv.out_channels and other.dtype == x.dtype:
-        return amx.conv3x3(x, conv.amx_weight(), conv.out_channels, conv.bias, residual=other, relu=True,
-                           stride=conv.stride[0])
+        return conv.amx_conv(x, relu=True, residual=other)
     m = conv.winograd_tile(x)
     if m:
         return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, residual=other, relu=True)
@@ -284,7 +288,7 @@ def upsample_conv(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
     summed phase weights round unlike the plain conv, so bf16 without AMX upsamples, then convolves)."""
     if x.dtype == torch.bfloat16:
         if conv.uses_amx(x, upsample=True):
-            return amx.conv3x3(x, conv.amx_weight(), conv.out_channels, conv.bias, upsample=True)
+            return conv.amx_conv(x, upsample=True)
         # FastConv2d's own forward: ``conv`` may be a subclass whose forward upsamples again
         return FastConv2d.forward(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
     m = conv.winograd_tile(x, upsample=True)
