@@ -43,7 +43,8 @@ def test_tiers_from_planted_flags():
 def test_policy_per_tier():
     zen2, zen4, spr = (isa.from_flags(isa.parse_flags(cpuinfo(f))) for f in (ZEN2, ZEN4, SPR))
     assert isa.default_dtype(spr) == torch.bfloat16
-    assert isa.default_dtype(zen4) == torch.float32 and isa.default_dtype(zen2) == torch.float32
+    # Zen 4 (AVX-512-BF16, no AMX): bf16 through the bf16 Winograd kernel, as OpenVINO defaults there too
+    assert isa.default_dtype(zen4) == torch.bfloat16 and isa.default_dtype(zen2) == torch.float32
     assert isa.winograd_isa(zen2) == "avx2" and isa.winograd_isa(zen4) == "avx512"
     assert isa.winograd_isa(isa.from_flags({"sse4_2"})) is None
 

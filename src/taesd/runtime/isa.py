@@ -103,11 +103,13 @@ def detect() -> Isa:
 
 
 def default_dtype(isa: Isa | None = None) -> torch.dtype:
-    """The precision an fp32 model computes in on this CPU when no dtype was asked for: bf16 only
-    where it is both faster and >= 40 dB against fp32 (AMX: 3x fp32, 54 dB), else fp32. An explicit
-    dtype always wins over this (``CpuExecutor.compute_dtype``)."""
+    """The precision an fp32 model computes in on this CPU when no dtype was asked for: bf16 where
+    the CPU has native bf16 (AMX; AVX-512-BF16 dot products, as on AMD Zen 4), which is where it is
+    both faster and >= 40 dB against fp32 (benchmarks/CPU.md, benchmarks/CPU_ZEN4.md), as OpenVINO's
+    default is on both; else fp32 (AVX2 only emulates bf16). An explicit dtype always wins over this
+    (``CpuExecutor.compute_dtype``)."""
     isa = detect() if isa is None else isa
-    return torch.bfloat16 if isa.amx else torch.float32
+    return torch.bfloat16 if isa.amx or isa.avx512_bf16 else torch.float32
 
 
 def winograd_bf16(isa: Isa | None = None) -> bool:

@@ -36,8 +36,6 @@ TILES = (2, 4)
 # Below this many output pixels per image the direct convolution is as fast and exact.
 MIN_PIXELS = 48 * 48
 
-BF16_TILE = 2   # the one tile size for bf16 activations (transform_weight)
-
 # Winograd weight transforms G (Lavin & Gray 2015), applied in float64 before rounding to fp32.
 _G = {
     2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
@@ -117,27 +115,26 @@ def bf16_available() -> bool:
     return lib is not None and bool(lib.taesd_winograd_has_bf16())
 
 
-def transform_weight(weight: torch.Tensor, m: int) -> torch.Tensor:
+def transform_weight(weight: torch.Tensor, m: int, dtype: "torch.dtype | None" = None) -> torch.Tensor:
     """(O, I, 3, 3) -> U ((m+2)^2, I, O) fp32: G g G^T per channel pair, computed in float64.
-    A bf16 weight gives the bf16 kernel's U, rounded once from float64 and laid out as
-    ((m+2)^2, I/2, O, 2): the input-channel pairs that one bf16 dot-product instruction takes; always
-    F(2x2,3x3) (``BF16_TILE``): F(4x4)'s transforms magnify bf16 rounding 10x (4e-2 of the output's
-    range against 4e-3, measured)."""
-    if weight.dtype == torch.bfloat16:
-        m = BF16_TILE
+    For the bf16 kernel (``dtype=torch.bfloat16``, the default for a bf16 weight) U is rounded once
+    from float64 and laid out as ((m+2)^2, I/2, O, 2): the input-channel pairs that one bf16
+    dot-product instruction takes. An fp32 weight computed in bf16 is transformed from its fp32
+    values (one rounding, of U, instead of two)."""
+    dtype = weight.dtype if dtype is None else dtype
     G = torch.tensor(_G[m], dtype=torch.float64)
     a = m + 2
     u = torch.einsum("ky,oiyx,lx->klio", G, weight.detach().to("cpu", torch.float64), G)
     u = u.reshape(a * a, weight.shape[1], weight.shape[0])
-    if weight.dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:
         return u.to(torch.bfloat16).unflatten(1, (-1, 2)).transpose(2, 3).contiguous()
     return u.to(torch.float32).contiguous()
 
 
 def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
              pixels: "int | None" = None) -> bool:
-    """This layer and input can run the kernel: fp32 CPU (or bf16 on a CPU with AVX-512-BF16, 64k
-    output channels), 3x3 stride 1 padding 1, channels in multiples of 8 (in) and 16 (out), and an
+    """This layer and input can run the kernel: fp32 CPU (or bf16 activations, of a bf16 or an fp32
+    layer, on a CPU with AVX-512-BF16 and no AMX, 64k output channels), 3x3 stride 1 padding 1, channels in multiples of 8 (in) and 16 (out), and an
     output map big enough to be worth it (``upsample``:
     x is read nearest-upsampled 2x; ``pixels``: decide by this output size instead of x's, as a
     tile of a bigger map does)."""
@@ -146,7 +143,8 @@ def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
     if x.dtype == torch.bfloat16 and not (conv.out_channels % 64 == 0 and bf16_available()
                                           and isa.winograd_bf16()):
         return False
-    return (x.dtype in (torch.float32, torch.bfloat16) and x.dtype == conv.weight.dtype
+    computes_in = x.dtype == conv.weight.dtype or (x.dtype == torch.bfloat16 and conv.weight.dtype == torch.float32)
+    return (x.dtype in (torch.float32, torch.bfloat16) and computes_in
             and x.device.type == "cpu" and x.dim() == 4
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
@@ -167,8 +165,6 @@ def conv3x3(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None, m: int,
     if upsample:
         h, w = 2 * h, 2 * w
     bf16 = x.dtype == torch.bfloat16
-    if bf16:
-        m = BF16_TILE   # whatever the caller's part asks: transform_weight made U for this one
     if bf16 != (U.dtype == torch.bfloat16):
         raise ValueError(f"activations {x.dtype} and transformed weight {U.dtype} differ")
     co = U.shape[2]

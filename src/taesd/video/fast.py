@@ -33,6 +33,7 @@ from taesd.runtime.executors.cpu import (
     fused_available,
     tune_allocator,
     upsample_conv,
+    winograd_tile_of,
 )
 from taesd.video.model import TAEHV
 
@@ -220,7 +221,8 @@ def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True,
                 sub.__class__ = _BLOCKS[type(sub)]
             elif type(sub) is nn.Conv2d:
                 sub.__class__ = FastConv2d
-                sub.winograd = WINOGRAD_TILES.get(part, 0) if use_winograd else 0
+                sub.winograd = winograd_tile_of(WINOGRAD_TILES.get(part, 0) if use_winograd else 0,
+                                                model.compute_dtype == torch.bfloat16)
         _fuse_upsamples(seq)
         _fold_last_grow(seq)
         _fuse_relus(seq)

@@ -133,11 +133,12 @@ class FastConv2d(nn.Conv2d):
             cached = self.__dict__["_bias_as"] = ((*_weight_key(b), x.dtype), b.detach().to(x.dtype))
         return cached[1]
 
-    def winograd_weight(self, m: int) -> torch.Tensor:
-        """The weight transformed for Winograd F(m x m, 3x3), kept until the weight changes."""
-        key = (*_weight_key(self.weight), m)
+    def winograd_weight(self, m: int, dtype: torch.dtype) -> torch.Tensor:
+        """The weight transformed for Winograd F(m x m, 3x3) for activations of ``dtype`` (an fp32
+        weight computing in bf16 gets a bf16 transform), kept until the weight changes."""
+        key = (*_weight_key(self.weight), m, dtype)
         if self.__dict__.get("_wino_key") != key:
-            self.__dict__["_wino_U"] = winograd.transform_weight(self.weight, m)
+            self.__dict__["_wino_U"] = winograd.transform_weight(self.weight, m, dtype)
             self.__dict__["_wino_key"] = key
         return self.__dict__["_wino_U"]
 
@@ -181,7 +182,7 @@ class FastConv2d(nn.Conv2d):
             return self.amx_conv(x)
         m = self.winograd_tile(x)
         if m:
-            return winograd.conv3x3(x, self.winograd_weight(m), self.bias, m)
+            return winograd.conv3x3(x, self.winograd_weight(m, x.dtype), self.bias, m)
         return torch.ops.mkldnn._convolution_pointwise(
             x.contiguous(memory_format=torch.channels_last), self.packed_weight(x), self.bias,
             *_conv_args(self), "none", [], None)
@@ -194,7 +195,7 @@ def conv_relu(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
         return conv.amx_conv(x, relu=True)
     m = conv.winograd_tile(x)
     if m:
-        return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, relu=True)
+        return winograd.conv3x3(x, conv.winograd_weight(m, x.dtype), conv.bias, m, relu=True)
     return torch.ops.mkldnn._convolution_pointwise(x, conv.packed_weight(x), conv.bias, *_conv_args(conv),
                                                    "relu", [], None)
 
@@ -205,7 +206,7 @@ def conv_add_relu(conv: FastConv2d, x: torch.Tensor, other: torch.Tensor) -> tor
         return conv.amx_conv(x, relu=True, residual=other)
     m = conv.winograd_tile(x)
     if m:
-        return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, residual=other, relu=True)
+        return winograd.conv3x3(x, conv.winograd_weight(m, x.dtype), conv.bias, m, residual=other, relu=True)
     if conv.groups > 1 and x.dtype != torch.float32:
         # PyTorch's fallback for a grouped conv with a binary post-op has no reduced-precision add_relu
         return FastConv2d.forward(conv, x).add_(other).relu_()
@@ -283,17 +284,17 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_conv(conv: FastConv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(nearest_upsample_2x(x)): Winograd (fp32) or our AMX kernel (bf16) reading x upsampled on
-    the fly, else one 2x2 conv giving all four phases and one interleave (fp32 only: in bf16 the
-    summed phase weights round unlike the plain conv, so bf16 without AMX upsamples, then convolves)."""
-    if x.dtype == torch.bfloat16:
-        if conv.uses_amx(x, upsample=True):
-            return conv.amx_conv(x, upsample=True)
-        # FastConv2d's own forward: ``conv`` may be a subclass whose forward upsamples again
-        return FastConv2d.forward(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    """conv(nearest_upsample_2x(x)): our AMX kernel (bf16) or Winograd reading x upsampled on the
+    fly, else one 2x2 conv giving all four phases and one interleave (fp32 only: in bf16 the summed
+    phase weights round unlike the plain conv a tile runs, so bf16 upsamples, then convolves)."""
+    if x.dtype == torch.bfloat16 and conv.uses_amx(x, upsample=True):
+        return conv.amx_conv(x, upsample=True)
     m = conv.winograd_tile(x, upsample=True)
     if m:
-        return winograd.conv3x3(x, conv.winograd_weight(m), conv.bias, m, upsample=True)
+        return winograd.conv3x3(x, conv.winograd_weight(m, x.dtype), conv.bias, m, upsample=True)
+    if x.dtype == torch.bfloat16:
+        # FastConv2d's own forward: ``conv`` may be a subclass whose forward upsamples again
+        return FastConv2d.forward(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
     x = x.contiguous(memory_format=torch.channels_last)
     n, _, h, w = x.shape
     c = conv.out_channels
@@ -329,11 +330,9 @@ class FastSequential(nn.Sequential):
     def _steps(self, x: torch.Tensor) -> list:
         layers, steps, i = list(self), [], 0
         while i < len(layers):
-            # bf16 only through our AMX kernel: the phase kernels' summed weights round unlike the
-            # plain conv a tile runs (tiled != untiled by a bf16 step).
+            # (bf16 never takes the phase kernels: ``upsample_conv``)
             if i + 1 < len(layers) and _fuses_upsample(layers[i], layers[i + 1]) \
-                    and fused_available(x, layers[i + 1]) \
-                    and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and amx.available())):
+                    and fused_available(x, layers[i + 1]) and x.dtype in (torch.float32, torch.bfloat16):
                 steps.append(lambda h, conv=layers[i + 1]: upsample_conv(conv, h))
                 i += 2
             else:
@@ -375,20 +374,30 @@ class FastSequential(nn.Sequential):
 # 5.6e-5 with F(2x2) everywhere and 5.3e-4 with F(4x4) everywhere (docs/performance.md).
 WINOGRAD_TILES = {"encoder": 2, "decoder": 4}
 FULL_RESOLUTION_TILES = {"encoder": 4}
+# In bf16 (AVX-512-BF16 CPUs without AMX) every Winograd conv takes F(4x4,3x3): bf16's own rounding
+# outweighs what F(2x2) saves. taef2's real weights, 512² photos, AMD Zen 4: decode 47.7-52.8 dB and
+# encode 54.3-58.7 dB against fp32 (F(2x2) in the encoder: 56.3-60.9 dB, 1.4x slower).
+BF16_WINOGRAD_TILE = 4
 TABLE = {Block: FastBlock, nn.Conv2d: FastConv2d}
 ROOT = {nn.Sequential: FastSequential}   # the part itself (a Block's inner Sequential stays plain)
 CACHES = (*PACK_CACHE, "winograd")
 
 
-def winograd_tiles(part: str, module: nn.Module):
+def winograd_tiles(part: str, module: nn.Module, bf16: bool = False):
     """(conv, tile size) for each ``FastConv2d`` of a part, in forward order: the part's tile size,
-    or its full-resolution one up to the first strided convolution."""
+    or its full-resolution one up to the first strided convolution; ``BF16_WINOGRAD_TILE`` for every
+    one of them where the part computes in bf16."""
     full = FULL_RESOLUTION_TILES.get(part)
     for sub in module.modules():
         if type(sub) is FastConv2d:
             if sub.stride != (1, 1):
                 full = None
-            yield sub, full or WINOGRAD_TILES.get(part, 0)
+            yield sub, winograd_tile_of(full or WINOGRAD_TILES.get(part, 0), bf16)
+
+
+def winograd_tile_of(m: int, bf16: bool) -> int:
+    """The tile a conv planned for F(m x m) in fp32 runs with when its part computes in bf16."""
+    return BF16_WINOGRAD_TILE if m and bf16 else m
 
 
 def cpu_compute_dtype(dtype: torch.dtype, device: torch.device, bf16: "bool | None" = None) -> torch.dtype:
@@ -436,11 +445,13 @@ class CpuExecutor(Executor):
             tune_allocator()
         _warn_emulated(model)
         use_winograd = self.winograd_on()
+        # Tiles are planned for the precision the model computes in now (tiling aligns to them)
+        bf16 = self.compute_dtype(model) == torch.bfloat16
         for part in model.parts:
             module = model.part(part)
             module.to(memory_format=torch.channels_last)
             swap(module, TABLE, ROOT)
-            for conv, m in winograd_tiles(part, module):
+            for conv, m in winograd_tiles(part, module, bf16):
                 conv.winograd = m if use_winograd else 0
 
     def restore(self, model) -> None:
