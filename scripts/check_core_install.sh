@@ -28,13 +28,14 @@ assert not present, f"the core install pulled in optional packages: {present}"
 import shutil
 import taesd
 from taesd.cli import COMMANDS, main
-from taesd.runtime import amx, isa, winograd
+from taesd.runtime import amx, isa, narrow, winograd
 # The installed package carries its kernels' sources: each one this CPU runs builds and loads.
 if shutil.which("c++") or shutil.which("g++"):
     assert winograd.available(), f"the Winograd kernel did not build from the installed package: {winograd.load_error()}"
+    assert narrow.available(), f"the narrow conv kernel did not build from the installed package: {narrow.load_error()}"
     if isa.detect().amx:
         assert amx.available(), f"the AMX kernel did not build from the installed package: {amx.load_error()}"
-print(f"kernels: Winograd {winograd.available()}, AMX {amx.available()} ({isa.detect().level})")
+print(f"kernels: Winograd {winograd.available()}, narrow conv {narrow.available()}, AMX {amx.available()} ({isa.detect().level})")
 model = taesd.load("taef2")
 image = taesd.load_image(sys.argv[1])
 padded, size = taesd.pad_to_multiple(image, model.variant.downscale)

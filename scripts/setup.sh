@@ -20,4 +20,5 @@ fi
 # Compile the Winograd convolution kernel now rather than on first use (~1 s; skipped with a note
 # when there is no C++ compiler: the direct convolution is used then).
 .venv/bin/python -W ignore::RuntimeWarning -m taesd.runtime.winograd
+.venv/bin/python -W ignore::RuntimeWarning -m taesd.runtime.narrow
 .venv/bin/python -W ignore::RuntimeWarning -m taesd.runtime.amx

@@ -25,7 +25,7 @@ VARIABLES = {
     "TAESD_WINOGRAD": "0: the CPU executor uses oneDNN's direct convolutions only",
     "TAESD_AMX": "0: bf16 compute on AMX CPUs uses oneDNN's convolutions only, not taesd's AMX kernel",
     "TAESD_CPU_BF16": "0: fp32 models compute in fp32 on every CPU; 1: in bf16 wherever it runs natively; "
-                      "unset: bf16 on AMX CPUs only",
+                      "unset: bf16 where the CPU has AMX or AVX-512-BF16",
     "TAESD_ISA": "avx2, avx512 or avx512_bf16: taesd's CPU choices and kernels act as on a CPU of at most "
                  "that tier (to test or compare an older CPU's paths on a newer one)",
     "TAESD_MALLOPT": "0: the CPU executor leaves glibc's allocator thresholds alone",

@@ -53,7 +53,7 @@ def add_model_options(p: argparse.ArgumentParser, variant_required: bool = True,
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="precision (default: fp16 on a tensor-core GPU, else fp32, computed in bf16 on "
-                        "AMX CPUs; an explicit fp32 computes in fp32)")
+                        "AMX and AVX-512-BF16 CPUs; an explicit fp32 computes in fp32)")
     g.add_argument("--executor", default=None, choices=NAMES,
                    help="how the network runs (default fast: cuda on a GPU, cpu elsewhere; onnxruntime: "
                         "--weights may be exported .onnx files)")

@@ -6,8 +6,9 @@ on the CPU kind it names (benchmarks/CPU.md); nothing here runs a kernel.
 
 - AMX (Sapphire Rapids and later Xeons): oneDNN's bf16 convolutions run on the tile units, several
   times the fp32 rate; bf16 decodes hold ~54 dB against fp32 on the real taef2 weights.
-- AVX-512-BF16 without AMX (AMD Zen 4/5, Cooper Lake): bf16 dot products at twice the fp32 rate on
-  paper; measured on Zen 4 the fp32 path (Winograd) stays ahead, so fp32 stays the default there.
+- AVX-512-BF16 without AMX (AMD Zen 4/5, Cooper Lake): bf16 dot products at twice the fp32 rate
+  (measured on Zen 4: 107 against 57 GMAC/s per core); our bf16 Winograd kernel at F(4x4) decodes
+  1.9x and encodes 2.1x faster than fp32 there, at 47.7-52.8 dB / 54.3-58.7 dB: bf16.
 - AVX2 (no AVX-512): bf16 is emulated, several times slower: fp32.
 """
 from __future__ import annotations

@@ -207,7 +207,7 @@ def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True,
     """Transform ``model`` in place for fast CPU inference and return it (module docstring).
     ``bf16``: whether an fp32 model computes in bf16 (weights stay fp32, each conv packs a bf16 copy
     once; inputs and outputs keep their dtype); None: the image executor's rule
-    (``cpu_compute_dtype``: ``$TAESD_CPU_BF16``, else bf16 on AMX CPUs)."""
+    (``cpu_compute_dtype``: ``$TAESD_CPU_BF16``, else bf16 on AMX and AVX-512-BF16 CPUs)."""
     if allocator:
         tune_allocator()
     ref = next(model.parameters())

@@ -171,7 +171,7 @@ class TaesdVAE(ModelMixin, ConfigMixin):
             getattr(vae.taesd, part).load_state_dict(model.part(part).state_dict())
         vae.eval()
         torch_dtype = torch_dtype if torch_dtype is not None else dtype   # diffusers passes torch_dtype
-        vae._dtype_asked = torch_dtype is not None   # computes in it (no automatic bf16 on AMX CPUs)
+        vae._dtype_asked = torch_dtype is not None   # computes in it (no automatic bf16 on bf16 CPUs)
         if device is None and torch_dtype is None:
             return vae
         # No dtype: the library's one rule for the device (fp16 on a tensor-core GPU), as taesd.load.

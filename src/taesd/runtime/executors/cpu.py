@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from taesd import settings
 from taesd.nn.layers import Block
-from taesd.runtime import amx, isa, winograd
+from taesd.runtime import amx, isa, narrow, winograd
 from taesd.runtime.executors.base import Executor, eager_only, swap, unswap, without_caches
 from taesd.tiling import memory
 from taesd.tiling.memory import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD
@@ -91,7 +91,7 @@ def _weight_key(w: torch.Tensor) -> tuple:
 
 
 PACK_CACHE = ("_packed", "_pack_key", "_up_packed", "_up_bias", "_up_key", "_wino_U", "_wino_key", "_bias_as",
-              "_amx_w", "_amx_key")
+              "_amx_w", "_amx_key", "_narrow_w", "_narrow_key")
 
 
 class FastConv2d(nn.Conv2d):
@@ -150,6 +150,15 @@ class FastConv2d(nn.Conv2d):
             self.__dict__["_amx_key"] = key
         return self.__dict__["_amx_w"]
 
+    def narrow_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in our narrow conv kernel's layout (``taesd.runtime.narrow``), kept until the
+        weight changes."""
+        key = (*_weight_key(self.weight), dtype)
+        if self.__dict__.get("_narrow_key") != key:
+            self.__dict__["_narrow_w"] = narrow.pack_weight(self.weight, dtype)
+            self.__dict__["_narrow_key"] = key
+        return self.__dict__["_narrow_w"]
+
     def uses_amx(self, x: torch.Tensor, upsample: bool = False) -> bool:
         """This bf16 call can run our AMX kernel (decided as the untiled map would, like Winograd).
         The executor uses it for every 3x3 conv it applies to: upsample + conv pairs, whole residual
@@ -180,6 +189,8 @@ class FastConv2d(nn.Conv2d):
             return super().forward(x)
         if self.uses_amx(x):   # bf16: the encoder's downsampling convs, TAEHV's memory-block convs
             return self.amx_conv(x)
+        if self.out_channels <= narrow.MAX_OUT and narrow.supports(self, x, untiled_pixels.get()):
+            return narrow.conv3x3(x, self.narrow_weight(x.dtype), self.bias)   # the last conv, to RGB
         m = self.winograd_tile(x)
         if m:
             return winograd.conv3x3(x, self.winograd_weight(m, x.dtype), self.bias, m)
@@ -422,7 +433,7 @@ class CpuExecutor(Executor):
     alone; ``use_winograd=False`` (or ``TAESD_WINOGRAD=0``) keeps every convolution direct
     (bit-identical to the plain network in fp32). ``bf16``: whether an fp32 model computes in bf16
     (weights rounded once, activations bf16, inputs and outputs fp32); None: ``$TAESD_CPU_BF16``,
-    else where this CPU has AMX (``taesd.runtime.isa.default_dtype``). An explicit ``dtype=`` at load
+    else where this CPU has native bf16: AMX or AVX-512-BF16 (``taesd.runtime.isa.default_dtype``). An explicit ``dtype=`` at load
     sets it False."""
 
     name = "cpu"
