@@ -77,7 +77,7 @@ def _path_functions(name: str, weights: str, x, z):
                     return run(t.to(model.dtype)).float()
             return f
         return call(model.encode), call(model.decode)
-    plain = taesd.load("taef2", weights, device="cpu", fast=False)
+    plain = taesd.load("taef2", weights, device="cpu", executor="plain")
     enc = speed.onnx_runner(plain.encoder, x[:1, :, :64, :64], name)
     dec = speed.onnx_runner(plain.decoder, z[:1, :, :8, :8], name)
     return (lambda t: torch.from_numpy(enc(t.numpy()))), (lambda t: torch.from_numpy(dec(t.numpy())))
@@ -90,7 +90,7 @@ def accuracy(names: list[str], weights: str, size: int) -> dict[tuple[str, str],
 
     import taesd
     from taesd.evaluation.metrics import psnr
-    plain = taesd.load("taef2", weights, device="cpu", fast=False)
+    plain = taesd.load("taef2", weights, device="cpu", executor="plain")
     x = _photos(size)
     with torch.inference_mode():
         z = plain.encode(x)
@@ -148,10 +148,13 @@ def machine_lines() -> list[str]:
 
 
 def run(args) -> int:
-    names = args.competitors or [n for n in PATHS
-                                 if (not n.startswith("openvino") or importlib.util.find_spec("openvino"))
-                                 and (n != "taesd-onednn" or amx_default())]
     default_bf16 = str(isa_default()) == "torch.bfloat16"
+    # The default's A/B: oneDNN's kernels instead of our AMX kernel (AMX CPUs), or direct convs
+    # instead of our bf16 Winograd kernel (AVX-512-BF16 without AMX)
+    ab = "taesd-onednn" if amx_default() else "taesd-direct" if default_bf16 else None
+    names = args.competitors or [ab if n == "taesd-onednn" else n for n in PATHS
+                                 if (not n.startswith("openvino") or importlib.util.find_spec("openvino"))
+                                 and (n != "taesd-onednn" or ab)]
     PRECISION["taesd"] = "bf16 (default)" if default_bf16 else "fp32"
     PRECISION["taesd-onednn"] = PRECISION["taesd-direct"] = "bf16" if default_bf16 else "fp32"
     if any(n.startswith("openvino") for n in names):
@@ -173,9 +176,11 @@ def run(args) -> int:
     notes = [f"{args.calls} timed calls per path after {args.warmup} warm-up, batch 1, paths in turns in "
              f"separate processes; threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
              "ONNX Runtime and OpenVINO at their defaults (all cores).",
-             "Speed: the base TAESD with fresh weights. PSNR: taef2's published weights, photos "
-             f"{', '.join(PHOTOS)} ({args.accuracy_size}² squares), against the plain fp32 PyTorch network; "
-             "encode rows: the fp32 decode of that path's latents.",
+             "Speed: the base TAESD with fresh weights. " + (
+                 f"PSNR: taef2's published weights, photos {', '.join(PHOTOS)} ({args.accuracy_size}² "
+                 "squares), against the plain fp32 PyTorch network; encode rows: the fp32 decode of that "
+                 "path's latents." if psnrs else "PSNR: not measured (--no-accuracy, or no --weights / "
+                 "$TAESD_WEIGHTS)."),
              f"whole run: {time.time() - started:.0f} s; load average at the end: "
              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"]
     capped = {k: os.environ[k] for k in ("TAESD_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}

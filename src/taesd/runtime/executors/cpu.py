@@ -28,8 +28,12 @@ does, each measured (docs/performance.md):
   (decoder; encoder at full resolution) or F(2x2,3x3) (the encoder's downsampled stages) in our
   own kernel (``taesd.runtime.winograd``): 2.25x / 4x fewer
   multiplies, bias + residual + ReLU fused. Decoded pixels stay within ~1e-5 of the plain network,
-  latents as close to a float64 evaluation as plain fp32's (docs/performance.md). ``TAESD_WINOGRAD=0``
-  or ``CpuExecutor(use_winograd=False)`` keeps every convolution direct.
+  latents as close to a float64 evaluation as plain fp32's (docs/performance.md). In bf16 on CPUs
+  with AVX-512-BF16 and no AMX (AMD Zen 4) the same kernel runs bf16 dot products, F(4x4) for every
+  conv (``BF16_WINOGRAD_TILE``). ``TAESD_WINOGRAD=0`` or ``CpuExecutor(use_winograd=False)`` keeps
+  every convolution direct.
+- narrow convs: the decoder's last conv (64 -> 3) runs in our own direct kernel
+  (``taesd.runtime.narrow``): oneDNN computes 16 output channels at a time and wastes most of them.
 - batches: big maps run image by image, small ones batched (``PER_IMAGE_BYTES``); exact.
 
 Without Winograd everything stays exact in fp32 (the same oneDNN convolutions). Where the
