@@ -331,7 +331,17 @@ def machine_facts() -> list[str]:
             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
             f"Winograd kernel (taesd default): {_winograd_fact()}",
             f"AMX kernel (taesd's bf16 compute): {_amx_fact()}",
+            f"narrow conv kernel (the decoder's last conv): {_narrow_fact()}",
             f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+
+
+def _narrow_fact() -> str:
+    import torch
+
+    from taesd.runtime import isa, narrow
+    if not narrow.available():
+        return f"not used ({narrow.load_error() or 'TAESD_WINOGRAD=0'})"
+    return "built (fp32" + (", bf16)" if narrow.available(torch.bfloat16) and isa.winograd_bf16() else ")")
 
 
 def _amx_fact() -> str:

@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
                    help="spatial tiles of N latent pixels (seam-exact: same result, less memory per step)")
     p.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="precision of the computation (default: fp32, in bf16 on AMX and AVX-512-BF16 CPUs; files keep fp32)")
+                   help="precision of the computation (default: fp32, in bf16 on AMX and AVX-512-BF16 "
+                        "CPUs; files keep fp32)")
     p.set_defaults(run=run)
 
 

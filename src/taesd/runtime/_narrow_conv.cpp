@@ -1,9 +1,10 @@
 // Direct 3x3 convolution (stride 1, zero padding 1) with few output channels: the decoder's last
 // conv, 64 -> 3 (RGB). oneDNN blocks its outputs by 16 and runs it at a few % of the vector peak
-// (512² decode, 2 threads, AMD Zen 4: 28 ms in fp32, 13 ms in bf16); here each output pixel is a
-// dot product over 9 taps x Ci input channels, vectorised over the input channels, 4 pixels x up to
-// 4 output channels at a time in 16 accumulators. NHWC activations, fp32 or bf16 (vdpbf16ps: pairs
-// of input channels per step, fp32 sums). Per output pixel the sum order is fixed (taps, channel
+// (512² decode, 2 threads, AMD Zen 4: 26 ms in fp32, 14 ms in bf16); here each output pixel is a
+// dot product over 9 taps x Ci input channels, vectorised over the input channels, 8 pixels x up to
+// 3 output channels at a time in 24 accumulators (each weight load serves 8 pixels; interior pixels
+// without bounds checks): 2.6x oneDNN in fp32, 3.2x in bf16 there. NHWC activations, fp32 or bf16
+// (vdpbf16ps: pairs of input channels per step, fp32 sums). Per output pixel the sum order is fixed (taps, channel
 // chunks, one reduction), so a tile of a map gives the same bits as the map.
 #include <immintrin.h>
 #include <pthread.h>
@@ -18,8 +19,8 @@
 
 namespace {
 
-constexpr int P = 4;    // output pixels per step
-constexpr int CG = 4;   // output channels per step
+constexpr int P = 8;    // output pixels per step
+constexpr int CG = 3;   // output channels per step (P x CG accumulators + CG weights + 1 input: 28 registers)
 
 struct Job {
   const void *x, *w;
@@ -71,7 +72,8 @@ static inline void store(void* y, long i, float v, bool bf16) {
 
 // NC output channels from c0 for up to P pixels from ox of output row oy: the weights of a step
 // loaded once for all P pixels (P x NC accumulators + NC weights + 1 input in registers).
-template <bool BF, int NC>
+// INNER: all P pixels and their left/right neighbours lie inside the row (no per-pixel checks).
+template <bool BF, int NC, bool INNER>
 static inline void group(const Job* job, const char* x, long yrow, int oy, int ox, int c0) {
   const int H = job->H, W = job->W, Ci = job->Ci;
   constexpr int es = BF ? 2 : 4;                    // bytes per value
@@ -88,10 +90,10 @@ static inline void group(const Job* job, const char* x, long yrow, int oy, int o
       for (int k = 0; k < Ci; k += chunk) {
         val_t wv[NC];
         for (int c = 0; c < NC; ++c) wv[c] = load(w + ((long)(c * 9 + ky * 3 + kx) * Ci + k) * es);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int p = 0; p < P; ++p) {
           const int ix = ox + p + kx - 1;
-          if (p >= np || ix < 0 || ix >= W) continue;
+          if (!INNER && (p >= np || ix < 0 || ix >= W)) continue;
           val_t xv = load(x + (((long)iy * W + ix) * Ci + k) * es);
           for (int c = 0; c < NC; ++c) acc[p][c] = step<BF>(acc[p][c], xv, wv[c]);
         }
@@ -114,12 +116,15 @@ static void row(const Job* job, long r) {
   const char* x = (const char*)job->x + n * (long)H * W * Ci * (BF ? 2 : 4);
   const long yrow = r * W;   // the row's first pixel in y
   for (int ox = 0; ox < W; ox += P) {
+    const bool inner = ox >= 1 && ox + P < W;
     for (int c0 = 0; c0 < Co; c0 += CG) {
-      switch (Co - c0 < CG ? Co - c0 : CG) {
-        case 1: group<BF, 1>(job, x, yrow, oy, ox, c0); break;
-        case 2: group<BF, 2>(job, x, yrow, oy, ox, c0); break;
-        case 3: group<BF, 3>(job, x, yrow, oy, ox, c0); break;
-        default: group<BF, 4>(job, x, yrow, oy, ox, c0); break;
+      switch ((Co - c0 < CG ? Co - c0 : CG) + (inner ? 0 : CG)) {
+        case 1: group<BF, 1, true>(job, x, yrow, oy, ox, c0); break;
+        case 2: group<BF, 2, true>(job, x, yrow, oy, ox, c0); break;
+        case 3: group<BF, 3, true>(job, x, yrow, oy, ox, c0); break;
+        case 4: group<BF, 1, false>(job, x, yrow, oy, ox, c0); break;
+        case 5: group<BF, 2, false>(job, x, yrow, oy, ox, c0); break;
+        default: group<BF, 3, false>(job, x, yrow, oy, ox, c0); break;
       }
     }
   }

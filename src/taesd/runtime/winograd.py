@@ -140,8 +140,8 @@ def transform_weight(weight: torch.Tensor, m: int, dtype: "torch.dtype | None" =
 def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
              pixels: "int | None" = None) -> bool:
     """This layer and input can run the kernel: fp32 CPU (or bf16 activations, of a bf16 or an fp32
-    layer, on a CPU with AVX-512-BF16 and no AMX, 64k output channels), 3x3 stride 1 padding 1, channels in multiples of 8 (in) and 16 (out), and an
-    output map big enough to be worth it (``upsample``:
+    layer, on a CPU with AVX-512-BF16 and no AMX, 64k output channels), 3x3 stride 1 padding 1,
+    channels in multiples of 8 (in) and 16 (out), and an output map big enough to be worth it (``upsample``:
     x is read nearest-upsampled 2x; ``pixels``: decide by this output size instead of x's, as a
     tile of a bigger map does)."""
     if pixels is None:
@@ -149,7 +149,9 @@ def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
     if x.dtype == torch.bfloat16 and not (conv.out_channels % 64 == 0 and bf16_available()
                                           and isa.winograd_bf16()):
         return False
-    computes_in = x.dtype == conv.weight.dtype or (x.dtype == torch.bfloat16 and conv.weight.dtype == torch.float32)
+    # an fp32 layer computing in bf16 (the CPU executor's default on bf16 CPUs) runs here too
+    w = conv.weight.dtype
+    computes_in = x.dtype in (w, torch.bfloat16) and w in (x.dtype, torch.float32)
     return (x.dtype in (torch.float32, torch.bfloat16) and computes_in
             and x.device.type == "cpu" and x.dim() == 4
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)

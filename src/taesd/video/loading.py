@@ -15,8 +15,8 @@ def load(path: str | Path, variant: str | VideoVariant | None = None, parts=PART
     """``load_taehv`` plus, with ``fast`` (default) on a CPU, ``make_fast`` (same weights, fused
     kernels; in fp32 decoded pixels within ~1e-5 of the plain network). ``dtype`` ("fp32", "bf16",
     "fp16" or a torch dtype): the weights' and computation's dtype; None: fp32 weights, computed in
-    bf16 on AMX and AVX-512-BF16 CPUs as the image models are (``$TAESD_CPU_BF16=0`` or dtype="fp32": fp32). Inputs
-    may be any float dtype; outputs come back in the input's."""
+    bf16 on AMX and AVX-512-BF16 CPUs as the image models are (``$TAESD_CPU_BF16=0`` or
+    dtype="fp32": fp32). Inputs may be any float dtype; outputs come back in the input's."""
     model = load_taehv(path, variant=variant, parts=parts, **model_kwargs)
     if dtype is not None:
         model.to(resolve_dtype(dtype))

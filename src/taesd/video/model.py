@@ -40,7 +40,8 @@ class TAEHV(nn.Module):
         self.decoder = (build_video_decoder(self.variant, time_upscale, space_upscale)
                         if "decoder" in parts else None)
         self.weights_info: dict = {}
-        # What encode/decode/stream compute in (``make_fast`` sets it by the CPU rule: bf16 on AMX and AVX-512-BF16 CPUs);
+        # What encode/decode/stream compute in (``make_fast`` sets it by the CPU rule: bf16 on AMX and
+        # AVX-512-BF16 CPUs);
         # None: the weights' dtype. Inputs are cast to it, outputs come back in the input's dtype.
         self.compute_dtype: torch.dtype | None = None
 

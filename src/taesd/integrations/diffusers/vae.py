@@ -45,7 +45,8 @@ def use_taesd_vae(pipe, model=None, variant: str | None = None):
         vae = getattr(pipe, "vae", None)
         device, dtype = getattr(vae, "device", None), getattr(vae, "dtype", None)
         if dtype is not None and dtype == default_dtype(device):
-            dtype = None   # the pipeline's dtype is the rule's: no dtype asked (AMX and AVX-512-BF16 CPUs compute in bf16)
+            # the pipeline's dtype is the rule's: no dtype asked (AMX and AVX-512-BF16 CPUs compute in bf16)
+            dtype = None
         model = load(expected, device=device, dtype=dtype)
         model = TaesdVAE.from_taesd(model, share=True)   # ours alone: keep its executor, no copy
     have = model.variant

@@ -66,7 +66,8 @@ class Executor:
 
     def compute_dtype(self, model: TAESD) -> torch.dtype:
         """The dtype ``model``'s layers compute in; its inputs and outputs stay ``model.dtype``
-        (the CPU executor computes an fp32 model in bf16 on CPUs with native bf16 (AMX, AVX-512-BF16), as OpenVINO does)."""
+        (the CPU executor computes an fp32 model in bf16 on CPUs with native bf16, AMX or
+        AVX-512-BF16, as OpenVINO does)."""
         return model.dtype
 
     def tile_alignment(self, conv: nn.Module) -> int:

@@ -437,8 +437,8 @@ class CpuExecutor(Executor):
     alone; ``use_winograd=False`` (or ``TAESD_WINOGRAD=0``) keeps every convolution direct
     (bit-identical to the plain network in fp32). ``bf16``: whether an fp32 model computes in bf16
     (weights rounded once, activations bf16, inputs and outputs fp32); None: ``$TAESD_CPU_BF16``,
-    else where this CPU has native bf16: AMX or AVX-512-BF16 (``taesd.runtime.isa.default_dtype``). An explicit ``dtype=`` at load
-    sets it False."""
+    else where this CPU has native bf16: AMX or AVX-512-BF16 (``taesd.runtime.isa.default_dtype``).
+    An explicit ``dtype=`` at load sets it False."""
 
     name = "cpu"
     allocator: bool = True
