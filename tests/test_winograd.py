@@ -244,3 +244,14 @@ def test_bf16_taef2_holds_40_db_and_tiles_exactly(weights):
         assert psnr(y.float(), ref).min() >= 40
         assert psnr(plain.decode(bf16.encode(x.bfloat16()).float()), ref).min() >= 40
         assert torch.equal(bf16.decode(z.bfloat16(), tile_size=16), y)
+
+
+def test_bf16_tile_plan_follows_the_cpu(monkeypatch):
+    """bf16 plans F(4x4) for every Winograd conv where bf16 runs the Winograd kernel (AVX-512-BF16,
+    no AMX); on AMX CPUs (our tile kernel, no alignment needed) the fp32 plan stays."""
+    from taesd.runtime.executors import cpu
+    monkeypatch.setattr(isa, "winograd_bf16", lambda *a: True)
+    assert cpu.winograd_tile_of(2, True) == 4 and cpu.winograd_tile_of(4, True) == 4
+    assert cpu.winograd_tile_of(2, False) == 2 and cpu.winograd_tile_of(0, True) == 0
+    monkeypatch.setattr(isa, "winograd_bf16", lambda *a: False)
+    assert cpu.winograd_tile_of(2, True) == 2

@@ -411,8 +411,9 @@ def winograd_tiles(part: str, module: nn.Module, bf16: bool = False):
 
 
 def winograd_tile_of(m: int, bf16: bool) -> int:
-    """The tile a conv planned for F(m x m) in fp32 runs with when its part computes in bf16."""
-    return BF16_WINOGRAD_TILE if m and bf16 else m
+    """The tile a conv planned for F(m x m) in fp32 runs with when its part computes in bf16 (where
+    bf16 runs the Winograd kernel at all: not on AMX CPUs, whose tiles do not need this plan)."""
+    return BF16_WINOGRAD_TILE if m and bf16 and isa.winograd_bf16() else m
 
 
 def cpu_compute_dtype(dtype: torch.dtype, device: torch.device, bf16: "bool | None" = None) -> torch.dtype:
