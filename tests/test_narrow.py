@@ -36,6 +36,16 @@ def test_matches_convolution(dtype, shape):
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
 
 
+def test_without_bias_and_on_strided_input():
+    """A conv without bias; an input that is a view (a tile's crop, NCHW-contiguous): made contiguous."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 64, 40, 40)[:, :, 3:35, 5:37]
+    weight = torch.randn(3, 64, 3, 3) / 24
+    y = narrow.conv3x3(x, narrow.pack_weight(weight, torch.float32), None)
+    ref = F.conv2d(x.double(), weight.double(), None, padding=1)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+
+
 def test_refuses_what_it_cannot_run():
     packed = narrow.pack_weight(torch.randn(3, 64, 3, 3), torch.float32)
     with pytest.raises(ValueError, match="does not fit"):
