@@ -1,6 +1,6 @@
 """The TAEHV family against the published taehv.py: every layout, loaded from fresh weights written in
 both published file layouts, matches the outputs recorded by scripts/make_taehv_refs.py (fp32,
-<= 1e-5), in whole, bounded and streaming mode; and the three modes agree exactly."""
+<= 3e-5, TOL), in whole, bounded and streaming mode; and the three modes agree exactly."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,10 +15,12 @@ from taesd.video import TAEHV, identify_video, load, load_taehv
 
 ROOT = Path(__file__).resolve().parents[1]
 REFS = ROOT / "tests" / "data" / "taehv" / "refs.safetensors"
-TOL = 1e-5
-# The fast executor sums the 3x3 weights of an upsample+conv into 2x2 phase kernels and fuses adds:
-# fp32 rounding of those sums, amplified by these seeded weights' large activations (measured <= 1.1e-5).
-TOL_FAST = 3e-5
+# The refs were recorded on one CPU; fp32 sums land in another order on another ISA (oneDNN's AVX2 and
+# AVX-512 kernels), and these seeded weights' large activations amplify it. Measured on an AVX2 Zen 3:
+# the published taehv.py rerun there is 1.2e-5 from the refs, its own whole and sequential decodes
+# differ by more than 1e-5, and ours (plain or fast: the fast executor also sums upsample+conv weights
+# into phase kernels) is at most 1.4e-5 from that rerun. A wrong layer is off by 1e-2 or more.
+TOL = 3e-5
 
 
 def _script():
@@ -81,11 +83,10 @@ def test_whole_clip_matches_published_code(refs, tmp_path, fmt, name, case, n_fr
     model = load(path, variant=name, fast=fmt.endswith("fast"), **_model_kwargs(kwargs))
     frames, latents = _inputs(model, n_frames, n_latents)
     key = f"{name}/{case}" if case else name
-    tol = TOL_FAST if fmt.endswith("fast") else TOL
     latents_out = model.encode(frames)
     assert latents_out.shape == refs[f"{key}/encode"].shape
-    assert (latents_out - refs[f"{key}/encode"]).abs().max() <= tol
-    _assert_small_equal(model.decode(latents), refs, f"{key}/decode", tol)
+    assert (latents_out - refs[f"{key}/encode"]).abs().max() <= TOL
+    _assert_small_equal(model.decode(latents), refs, f"{key}/decode", TOL)
 
 
 @pytest.mark.parametrize("name,case,n_frames,n_latents,kwargs", CASES,
