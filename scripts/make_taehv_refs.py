@@ -103,7 +103,7 @@ def references(ref, name: str, folder: Path) -> dict[str, torch.Tensor]:
         out[f"{prefix}/encode"] = model.encode_video(frames, parallel=True, show_progress_bar=False)
         whole = model.decode_video(latents, parallel=True, show_progress_bar=False)
         seq = model.decode_video(latents, parallel=False, show_progress_bar=False)
-        # fp32 sums in another order: on an AVX2 Zen 3 these differ by more than 1e-5 (tests/test_taehv.py TOL)
+        # fp32 sums in another order: on an AVX2 Zen 3 these differ by more than 1e-5 (test_taehv TOL)
         assert whole.shape == seq.shape and (whole - seq).abs().max() < 3e-5, name
         for k, v in _small(whole).items():
             out[f"{prefix}/decode/{k}"] = v
