@@ -1,8 +1,8 @@
 // Direct 3x3 convolution (stride 1, zero padding 1) with few output channels: the decoder's last
 // conv, 64 -> 3 (RGB). oneDNN blocks its outputs by 16 and runs it at a few % of the vector peak
 // (512² decode, 2 threads, AMD Zen 4: 26 ms in fp32, 14 ms in bf16); here each output pixel is a
-// dot product over 9 taps x Ci input channels, vectorised over the input channels, 8 pixels x up to
-// 3 output channels at a time in 24 accumulators (each weight load serves 8 pixels; interior pixels
+// dot product over 9 taps x Ci input channels, vectorised over the input channels, 8 pixels (AVX2: 3) x
+// up to 3 output channels at a time in 24 (9) accumulators (each weight load serves them all; interior pixels
 // without bounds checks): 2.6x oneDNN in fp32, 3.2x in bf16 there. NHWC activations, fp32 or bf16
 // (vdpbf16ps: pairs of input channels per step, fp32 sums). Per output pixel the sum order is fixed (taps, channel
 // chunks, one reduction), so a tile of a map gives the same bits as the map.
@@ -19,8 +19,15 @@
 
 namespace {
 
-constexpr int P = 8;    // output pixels per step
-constexpr int CG = 3;   // output channels per step (P x CG accumulators + CG weights + 1 input: 28 registers)
+// Output pixels per step: P x CG accumulators + CG weights + 1 input must fit the vector registers,
+// 28 of AVX-512's 32; AVX2 has 16, so 13 there (8 pixels spilled: 512² fp32, 2-core Zen 3, 17-19 ms
+// against 9-13 ms with 3; 2, 4 and 5 pixels measured in between). Each pixel's sums are the same.
+#ifdef __AVX512F__
+constexpr int P = 8;
+#else
+constexpr int P = 3;
+#endif
+constexpr int CG = 3;   // output channels per step
 
 struct Job {
   const void *x, *w;
