@@ -41,6 +41,12 @@ def _psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(span ** 2 / mse)
 
 
+def _psnr_cell(ref: torch.Tensor, x: torch.Tensor) -> str:
+    """The table's PSNR cell; identical outputs (the default is fp32 on this CPU) say so."""
+    db = _psnr(ref, x)
+    return "identical" if db == float("inf") else f"{db:.1f} dB"
+
+
 @torch.no_grad()
 def speed(args) -> None:
     ref_module = _published(args.taehv_py)
@@ -71,7 +77,7 @@ def speed(args) -> None:
     print(f"| {v.name} | {args.latents}x{args.size}x{args.size} -> {tuple(out['fp32'].shape[1:])} | {pub:.2f} s | "
           f"{med['fp32']:.2f} s | {pub / med['fp32']:.2f}x | {(out['published'] - out['fp32']).abs().max().item():.1e} | "
           f"{str(default.compute_dtype).replace('torch.', '')} | {med['default']:.2f} s | {pub / med['default']:.2f}x | "
-          f"{_psnr(out['fp32'], out['default']):.1f} dB |", flush=True)
+          f"{_psnr_cell(out['fp32'], out['default'])} |", flush=True)
 
 
 @torch.no_grad()

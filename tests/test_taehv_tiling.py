@@ -103,6 +103,25 @@ def test_tiles_follow_the_winograd_grid():
 
 
 @torch.no_grad()
+def test_wide_layers_take_the_smaller_tile_and_stay_exact():
+    """A _super decoder's 256 -> 512 conv (its F(4x4) weight would be 18 MiB: WIDE_WEIGHT_BYTES) runs
+    F(2x2) on a map big enough for Winograd (48x48 and more): close to the plain network, and tiles
+    still give the untiled bits."""
+    from taesd.runtime import winograd
+    if not winograd.available():
+        pytest.skip("the Winograd kernel cannot be built here")
+    plain = _model("taew2_2_super", fast=False)
+    model = _model("taew2_2_super", fast=True)
+    wide = [c for c in model.decoder.modules() if isinstance(c, torch.nn.Conv2d)
+            and (c.in_channels, c.out_channels, c.kernel_size) == (256, 512, (3, 3))]
+    assert wide and all(c.winograd == 2 for c in wide)
+    latents = torch.randn(1, 1, model.variant.latent_channels, 24, 26, generator=torch.Generator().manual_seed(5))
+    whole = model.decode(latents)
+    assert (whole - plain.decode(latents)).abs().max() <= 1e-4
+    assert torch.equal(model.decode(latents, tile_size=(13, 10)), whole)
+
+
+@torch.no_grad()
 def test_diffusers_drop_in_tiles_on_enable_tiling():
     pytest.importorskip("diffusers")
     from taesd.integrations.diffusers.video import TaehvVAE

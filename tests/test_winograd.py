@@ -246,6 +246,22 @@ def test_bf16_taef2_holds_40_db_and_tiles_exactly(weights):
         assert torch.equal(bf16.decode(z.bfloat16(), tile_size=16), y)
 
 
+def test_wide_layers_take_smaller_tiles(monkeypatch):
+    """A conv whose transformed weight would pass WIDE_WEIGHT_BYTES takes F(2x2), then direct; the
+    image networks' 64-channel convs keep their plan; bf16's weight is half the bytes."""
+    from taesd.runtime.executors import cpu
+    conv = torch.nn.Conv2d
+    monkeypatch.setattr(isa, "winograd_bf16", lambda *a: False)
+    assert cpu.winograd_tile_of(4, False, conv(64, 64, 3)) == 4
+    assert cpu.winograd_tile_of(2, False, conv(64, 64, 3)) == 2
+    assert cpu.winograd_tile_of(4, False, conv(256, 256, 3)) == 4      # 9 MiB
+    assert cpu.winograd_tile_of(4, False, conv(256, 512, 3)) == 2      # 18 MiB -> 8 MiB
+    assert cpu.winograd_tile_of(4, False, conv(512, 1024, 3)) == 0     # F(2x2): 32 MiB
+    monkeypatch.setattr(isa, "winograd_bf16", lambda *a: True)
+    assert cpu.winograd_tile_of(2, True, conv(256, 512, 3)) == 4       # bf16: 9 MiB
+    assert cpu.winograd_tile_of(2, True, conv(512, 1024, 3)) == 0      # 36 MiB, then 16 MiB
+
+
 def test_bf16_tile_plan_follows_the_cpu(monkeypatch):
     """bf16 plans F(4x4) for every Winograd conv where bf16 runs the Winograd kernel (AVX-512-BF16,
     no AMX); on AMX CPUs (our tile kernel, no alignment needed) the fp32 plan stays."""

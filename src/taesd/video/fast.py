@@ -222,7 +222,7 @@ def make_fast(model: TAEHV, allocator: bool = True, use_winograd: bool = True,
             elif type(sub) is nn.Conv2d:
                 sub.__class__ = FastConv2d
                 sub.winograd = winograd_tile_of(WINOGRAD_TILES.get(part, 0) if use_winograd else 0,
-                                                model.compute_dtype == torch.bfloat16)
+                                                model.compute_dtype == torch.bfloat16, sub)
         _fuse_upsamples(seq)
         _fold_last_grow(seq)
         _fuse_relus(seq)

@@ -407,13 +407,29 @@ def winograd_tiles(part: str, module: nn.Module, bf16: bool = False):
         if type(sub) is FastConv2d:
             if sub.stride != (1, 1):
                 full = None
-            yield sub, winograd_tile_of(full or WINOGRAD_TILES.get(part, 0), bf16)
+            yield sub, winograd_tile_of(full or WINOGRAD_TILES.get(part, 0), bf16, sub)
 
 
-def winograd_tile_of(m: int, bf16: bool) -> int:
-    """The tile a conv planned for F(m x m) in fp32 runs with when its part computes in bf16 (where
-    bf16 runs the Winograd kernel at all: not on AMX CPUs, whose tiles do not need this plan)."""
-    return BF16_WINOGRAD_TILE if m and bf16 and isa.winograd_bf16() else m
+# Wide layers (TAEHV's 128-1024 channels): the kernel reads a conv's whole transformed weight
+# ((m+2)^2 x Ci x Co) once per block of 12 tiles; past ~12 MiB it no longer stays in the caches and
+# the GEMMs starve. Measured on a 2-core Zen 3 (fp32, 3 frames): 256 -> 512 at 64², F(4x4) (18 MiB)
+# 221 ms, F(2x2) (8 MiB) 115 ms, oneDNN 212 ms; 512 -> 256: 118 / 102 / 158 ms; 256 -> 256 (9 MiB)
+# F(4x4) 36 ms, F(2x2) 46 ms; 512 -> 1024 at 32², F(2x2) (32 MiB) 386 ms, oneDNN 190 ms.
+WIDE_WEIGHT_BYTES = 12 * 2 ** 20
+
+
+def winograd_tile_of(m: int, bf16: bool, conv: "nn.Conv2d | None" = None) -> int:
+    """The tile a conv planned for F(m x m) in fp32 runs with: F(4x4) where its part computes in bf16
+    (where bf16 runs the Winograd kernel at all: not on AMX CPUs, whose tiles do not need this plan),
+    and for a wide ``conv`` the biggest tile whose transformed weight fits ``WIDE_WEIGHT_BYTES`` (F(2x2),
+    else 0: direct)."""
+    wino_bf16 = bf16 and isa.winograd_bf16()
+    m = BF16_WINOGRAD_TILE if m and wino_bf16 else m
+    if conv is not None:
+        per_point = conv.in_channels * conv.out_channels * (2 if wino_bf16 else 4)
+        while m and (m + 2) ** 2 * per_point > WIDE_WEIGHT_BYTES:
+            m = 2 if m > 2 else 0
+    return m
 
 
 def cpu_compute_dtype(dtype: torch.dtype, device: torch.device, bf16: "bool | None" = None) -> torch.dtype:
