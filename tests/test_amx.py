@@ -102,6 +102,45 @@ def test_the_fused_block_gives_the_bits_of_its_three_convolutions(shape):
     assert ((fused.double() - ref).abs() <= ref.abs() / 64 + 2e-2).all()
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 37, 53), (2, 32, 20, 70), (1, 64, 5, 40), (1, 64, 64, 64)])
+@pytest.mark.parametrize("kind", ["upsample+block", "block+stride2"])
+def test_a_chain_gives_the_bits_of_its_layers_one_by_one(shape, kind):
+    """``amx.chain``: an upsample + conv and the block after it, or a block and the stride-2 conv after
+    it, in one pass (rings of rows, each range's edge rows recomputed): the same bits as the layers
+    run one after the other, at partial widths, odd heights, in batches, on maps shorter than the rows
+    a range recomputes, at 1-3 threads."""
+    n, c, h, w = shape
+    x = bf16(n, c, h, w)
+    weights = [torch.randn(c, c, 3, 3) / (3 * c ** 0.5) for _ in range(4)]
+    biases = [torch.randn(c) / 4 for _ in range(4)]
+    packed = [amx.pack_weight(wt) for wt in weights]
+    block = [amx.ChainStage(p, c, b, relu=True) for p, b in zip(packed[1:], biases[1:])]
+    if kind == "upsample+block":
+        block[2] = amx.ChainStage(packed[3], c, biases[3], relu=True, skip=1)
+        stages, up = [amx.ChainStage(packed[0], c, biases[0])] + block, True
+        separate = amx.block(amx.conv3x3(x, packed[0], c, biases[0], upsample=True), packed[1:], biases[1:])
+    else:
+        block[2] = amx.ChainStage(packed[3], c, biases[3], relu=True, skip=0)
+        stages, up = block + [amx.ChainStage(packed[0], c, None, stride=2)], False
+        separate = amx.conv3x3(amx.block(x, packed[1:], biases[1:]), packed[0], c, None, stride=2)
+    for threads in (1, 2, 3):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            chained = amx.chain(x, stages, upsample=up)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(chained, separate), threads
+
+
+def test_a_chain_refuses_what_it_cannot_run():
+    x, p = bf16(1, 64, 16, 16), amx.pack_weight(torch.randn(64, 64, 3, 3))
+    with pytest.raises(ValueError, match="does not fit"):
+        amx.chain(x, [amx.ChainStage(amx.pack_weight(torch.randn(32, 64, 3, 3)), 64)])
+    with pytest.raises(RuntimeError, match="refused"):   # a skip from a map of another size
+        amx.chain(x, [amx.ChainStage(p, 64, stride=2), amx.ChainStage(p, 64, skip=0)])
+
+
 def test_kernel_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="does not fit"):
         amx.conv3x3(bf16(1, 64, 8, 8), amx.pack_weight(torch.randn(32, 64, 3, 3)), 64, None)
@@ -112,20 +151,26 @@ def test_kernel_refuses_what_it_cannot_run():
 def test_the_network_runs_its_blocks_and_upsample_convs_on_it_and_tiles_stay_exact(monkeypatch):
     monkeypatch.delenv("TAESD_AMX", raising=False)
     calls = []
-    conv, block = amx.conv3x3, amx.block
+    conv, block, chain = amx.conv3x3, amx.block, amx.chain
     monkeypatch.setattr(amx, "conv3x3", lambda *a, **k: calls.append("up" if k.get("upsample") else "conv")
                         or conv(*a, **k))
     monkeypatch.setattr(amx, "block", lambda *a: calls.append("block") or block(*a))
+    monkeypatch.setattr(amx, "chain", lambda *a, **k: calls.append("chain") or chain(*a, **k))
     model = CpuExecutor(bf16=True).apply(taesd.create("taesd", seed=0))
     z, x = torch.randn(1, 4, 32, 32), torch.rand(1, 3, 256, 256)
     y = model.decode(z)
-    # blocks on maps of 48² and more (decided by the untiled map); every Upsample + conv pair
-    assert calls == ["up", "block", "block", "block", "up", "block", "block", "block", "up", "block"]
-    assert torch.equal(y, model.decode(z, tile_size=8))
+    # blocks on maps of 48² and more (decided by the untiled map); every Upsample + conv pair chained
+    # with the block after it
+    assert calls == ["chain", "block", "block", "chain", "block", "block", "chain"]
+    calls.clear()
+    tiled = model.decode(z, tile_size=8)   # tiles run layer by layer: the same bits without chains
+    assert torch.equal(y, tiled) and "conv" in calls and "chain" not in calls
     calls.clear()
     lat = model.encode(x)
-    assert calls == ["block", "conv", "block", "block", "block", "conv", "block", "block", "block", "conv"]
-    assert torch.equal(lat, model.encode(x, tile_size=64))
+    assert calls == ["chain", "block", "block", "chain", "block", "block", "chain"]   # block + stride-2 conv
+    calls.clear()
+    tiled = model.encode(x, tile_size=64)
+    assert torch.equal(lat, tiled) and "conv" in calls and "chain" not in calls
     monkeypatch.setenv("TAESD_AMX", "0")
     calls.clear()
     off = model.decode(z)

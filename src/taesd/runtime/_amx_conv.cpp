@@ -107,10 +107,10 @@ static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const flo
   const long tap = (long)nk * 1024;                          // elements per tap of one channel pair-tile
   Pending prev{nullptr, nullptr, nullptr, nullptr, 0};
   int cur = 0;
-  for (int g = 0; g < groups; ++g) {
+  for (int op = 0; op < Co / 32; ++op) {
+    for (int g = 0; g < groups; ++g) {
     const int x0 = g * 32;
     const int np = W - x0 < 32 ? W - x0 : 32;     // the last group of a row may be partial
-    for (int op = 0; op < Co / 32; ++op) {
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
       const uint16_t* wb = w + (long)op * 9 * tap;
       // Software-pipelined: each step's tile products free their operand tiles in turn, and the
@@ -253,6 +253,100 @@ static void* block_worker(void* arg) {
   return nullptr;
 }
 
+// A chain of 3x3 convs run as one pass (a decoder stage: upsample + conv and its residual blocks;
+// an encoder stage: its blocks and the stride-2 conv after them): per range of final output rows each
+// thread keeps a ring of RING padded rows of every map but the last, and makes each row when a later
+// row needs it (rows outside a map are zeros: the padding), so no map but the first and the last
+// leaves the cache; each range recomputes the rows its neighbours also make at its edges. Each conv
+// runs conv_row and rounds to bf16 as the one-layer calls do: the same bits.
+constexpr int MAX_STAGES = 16;
+constexpr int RING = 4;    // a block's skip reads its input row v when that map is made up to v + 3
+
+struct Stage {
+  const uint16_t* w;      // packed (amx.py pack_weight)
+  const float* bias;      // or null
+  int stride, relu, res;  // res: the map whose row is added (a block's skip), -1 for none
+};
+
+struct ChainJob {
+  const uint16_t* x;      // map 0: [N][H0 >> up][W0 >> up][C0]
+  uint16_t* y;            // map S: [N][H_S][W_S][C_S]
+  int N, S, up, parts;
+  Stage st[MAX_STAGES];
+  int H[MAX_STAGES + 1], W[MAX_STAGES + 1], C[MAX_STAGES + 1];   // map 0 as read (upsampled)
+  long items;
+  std::atomic<long> next;
+};
+
+struct ChainState {
+  const ChainJob* job;
+  int n;
+  uint16_t* ring[MAX_STAGES];
+  long padded[MAX_STAGES];  // elements per padded row of map k
+  int made[MAX_STAGES + 1];  // the next row of map k to make
+  float* S;
+
+  uint16_t* row(int k, int r) { return ring[k] + (long)(((r % RING) + RING) % RING) * padded[k]; }
+
+  void need(int k, int r) { while (made[k] <= r) { make(k, made[k]); ++made[k]; } }
+
+  void make(int k, int r) {
+    const ChainJob* j = job;
+    if (k == 0) {   // a row of the input (upsampled on the fly), zero outside it
+      uint16_t* d = row(0, r);
+      const int C = j->C[0], W = j->W[0], up = j->up;
+      if (r < 0 || r >= j->H[0]) { memset(d, 0, 2 * padded[0]); return; }
+      const uint16_t* src = j->x + ((long)n * (j->H[0] >> up) + (r >> up)) * (long)(W >> up) * C;
+      if (!up) memcpy(d + C, src, 2L * W * C);
+      else for (int x = 0; x < W; ++x) memcpy(d + (long)(x + 1) * C, src + (long)(x >> 1) * C, 2 * C);
+      return;
+    }
+    if (r < 0 || r >= j->H[k]) { memset(row(k, r) + j->C[k], 0, 2L * j->W[k] * j->C[k]); return; }
+    const Stage& s = j->st[k - 1];
+    need(k - 1, s.stride * r + 1);
+    const uint16_t* rows[3] = {row(k - 1, s.stride * r - 1), row(k - 1, s.stride * r),
+                               row(k - 1, s.stride * r + 1)};
+    const uint16_t* res = nullptr;
+    if (s.res >= 0) { need(s.res, r); res = row(s.res, r) + j->C[s.res]; }
+    uint16_t* out = k == j->S ? j->y + ((long)n * j->H[k] + r) * j->W[k] * j->C[k] : row(k, r) + j->C[k];
+    conv_row(rows, s.w, s.bias, res, s.relu, out, j->W[k], (j->W[k] + 31) / 32, j->C[k - 1], j->C[k], S,
+             s.stride);
+  }
+};
+
+static void* chain_worker(void* arg) {
+  ChainJob* job = (ChainJob*)arg;
+  configure_tiles();
+  ChainState st;
+  st.job = job;
+  long total = 0;
+  for (int k = 0; k < job->S; ++k) {   // map k is read by stage k: wide enough for its tile reads
+    st.padded[k] = (long)(((job->W[k + 1] + 31) / 32) * 32 * job->st[k].stride + 2) * job->C[k];
+    total += RING * st.padded[k];
+  }
+  uint16_t* mem = (uint16_t*)aligned_alloc(64, ((2 * total + 63) / 64) * 64);
+  memset(mem, 0, 2 * total);   // pads and tails stay zero
+  for (int k = 0, off = 0; k < job->S; off += RING * st.padded[k], ++k) st.ring[k] = mem + off;
+  st.S = (float*)aligned_alloc(64, sizeof(float) * 2048);
+  const int H = job->H[job->S];
+  for (long it; (it = job->next.fetch_add(1)) < job->items;) {
+    st.n = (int)(it / job->parts);
+    const int part = (int)(it % job->parts);
+    const int y0 = (int)((long)H * part / job->parts), y1 = (int)((long)H * (part + 1) / job->parts);
+    if (y0 >= y1) continue;
+    st.made[job->S] = y0;
+    for (int k = job->S - 1, lo = y0; k >= 0; --k) { lo = job->st[k].stride * lo - 1; st.made[k] = lo; }
+    for (int k = 0; k < job->S; ++k)   // a skip's map may be needed below the conv chain's first row
+      if (job->st[k].res >= 0 && st.made[job->st[k].res] > st.made[k + 1])
+        st.made[job->st[k].res] = st.made[k + 1];
+    st.need(job->S, y1 - 1);
+  }
+  _tile_release();
+  free(mem);
+  free(st.S);
+  return nullptr;
+}
+
 template <class J>
 static void run_threads(void* (*fn)(void*), J* job, int threads, long items) {
   if (threads < 1) threads = 1;
@@ -342,6 +436,45 @@ int taesd_amx_block(const void* x, int N, int H, int W, int C, const void* w0, c
   job.items = (long)N * job.parts;
   job.next.store(0);
   run_threads(block_worker, &job, threads, job.items);
+  return 0;
+}
+
+// A chain of S 3x3 convs (see ChainJob): map 0 is x (H0 x W0 as read: twice x's size with up),
+// stage k reads map k and writes map k + 1 (C[k] -> C[k + 1] channels, stride[k], relu[k], bias[k] or
+// null, res[k]: the map added before the ReLU or -1); the last map goes to y. Channels % 32 == 0;
+// a skip's map has the stage's output size and channels. Returns as taesd_amx_conv3x3 does.
+int taesd_amx_chain(const void* x, void* y, int N, int H0, int W0, int up, int S, const int* C,
+                    const void* const* w, const float* const* bias, const int* stride, const int* relu,
+                    const int* res, int threads) {
+  if (S < 1 || S > MAX_STAGES || N < 1 || H0 < 1 || W0 < 1) return 1;
+  if (up && (H0 % 2 || W0 % 2 || stride[0] != 1)) return 2;
+  if (taesd_amx_permit() != 0) return 4;
+  ChainJob job;
+  job.x = (const uint16_t*)x; job.y = (uint16_t*)y; job.N = N; job.S = S; job.up = up;
+  job.H[0] = H0; job.W[0] = W0;
+  for (int k = 0; k <= S; ++k) {
+    if (C[k] % 32 || C[k] < 32) return 1;
+    job.C[k] = C[k];
+  }
+  for (int k = 0; k < S; ++k) {
+    if (stride[k] != 1 && stride[k] != 2) return 1;
+    job.st[k] = Stage{(const uint16_t*)w[k], bias[k], stride[k], relu[k], res[k]};
+    job.H[k + 1] = (job.H[k] - 1) / stride[k] + 1;
+    job.W[k + 1] = (job.W[k] - 1) / stride[k] + 1;
+  }
+  for (int k = 0; k < S; ++k) {
+    const int r = res[k];
+    if (r >= 0 && (r > k || job.H[r] != job.H[k + 1] || job.W[r] != job.W[k + 1] || C[r] != C[k + 1]))
+      return 1;
+  }
+  // One row range per thread and image, of 16 final rows at least.
+  int parts = threads < 1 ? 1 : threads;
+  const int H = job.H[S];
+  if (parts > H / 16) parts = H / 16 > 1 ? H / 16 : 1;
+  job.parts = parts;
+  job.items = (long)N * parts;
+  job.next.store(0);
+  run_threads(chain_worker, &job, threads, job.items);
   return 0;
 }
 

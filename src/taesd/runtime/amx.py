@@ -12,6 +12,7 @@ compiler or Linux refuses.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import subprocess
 import threading
 from pathlib import Path
@@ -51,6 +52,11 @@ def library() -> ctypes.CDLL | None:
             block.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               *[ctypes.c_void_p] * 6, ctypes.c_void_p, ctypes.c_int]
             block.restype = ctypes.c_int
+            chain = lib.taesd_amx_chain
+            chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_void_p, ctypes.c_int]
+            chain.restype = ctypes.c_int
             if lib.taesd_amx_permit() != 0:
                 raise RuntimeError("Linux did not grant the AMX tile state (arch_prctl)")
             _lib = lib
@@ -68,14 +74,16 @@ def available() -> bool:
 
 
 def supports(conv: torch.nn.Conv2d, x: torch.Tensor, upsample: bool = False,
-             pixels: "int | None" = None) -> bool:
+             pixels: "int | None" = None, shape: "tuple | None" = None) -> bool:
     """This layer and input can run the kernel: bf16 on the CPU, 3x3 stride 1 (or 2, without
     upsampling) padding 1, channels in multiples of 32, a map of at least ``MIN_PIXELS`` read
-    (``pixels``: decide by this size, as a tile of a bigger map does)."""
+    (``pixels``: decide by this size, as a tile of a bigger map does; ``shape``: the layer reads a map
+    of this shape, made from x later in a chain)."""
+    shape = tuple(x.shape) if shape is None else tuple(shape)
     if pixels is None:
-        pixels = x.shape[2] * x.shape[3] * (4 if upsample else 1) if x.dim() == 4 else 0
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4
-            and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+        pixels = shape[2] * shape[3] * (4 if upsample else 1) if len(shape) == 4 else 0
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and len(shape) == 4
+            and shape[1] == conv.in_channels and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
             and (conv.stride == (1, 1) or (conv.stride == (2, 2) and not upsample))
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.in_channels % 32 == 0 and conv.out_channels % 32 == 0 and pixels >= MIN_PIXELS)
@@ -142,6 +150,55 @@ def block(x: torch.Tensor, packed: "list[torch.Tensor]", biases: "list[torch.Ten
     if rc != 0:
         raise RuntimeError(f"the AMX kernel refused the call (code {rc})")
     return y
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainStage:
+    """One 3x3 conv of ``chain``: ``packed`` (``pack_weight``) to ``out_channels``, its bias, stride,
+    ReLU, and ``skip``: the index of the map added before the ReLU (map 0 is the chain's input, map k + 1
+    stage k's output), or None."""
+    packed: torch.Tensor
+    out_channels: int
+    bias: "torch.Tensor | None" = None
+    stride: int = 1
+    relu: bool = False
+    skip: "int | None" = None
+
+
+def chain(x: torch.Tensor, stages: "list[ChainStage]", upsample: bool = False) -> torch.Tensor:
+    """The convs of ``stages`` one after another (the first reading x nearest-upsampled 2x with
+    ``upsample``) in one pass: only x and the result touch memory, every map between stays in the
+    cache as rings of rows. The same bits as the convs run one by one with ``conv3x3`` / ``block``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the AMX kernel is not available: {load_error()}")
+    n, c, h, w = x.shape
+    if upsample:
+        h, w = 2 * h, 2 * w
+    if x.dtype != torch.bfloat16 or not 1 <= len(stages) <= MAX_STAGES:
+        raise ValueError(f"a chain takes bf16 input and 1 to {MAX_STAGES} stages")
+    channels, sizes = [c], [(h, w)]
+    for k, s in enumerate(stages):
+        if s.packed.numel() != s.out_channels * channels[-1] * 9:
+            raise ValueError(f"stage {k}: packed weight does not fit {channels[-1]} -> {s.out_channels}")
+        channels.append(s.out_channels)
+        sizes.append(((sizes[-1][0] - 1) // s.stride + 1, (sizes[-1][1] - 1) // s.stride + 1))
+    x = x.contiguous(memory_format=torch.channels_last)
+    biases = [None if s.bias is None else s.bias.detach().float().contiguous() for s in stages]
+    y = torch.empty((n, channels[-1], *sizes[-1]), dtype=x.dtype, memory_format=torch.channels_last)
+    ints = lambda v: (ctypes.c_int * len(v))(*v)   # noqa: E731
+    ptrs = lambda v: (ctypes.c_void_p * len(v))(*v)   # noqa: E731
+    rc = lib.taesd_amx_chain(
+        x.data_ptr(), y.data_ptr(), n, h, w, int(upsample), len(stages), ints(channels),
+        ptrs([s.packed.data_ptr() for s in stages]), ptrs([None if b is None else b.data_ptr() for b in biases]),
+        ints([s.stride for s in stages]), ints([int(s.relu) for s in stages]),
+        ints([-1 if s.skip is None else s.skip for s in stages]), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the AMX kernel refused the chain (code {rc})")
+    return y
+
+
+MAX_STAGES = 16
 
 
 if __name__ == "__main__":   # python -m taesd.runtime.amx: build now, say where
