@@ -1,7 +1,7 @@
 """Our AMX kernel against the tile unit's peak and oneDNN: `python benchmarks/bench_amx.py [-o benchmarks/AMX.md]`.
 
 The bf16 layers of a TAESD decode/encode at 64 channels (a lone 3x3 conv with ReLU, a residual block
-of three, a nearest-2x upsample + conv), per map size and thread count: milliseconds per call (the
+of three, a nearest-2x upsample + conv; two layers in a row one by one and chained), per map size and thread count: milliseconds per call (the
 best of 12 after a warm-up), GMAC/s, the share of the tile unit's peak (measured here: back-to-back
 TDPBF16PS on loaded tiles, times the threads), and oneDNN's bf16 kernels on the same layer (what
 `TAESD_AMX=0` runs). Needs a CPU with AMX (Sapphire Rapids or later); elsewhere it says so and exits.
@@ -28,7 +28,14 @@ import taesd  # noqa: E402
 from speed import machine_facts  # noqa: E402
 from taesd.runtime import amx  # noqa: E402
 from taesd.runtime.executors import CpuExecutor  # noqa: E402
-from taesd.runtime.executors.cpu import FastBlock, conv_relu, tune_allocator, upsample_conv  # noqa: E402
+from taesd.runtime.executors.cpu import (  # noqa: E402
+    AmxChain,
+    FastBlock,
+    UpsampleConv,
+    conv_relu,
+    tune_allocator,
+    upsample_conv,
+)
 
 C = 64
 
@@ -54,11 +61,12 @@ def peak_gmacs() -> float:
 
 def layers():
     """TAESD's own 64-channel layers as the CPU executor runs them (fresh weights): a residual block
-    (FastBlock), its first conv, and the conv that follows an Upsample."""
+    (FastBlock), its first conv, the conv that follows an Upsample, and the encoder's stride-2 conv."""
     model = CpuExecutor().apply(taesd.create("taesd", seed=0))
     block = next(m for m in model.decoder if isinstance(m, FastBlock))
     up = next(model.decoder[i + 1] for i, m in enumerate(model.decoder) if isinstance(m, nn.Upsample))
-    return block, block.conv[0], up
+    down = next(m for m in model.encoder if isinstance(m, nn.Conv2d) and m.stride == (2, 2))
+    return block, block.conv[0], up, down
 
 
 @contextlib.contextmanager
@@ -80,11 +88,16 @@ def cases(size: int):
     and oneDNN's under ``amx_off``."""
     x = torch.randn(1, C, size, size).bfloat16().contiguous(memory_format=torch.channels_last)
     small = torch.randn(1, C, size // 2, size // 2).bfloat16().contiguous(memory_format=torch.channels_last)
-    block, conv, up = layers()
+    block, conv, up, down = layers()
     conv_macs = size * size * C * C * 9
     yield "conv+ReLU", conv_macs, lambda: conv_relu(conv, x)
     yield "block (3 convs)", 3 * conv_macs, lambda: block(x)
     yield "upsample+conv", conv_macs, lambda: upsample_conv(up, small)
+    # Two layers in a row: one by one on our kernel, then as one chain (the executor's AmxChain)
+    yield "upsample+conv, block: one by one", 4 * conv_macs, lambda: block(upsample_conv(up, small))
+    yield "upsample+conv, block: chained", 4 * conv_macs, lambda: AmxChain(UpsampleConv(up), block)(small)
+    yield "block, stride-2 conv: one by one", 3.25 * conv_macs, lambda: down(block(x))
+    yield "block, stride-2 conv: chained", 3.25 * conv_macs, lambda: AmxChain(block, down)(x)
 
 
 def main(argv=None) -> int:
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
         "- Best of 12 calls after a warm-up; TAESD's layers with fresh weights as the CPU executor runs "
         "them, random bf16 maps, batch 1. oneDNN: the same calls with TAESD_AMX=0 (its bf16 convolutions "
         "with the fused ReLU / add+ReLU post-ops; a block: three calls; upsample: F.interpolate, then "
-        "the conv).", "", head, *rows, ""])
+        "the conv; chained rows: the two layers one after the other).", "", head, *rows, ""])
     Path(args.output).write_text(text)
     print(f"wrote {args.output}")
     return 0

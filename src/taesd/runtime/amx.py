@@ -4,7 +4,8 @@ oneDNN's bf16 convolutions run on the tile units too; ours (``_amx_conv.cpp``) i
 at TAESD's 64 channels (benchmarks/AMX.md), runs a whole residual block as one pass, and reads its
 input nearest-upsampled 2x on the fly: the decoder's Upsample + conv without the 4x bigger map, the
 same sums as the conv of the upsampled map (so, unlike the fp32 phase-kernel fusion, it keeps bf16
-tiles exact), bias + residual + ReLU in the same pass. Per output pixel the sum order is fixed,
+tiles exact), bias + residual + ReLU in the same pass; ``chain`` runs several such convs in one pass
+(the maps between them kept as rings of rows in the cache). Per output pixel the sum order is fixed,
 whatever the map, so a tile of a map gives the same bits as the map.
 Built on first use (``taesd.runtime.native``); off with ``TAESD_AMX=0`` or where the CPU, the
 compiler or Linux refuses.
@@ -190,7 +191,8 @@ def chain(x: torch.Tensor, stages: "list[ChainStage]", upsample: bool = False) -
     ptrs = lambda v: (ctypes.c_void_p * len(v))(*v)   # noqa: E731
     rc = lib.taesd_amx_chain(
         x.data_ptr(), y.data_ptr(), n, h, w, int(upsample), len(stages), ints(channels),
-        ptrs([s.packed.data_ptr() for s in stages]), ptrs([None if b is None else b.data_ptr() for b in biases]),
+        ptrs([s.packed.data_ptr() for s in stages]),
+        ptrs([None if b is None else b.data_ptr() for b in biases]),
         ints([s.stride for s in stages]), ints([int(s.relu) for s in stages]),
         ints([-1 if s.skip is None else s.skip for s in stages]), torch.get_num_threads())
     if rc != 0:

@@ -21,8 +21,9 @@ does, each measured (docs/performance.md):
 - fusion: inside each residual ``Block`` the conv+bias+ReLU pairs and the last conv + skip add +
   ReLU run as single oneDNN kernels (``mkldnn._convolution_pointwise``): three fewer passes over
   memory per block. In bf16 on AMX CPUs the whole block is one pass of our AMX kernel
-  (``taesd.runtime.amx``), its intermediate maps never leaving the cache. Blocks keep their class
-  layout (``conv``/``skip``/``fuse``/``pool``), so
+  (``taesd.runtime.amx``), its intermediate maps never leaving the cache, and an upsample + conv with
+  the block after it, or a block with the stride-2 conv after it, is one chain (``AmxChain``).
+  Blocks keep their class layout (``conv``/``skip``/``fuse``/``pool``), so
   ``state_dict`` keys, Sequential indices and layer slices (tiling) are unchanged.
 - Winograd: 3x3 stride-1 convolutions on maps of 48x48 px and more run as Winograd F(4x4,3x3)
   (decoder; encoder at full resolution) or F(2x2,3x3) (the encoder's downsampled stages) in our
@@ -371,7 +372,8 @@ class AmxChain:
             conv = first.conv
             n, _, h, w = x.shape
             shape = (n, conv.out_channels, 2 * h, 2 * w)
-            if not (fused_available(x, conv) and fused_available(x, second) and conv.uses_amx(x, upsample=True)):
+            if not (fused_available(x, conv) and fused_available(x, second)
+                    and conv.uses_amx(x, upsample=True)):
                 return None
             convs = second.amx_convs(x, shape)
             if convs is None:
