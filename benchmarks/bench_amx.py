@@ -95,9 +95,9 @@ def cases(size: int):
     yield "upsample+conv", conv_macs, lambda: upsample_conv(up, small)
     # Two layers in a row: one by one on our kernel, then as one chain (the executor's AmxChain)
     yield "upsample+conv, block: one by one", 4 * conv_macs, lambda: block(upsample_conv(up, small))
-    yield "upsample+conv, block: chained", 4 * conv_macs, lambda: AmxChain(UpsampleConv(up), block)(small)
+    yield "upsample+conv, block: chained", 4 * conv_macs, lambda: AmxChain([UpsampleConv(up), block])(small)
     yield "block, stride-2 conv: one by one", 3.25 * conv_macs, lambda: down(block(x))
-    yield "block, stride-2 conv: chained", 3.25 * conv_macs, lambda: AmxChain(block, down)(x)
+    yield "block, stride-2 conv: chained", 3.25 * conv_macs, lambda: AmxChain([block, down])(x)
 
 
 def main(argv=None) -> int:

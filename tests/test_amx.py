@@ -133,12 +133,56 @@ def test_a_chain_gives_the_bits_of_its_layers_one_by_one(shape, kind):
         assert torch.equal(chained, separate), threads
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 37, 53), (1, 1, 50, 33), (1, 2, 9, 70)])
+def test_the_first_conv_gathers_its_patches_and_matches_the_convolution(shape):
+    """A first conv from at most 3 channels as an im2col stage (27 inputs per pixel in one tile row):
+    within a bf16 step of the exact sums, edges zero-padded, and a crop gives the same bits inside."""
+    n, c, h, w = shape
+    x = torch.rand(n, c, h, w).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(64, c, 3, 3) / 3, torch.randn(64)
+    stage = amx.ChainStage(amx.pack_im2col_weight(weight), 64, bias, relu=True, im2col=True)
+    y = amx.chain(x, [stage])
+    ref = reference(x, weight, bias, relu=True)
+    assert ((y.double() - ref).abs() <= ref.abs() / 128 + 1e-2).all()
+    crop = amx.chain(x[:, :, 5:, 7:].contiguous(memory_format=torch.channels_last), [stage])
+    assert torch.equal(crop[:, :, 1:-1, 1:-1], y[:, :, 6:-1, 8:-1])
+    block = [amx.ChainStage(amx.pack_weight(torch.randn(64, 64, 3, 3) / 24), 64, None, relu=True,
+                            skip=1 if k == 2 else None) for k in range(3)]
+    packed = [s.packed for s in block]
+    assert torch.equal(amx.chain(x, [stage] + block), amx.block(y, packed, [None] * 3))
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64, 64, 3), (2, 64, 37, 53, 3), (1, 32, 50, 70, 16), (1, 96, 9, 130, 1)])
+def test_the_last_conv_runs_as_a_narrow_stage(shape):
+    """A last conv to at most 16 channels on one B tile, 64 pixels a step: within a bf16 step of the
+    exact sums, partial 64-pixel groups, batches, a crop gives the same bits inside, and chained after
+    a block the bits of the two run one by one."""
+    n, c, h, w, co = shape
+    x = bf16(n, c, h, w)
+    weight, bias = torch.randn(co, c, 3, 3) / (3 * c ** 0.5), torch.randn(co)
+    stage = amx.ChainStage(amx.pack_narrow_weight(weight), co, bias, narrow=True)
+    y = amx.chain(x, [stage])
+    assert y.shape == (n, co, h, w) and y.is_contiguous(memory_format=torch.channels_last)
+    ref = reference(x, weight, bias)
+    assert ((y.double() - ref).abs() <= ref.abs() / 128 + 1e-2).all()
+    crop = amx.chain(x[:, :, 5:, 7:].contiguous(memory_format=torch.channels_last), [stage])
+    assert torch.equal(crop[:, :, 1:-1, 1:-1], y[:, :, 6:-1, 8:-1])
+    packed = [amx.pack_weight(torch.randn(c, c, 3, 3) / (3 * c ** 0.5)) for _ in range(3)]
+    block = [amx.ChainStage(p, c, None, relu=True, skip=0 if k == 2 else None) for k, p in enumerate(packed)]
+    assert torch.equal(amx.chain(x, block + [stage]), amx.chain(amx.block(x, packed, [None] * 3), [stage]))
+
+
 def test_a_chain_refuses_what_it_cannot_run():
     x, p = bf16(1, 64, 16, 16), amx.pack_weight(torch.randn(64, 64, 3, 3))
     with pytest.raises(ValueError, match="does not fit"):
         amx.chain(x, [amx.ChainStage(amx.pack_weight(torch.randn(32, 64, 3, 3)), 64)])
     with pytest.raises(RuntimeError, match="refused"):   # a skip from a map of another size
         amx.chain(x, [amx.ChainStage(p, 64, stride=2), amx.ChainStage(p, 64, skip=0)])
+    narrow = amx.ChainStage(amx.pack_narrow_weight(torch.randn(3, 64, 3, 3)), 3, narrow=True)
+    with pytest.raises(ValueError, match="narrow stage comes last"):
+        amx.chain(x, [narrow, amx.ChainStage(p, 64)])
+    with pytest.raises(ValueError, match="im2col stage comes first"):
+        amx.chain(x, [amx.ChainStage(amx.pack_im2col_weight(torch.randn(64, 3, 3, 3)), 64, im2col=True)])
 
 
 def test_kernel_refuses_what_it_cannot_run():
@@ -155,22 +199,25 @@ def test_the_network_runs_its_blocks_and_upsample_convs_on_it_and_tiles_stay_exa
     monkeypatch.setattr(amx, "conv3x3", lambda *a, **k: calls.append("up" if k.get("upsample") else "conv")
                         or conv(*a, **k))
     monkeypatch.setattr(amx, "block", lambda *a: calls.append("block") or block(*a))
-    monkeypatch.setattr(amx, "chain", lambda *a, **k: calls.append("chain") or chain(*a, **k))
+    monkeypatch.setattr(amx, "chain", lambda x, stages, **k: calls.append(f"chain{len(stages)}")
+                        or chain(x, stages, **k))
     model = CpuExecutor(bf16=True).apply(taesd.create("taesd", seed=0))
     z, x = torch.randn(1, 4, 32, 32), torch.rand(1, 3, 256, 256)
     y = model.decode(z)
     # blocks on maps of 48² and more (decided by the untiled map); every Upsample + conv pair chained
-    # with the block after it
-    assert calls == ["chain", "block", "block", "chain", "block", "block", "chain"]
+    # with the block after it, the last one with the last conv (to RGB) too
+    assert calls == ["chain4", "block", "block", "chain4", "block", "block", "chain5"]
     calls.clear()
-    tiled = model.decode(z, tile_size=8)   # tiles run layer by layer: the same bits without chains
-    assert torch.equal(y, tiled) and "conv" in calls and "chain" not in calls
+    tiled = model.decode(z, tile_size=8)   # tiles run layer by layer (the last conv alone): the same bits
+    assert torch.equal(y, tiled) and "conv" in calls and "chain1" in calls and "chain4" not in calls
     calls.clear()
     lat = model.encode(x)
-    assert calls == ["chain", "block", "block", "chain", "block", "block", "chain"]   # block + stride-2 conv
+    # the first conv (im2col), the block and the stride-2 conv; then each stage's last block and its
+    # stride-2 conv
+    assert calls == ["chain5", "block", "block", "chain4", "block", "block", "chain4"]
     calls.clear()
-    tiled = model.encode(x, tile_size=64)
-    assert torch.equal(lat, tiled) and "conv" in calls and "chain" not in calls
+    tiled = model.encode(x, tile_size=64)   # the first conv alone is a one-stage chain
+    assert torch.equal(lat, tiled) and "conv" in calls and "chain1" in calls and "chain4" not in calls
     monkeypatch.setenv("TAESD_AMX", "0")
     calls.clear()
     off = model.decode(z)

@@ -102,7 +102,7 @@ static inline void finish(const Pending& b, int p0, int p1, int relu, int Co) {
 // them), so the vector units work while the tile unit multiplies.
 static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const float* bias,
                      const uint16_t* res, int relu, uint16_t* out, int W, int groups, int Ci, int Co,
-                     float* S, int sx = 1) {
+                     float* S, int sx = 1, int taps = 9) {
   const int nk = Ci / KC;
   const long tap = (long)nk * 1024;                          // elements per tap of one channel pair-tile
   Pending prev{nullptr, nullptr, nullptr, nullptr, 0};
@@ -112,11 +112,14 @@ static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const flo
     const int x0 = g * 32;
     const int np = W - x0 < 32 ? W - x0 : 32;     // the last group of a row may be partial
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      const uint16_t* wb = w + (long)op * 9 * tap;
+      const uint16_t* wb = w + (long)op * taps * tap;
       // Software-pipelined: each step's tile products free their operand tiles in turn, and the
       // next step's loads go in as soon as their tile is free.
       const long ast = Ci * 2 * sx;
-      auto A = [&](int t, int k) { return rows[t / 3] + (long)(x0 * sx + t % 3) * Ci + k * KC; };
+      // taps == 1: rows[0] holds each pixel's 3x3 patch as Ci values (im2col), read as a 1x1 conv
+      auto A = [&](int t, int k) {
+        return taps == 1 ? rows[0] + (long)x0 * Ci + k * KC : rows[t / 3] + (long)(x0 * sx + t % 3) * Ci + k * KC;
+      };
       {
         const uint16_t* a = A(0, 0);
         _tile_loadd(4, a, ast);
@@ -124,9 +127,9 @@ static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const flo
         _tile_loadd(6, wb, 64);
         _tile_loadd(7, wb + 512, 64);
       }
-      for (int t = 0; t < 9; ++t) {
+      for (int t = 0; t < taps; ++t) {
         for (int k = 0; k < nk; ++k) {
-          const bool last = t == 8 && k == nk - 1;
+          const bool last = t == taps - 1 && k == nk - 1;
           const int tn = k == nk - 1 ? t + 1 : t, kn = k == nk - 1 ? 0 : k + 1;
           const uint16_t* a = last ? nullptr : A(tn, kn);
           const uint16_t* b = wb + tn * tap + kn * 1024;
@@ -141,7 +144,7 @@ static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const flo
             _tile_loadd(7, b + 512, 64);
           }
         }
-        if (prev.S) finish(prev, t * 4, t == 8 ? 32 : t * 4 + 4, relu, Co);
+        if (prev.S) finish(prev, t * 4, t == taps - 1 ? 32 : t * 4 + 4, relu, Co);
       }
       float* s = S + cur * 1024;
       _tile_stored(0, s, 128);
@@ -154,6 +157,44 @@ static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const flo
     }
   }
   if (prev.S) finish(prev, 0, 32, relu, Co);
+}
+
+// One output row of a 3x3 conv to Co <= 16 channels (a decoder's last conv, to RGB): one B tile of
+// 16 output channels (the unused ones zero), four pixel tiles (64 pixels) a step, bias added and the
+// first Co channels rounded to bf16 into out (pixel p at out + p * Co). The rows must hold 64-pixel
+// groups. Per output pixel the sum order is fixed (taps, then input channels), as in conv_row.
+static void conv_row_narrow(const uint16_t* const rows[3], const uint16_t* w, const float* bias,
+                            uint16_t* out, int W, int Ci, int Co, float* S) {
+  const int nk = Ci / KC;
+  const long ast = Ci * 2;
+  for (int x0 = 0; x0 < W; x0 += 64) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int t = 0; t < 9; ++t) {
+      for (int k = 0; k < nk; ++k) {
+        const uint16_t* a = rows[t / 3] + (long)(x0 + t % 3) * Ci + k * KC;
+        _tile_loadd(6, w + (long)(t * nk + k) * 512, 64);
+        _tile_loadd(4, a, ast);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(5, a + PX * Ci, ast);
+        _tile_dpbf16ps(1, 5, 6);
+        _tile_loadd(4, a + 2 * PX * Ci, ast);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_loadd(5, a + 3 * PX * Ci, ast);
+        _tile_dpbf16ps(3, 5, 6);
+      }
+    }
+    _tile_stored(0, S, 64);
+    _tile_stored(1, S + PX * 16, 64);
+    _tile_stored(2, S + 2 * PX * 16, 64);
+    _tile_stored(3, S + 3 * PX * 16, 64);
+    const int np = W - x0 < 64 ? W - x0 : 64;
+    const __mmask16 m = (__mmask16)((1u << Co) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+    for (int p = 0; p < np; ++p) {
+      __m512 v = _mm512_add_ps(_mm512_load_ps(S + p * 16), b);
+      _mm256_mask_storeu_epi16(out + (long)(x0 + p) * Co, m, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
 }
 
 static inline int slot(int row) { return ((row % 3) + 3) % 3; }
@@ -263,9 +304,12 @@ constexpr int MAX_STAGES = 16;
 constexpr int RING = 4;    // a block's skip reads its input row v when that map is made up to v + 3
 
 struct Stage {
-  const uint16_t* w;      // packed (amx.py pack_weight)
+  const uint16_t* w;      // packed (amx.py pack_weight; pack_im2col_weight for an im2col stage)
   const float* bias;      // or null
   int stride, relu, res;  // res: the map whose row is added (a block's skip), -1 for none
+  int im2col;             // stage 0 only: map 0 has C0 <= 3 channels; each output pixel's 3x3 x C0
+                          // patch is gathered into KC values and multiplied as one 1x1 tap
+  int narrow;             // the last stage only: Co <= 16 (conv_row_narrow; packed by pack_narrow_weight)
 };
 
 struct ChainJob {
@@ -285,6 +329,30 @@ struct ChainState {
   long padded[MAX_STAGES];  // elements per padded row of map k
   int made[MAX_STAGES + 1];  // the next row of map k to make
   float* S;
+  uint16_t* col;             // an im2col stage's row of patches: [groups * 32][KC], tails zero
+
+  // Row r's patches: pixel x gets rows r-1 .. r+1, columns x-1 .. x+1, C0 channels each, as
+  // (dy, dx, c) in its first 9 * C0 values (zeros outside the map; the rest stay zero): three masked
+  // loads into one vector (each row's 3 * C0 values are contiguous in NHWC), one 64-byte store.
+  void gather(int r) {
+    const ChainJob* j = job;
+    const int C = j->C[0], W = j->W[0], run = 3 * C;
+    const uint16_t* src[3];
+    for (int dy = 0; dy < 3; ++dy) {
+      const int yy = r + dy - 1;
+      src[dy] = yy < 0 || yy >= j->H[0] ? nullptr : j->x + ((long)n * j->H[0] + yy) * W * C;
+    }
+    const __mmask32 full = (1u << run) - 1;
+    for (int x = 0; x < W; ++x) {
+      __mmask32 m = full;
+      if (x == 0) m &= ~((1u << C) - 1);          // column -1 is padding
+      if (x == W - 1) m &= (1u << (2 * C)) - 1;    // column W is padding
+      __m512i v = _mm512_setzero_si512();
+      for (int dy = 0; dy < 3; ++dy)   // lanes dy * run .. read from the row's columns x-1 .. x+1
+        if (src[dy]) v = _mm512_mask_loadu_epi16(v, m << (dy * run), src[dy] + (long)(x - 1) * C - dy * run);
+      _mm512_store_si512(col + (long)x * KC, v);
+    }
+  }
 
   uint16_t* row(int k, int r) { return ring[k] + (long)(((r % RING) + RING) % RING) * padded[k]; }
 
@@ -303,9 +371,21 @@ struct ChainState {
     }
     if (r < 0 || r >= j->H[k]) { memset(row(k, r) + j->C[k], 0, 2L * j->W[k] * j->C[k]); return; }
     const Stage& s = j->st[k - 1];
+    if (s.im2col) {
+      gather(r);
+      const uint16_t* rows[3] = {col, col, col};
+      uint16_t* out = k == j->S ? j->y + ((long)n * j->H[k] + r) * j->W[k] * j->C[k] : row(k, r) + j->C[k];
+      conv_row(rows, s.w, s.bias, nullptr, s.relu, out, j->W[k], (j->W[k] + 31) / 32, KC, j->C[k], S, 1, 1);
+      return;
+    }
     need(k - 1, s.stride * r + 1);
     const uint16_t* rows[3] = {row(k - 1, s.stride * r - 1), row(k - 1, s.stride * r),
                                row(k - 1, s.stride * r + 1)};
+    if (s.narrow) {   // the last stage
+      conv_row_narrow(rows, s.w, s.bias, j->y + ((long)n * j->H[k] + r) * j->W[k] * j->C[k], j->W[k],
+                      j->C[k - 1], j->C[k], S);
+      return;
+    }
     const uint16_t* res = nullptr;
     if (s.res >= 0) { need(s.res, r); res = row(s.res, r) + j->C[s.res]; }
     uint16_t* out = k == j->S ? j->y + ((long)n * j->H[k] + r) * j->W[k] * j->C[k] : row(k, r) + j->C[k];
@@ -321,13 +401,18 @@ static void* chain_worker(void* arg) {
   st.job = job;
   long total = 0;
   for (int k = 0; k < job->S; ++k) {   // map k is read by stage k: wide enough for its tile reads
-    st.padded[k] = (long)(((job->W[k + 1] + 31) / 32) * 32 * job->st[k].stride + 2) * job->C[k];
+    const int group = job->st[k].narrow ? 64 : 32;
+    st.padded[k] = job->st[k].im2col ? 0
+        : (long)(((job->W[k + 1] + group - 1) / group) * group * job->st[k].stride + 2) * job->C[k];
     total += RING * st.padded[k];
   }
+  const long col_elems = (long)((job->W[1] + 31) / 32) * 32 * KC;
+  st.col = (uint16_t*)aligned_alloc(64, 2 * col_elems);
+  memset(st.col, 0, 2 * col_elems);
   uint16_t* mem = (uint16_t*)aligned_alloc(64, ((2 * total + 63) / 64) * 64);
   memset(mem, 0, 2 * total);   // pads and tails stay zero
   for (int k = 0, off = 0; k < job->S; off += RING * st.padded[k], ++k) st.ring[k] = mem + off;
-  st.S = (float*)aligned_alloc(64, sizeof(float) * 2048);
+  st.S = (float*)aligned_alloc(64, sizeof(float) * 2048);   // 2 x 32 x 32, or 64 x 16 (narrow)
   const int H = job->H[job->S];
   for (long it; (it = job->next.fetch_add(1)) < job->items;) {
     st.n = (int)(it / job->parts);
@@ -343,6 +428,7 @@ static void* chain_worker(void* arg) {
   }
   _tile_release();
   free(mem);
+  free(st.col);
   free(st.S);
   return nullptr;
 }
@@ -439,32 +525,39 @@ int taesd_amx_block(const void* x, int N, int H, int W, int C, const void* w0, c
   return 0;
 }
 
-// A chain of S 3x3 convs (see ChainJob): map 0 is x (H0 x W0 as read: twice x's size with up),
+// A chain of S 3x3 convs (see ChainJob): map 0 is x (H0 x W0 as read: twice x's size with up;
+// with im2col, x has C[0] <= 3 channels and stage 0 gathers its patches, as a network's first conv;
+// with narrow, the last stage goes to C[S] <= 16 channels, as a decoder's last conv),
 // stage k reads map k and writes map k + 1 (C[k] -> C[k + 1] channels, stride[k], relu[k], bias[k] or
 // null, res[k]: the map added before the ReLU or -1); the last map goes to y. Channels % 32 == 0;
 // a skip's map has the stage's output size and channels. Returns as taesd_amx_conv3x3 does.
 int taesd_amx_chain(const void* x, void* y, int N, int H0, int W0, int up, int S, const int* C,
                     const void* const* w, const float* const* bias, const int* stride, const int* relu,
-                    const int* res, int threads) {
+                    const int* res, int im2col, int narrow, int threads) {
   if (S < 1 || S > MAX_STAGES || N < 1 || H0 < 1 || W0 < 1) return 1;
-  if (up && (H0 % 2 || W0 % 2 || stride[0] != 1)) return 2;
+  if (up && (H0 % 2 || W0 % 2 || stride[0] != 1 || im2col)) return 2;
+  if (im2col && (C[0] < 1 || 9 * C[0] > KC || stride[0] != 1)) return 1;
   if (taesd_amx_permit() != 0) return 4;
   ChainJob job;
   job.x = (const uint16_t*)x; job.y = (uint16_t*)y; job.N = N; job.S = S; job.up = up;
   job.H[0] = H0; job.W[0] = W0;
+  if (narrow && (C[S] < 1 || C[S] > 16 || stride[S - 1] != 1 || res[S - 1] >= 0 || relu[S - 1]
+                 || (S == 1 && (im2col || up)))) return 1;
   for (int k = 0; k <= S; ++k) {
-    if (C[k] % 32 || C[k] < 32) return 1;
+    if ((C[k] % 32 || C[k] < 32) && !(k == 0 && im2col) && !(k == S && narrow)) return 1;
     job.C[k] = C[k];
   }
   for (int k = 0; k < S; ++k) {
     if (stride[k] != 1 && stride[k] != 2) return 1;
-    job.st[k] = Stage{(const uint16_t*)w[k], bias[k], stride[k], relu[k], res[k]};
+    job.st[k] = Stage{(const uint16_t*)w[k], bias[k], stride[k], relu[k], res[k], k == 0 ? im2col : 0,
+                      k == S - 1 ? narrow : 0};
     job.H[k + 1] = (job.H[k] - 1) / stride[k] + 1;
     job.W[k + 1] = (job.W[k] - 1) / stride[k] + 1;
   }
   for (int k = 0; k < S; ++k) {
     const int r = res[k];
-    if (r >= 0 && (r > k || job.H[r] != job.H[k + 1] || job.W[r] != job.W[k + 1] || C[r] != C[k + 1]))
+    if (r >= 0 && (r > k || (r == 0 && im2col) || job.H[r] != job.H[k + 1] || job.W[r] != job.W[k + 1]
+                   || C[r] != C[k + 1]))
       return 1;
   }
   // One row range per thread and image, of 16 final rows at least.

@@ -56,7 +56,7 @@ def library() -> ctypes.CDLL | None:
             chain = lib.taesd_amx_chain
             chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                              ctypes.c_void_p, ctypes.c_int]
+                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             chain.restype = ctypes.c_int
             if lib.taesd_amx_permit() != 0:
                 raise RuntimeError("Linux did not grant the AMX tile state (arch_prctl)")
@@ -97,6 +97,58 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     o, i = weight.shape[:2]
     w = weight.detach().to("cpu", torch.bfloat16).reshape(o // 32, 2, 16, i // 32, 16, 2, 3, 3)
     return w.permute(0, 6, 7, 3, 1, 4, 2, 5).contiguous().reshape(-1)
+
+
+PATCH = 32   # an im2col stage's patch: 3 x 3 x (at most 3) channels, padded to one tile's 32 values
+
+
+def supports_im2col(conv: torch.nn.Conv2d, x: torch.Tensor, pixels: "int | None" = None) -> bool:
+    """A network's first conv (3x3 stride 1 padding 1 from at most 3 channels, to a multiple of 32)
+    can run the kernel as an im2col stage: each pixel's 27 inputs gathered into one tile row."""
+    if pixels is None:
+        pixels = x.shape[2] * x.shape[3] if x.dim() == 4 else 0
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4
+            and x.shape[1] == conv.in_channels and 9 * conv.in_channels <= PATCH
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.out_channels % 32 == 0 and pixels >= MIN_PIXELS)
+
+
+def pack_im2col_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O, I <= 3, 3, 3) -> the im2col stage's tile layout: per 32 outputs two B tiles of one 32-value
+    patch ((dy, dx, c) order, zero-padded), pairs side by side, in bf16."""
+    o, i = weight.shape[:2]
+    w = torch.zeros(o, PATCH, dtype=torch.float32)
+    w[:, :9 * i] = weight.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).reshape(o, 9 * i)
+    w = w.to(torch.bfloat16).reshape(o // 32, 2, 16, 16, 2)
+    return w.permute(0, 1, 3, 2, 4).contiguous().reshape(-1)
+
+
+NARROW = 16   # a narrow stage's outputs: one B tile of 16 channels
+
+
+def supports_narrow(conv: torch.nn.Conv2d, x: torch.Tensor, pixels: "int | None" = None,
+                    shape: "tuple | None" = None) -> bool:
+    """A decoder's last conv (3x3 stride 1 padding 1, from a multiple of 32 channels to at most 16) can
+    run the kernel as a narrow stage (``shape``: on a map of this shape made from x in a chain)."""
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    if pixels is None:
+        pixels = shape[2] * shape[3] if len(shape) == 4 else 0
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and len(shape) == 4
+            and shape[1] == conv.in_channels and conv.in_channels % 32 == 0
+            and conv.out_channels <= NARROW and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and pixels >= MIN_PIXELS)
+
+
+def pack_narrow_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O <= 16, I, 3, 3) -> the narrow stage's layout: per tap and 32 input channels one B tile of 16
+    outputs (zero past O), pairs of input channels side by side, in bf16."""
+    o, i = weight.shape[:2]
+    w = torch.zeros(NARROW, i, 3, 3, dtype=torch.float32)
+    w[:o] = weight.detach().to("cpu", torch.float32)
+    w = w.to(torch.bfloat16).reshape(NARROW, i // 32, 16, 2, 3, 3)
+    return w.permute(4, 5, 1, 2, 0, 3).contiguous().reshape(-1)
 
 
 def conv3x3(x: torch.Tensor, packed: torch.Tensor, out_channels: int, bias: torch.Tensor | None,
@@ -164,6 +216,8 @@ class ChainStage:
     stride: int = 1
     relu: bool = False
     skip: "int | None" = None
+    im2col: bool = False   # the first stage only: ``packed`` is ``pack_im2col_weight``'s
+    narrow: bool = False   # the last stage only, to at most 16 channels: ``pack_narrow_weight``'s
 
 
 def chain(x: torch.Tensor, stages: "list[ChainStage]", upsample: bool = False) -> torch.Tensor:
@@ -179,8 +233,21 @@ def chain(x: torch.Tensor, stages: "list[ChainStage]", upsample: bool = False) -
     if x.dtype != torch.bfloat16 or not 1 <= len(stages) <= MAX_STAGES:
         raise ValueError(f"a chain takes bf16 input and 1 to {MAX_STAGES} stages")
     channels, sizes = [c], [(h, w)]
+    im2col = stages[0].im2col
+    if any(s.im2col for s in stages[1:]) or (im2col and (upsample or 9 * c > PATCH)):
+        raise ValueError(f"an im2col stage comes first, reads at most {PATCH // 9} channels, no upsampling")
+    last = stages[-1]
+    narrow = last.narrow
+    if any(s.narrow for s in stages[:-1]) or (narrow and (last.out_channels > NARROW or last.relu
+                                                           or last.skip is not None or last.stride != 1)):
+        raise ValueError(f"a narrow stage comes last: to at most {NARROW} channels, stride 1, no ReLU "
+                         "or skip")
     for k, s in enumerate(stages):
-        if s.packed.numel() != s.out_channels * channels[-1] * 9:
+        if s.narrow:
+            want = NARROW * channels[-1] * 9
+        else:
+            want = s.out_channels * (PATCH if s.im2col else channels[-1] * 9)
+        if s.packed.numel() != want:
             raise ValueError(f"stage {k}: packed weight does not fit {channels[-1]} -> {s.out_channels}")
         channels.append(s.out_channels)
         sizes.append(((sizes[-1][0] - 1) // s.stride + 1, (sizes[-1][1] - 1) // s.stride + 1))
@@ -194,7 +261,8 @@ def chain(x: torch.Tensor, stages: "list[ChainStage]", upsample: bool = False) -
         ptrs([s.packed.data_ptr() for s in stages]),
         ptrs([None if b is None else b.data_ptr() for b in biases]),
         ints([s.stride for s in stages]), ints([int(s.relu) for s in stages]),
-        ints([-1 if s.skip is None else s.skip for s in stages]), torch.get_num_threads())
+        ints([-1 if s.skip is None else s.skip for s in stages]), int(im2col), int(narrow),
+        torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"the AMX kernel refused the chain (code {rc})")
     return y

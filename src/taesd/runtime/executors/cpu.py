@@ -96,7 +96,8 @@ def _weight_key(w: torch.Tensor) -> tuple:
 
 
 PACK_CACHE = ("_packed", "_pack_key", "_up_packed", "_up_bias", "_up_key", "_wino_U", "_wino_key", "_bias_as",
-              "_amx_w", "_amx_key", "_narrow_w", "_narrow_key")
+              "_amx_w", "_amx_key", "_amx_col_w", "_amx_col_key", "_amx_nar_w", "_amx_nar_key", "_narrow_w",
+              "_narrow_key")
 
 
 class FastConv2d(nn.Conv2d):
@@ -173,6 +174,37 @@ class FastConv2d(nn.Conv2d):
         return x.dtype == torch.bfloat16 and amx.supports(self, x, upsample, untiled_pixels.get(), shape) \
             and amx.available()
 
+    def uses_amx_im2col(self, x: torch.Tensor) -> bool:
+        """This bf16 call is a first conv (at most 3 input channels) that our AMX kernel runs as an
+        im2col stage (``amx.supports_im2col``), decided as the untiled map would."""
+        return x.dtype == torch.bfloat16 and amx.supports_im2col(self, x, untiled_pixels.get()) \
+            and amx.available()
+
+    def amx_im2col_stage(self, relu: bool = False) -> "amx.ChainStage":
+        """This conv as the im2col first stage of an AMX chain (weight packed once, kept until it changes)."""
+        key = _weight_key(self.weight)
+        if self.__dict__.get("_amx_col_key") != key:
+            self.__dict__["_amx_col_w"] = amx.pack_im2col_weight(self.weight)
+            self.__dict__["_amx_col_key"] = key
+        return amx.ChainStage(self.__dict__["_amx_col_w"], self.out_channels, self.bias, relu=relu,
+                              im2col=True)
+
+    def uses_amx_narrow(self, x: torch.Tensor, shape: "tuple | None" = None) -> bool:
+        """This bf16 call is a last conv (to at most 16 channels) that our AMX kernel runs as a narrow
+        stage (``amx.supports_narrow``), decided as the untiled map would."""
+        pixels = untiled_pixels.get()
+        if pixels is None and shape is not None:
+            pixels = shape[2] * shape[3]
+        return x.dtype == torch.bfloat16 and amx.supports_narrow(self, x, pixels, shape) and amx.available()
+
+    def amx_narrow_stage(self) -> "amx.ChainStage":
+        """This conv as the narrow last stage of an AMX chain (weight packed once, kept until it changes)."""
+        key = _weight_key(self.weight)
+        if self.__dict__.get("_amx_nar_key") != key:
+            self.__dict__["_amx_nar_w"] = amx.pack_narrow_weight(self.weight)
+            self.__dict__["_amx_nar_key"] = key
+        return amx.ChainStage(self.__dict__["_amx_nar_w"], self.out_channels, self.bias, narrow=True)
+
     def amx_conv(self, x: torch.Tensor, relu: bool = False, residual: "torch.Tensor | None" = None,
                  upsample: bool = False) -> torch.Tensor:
         """This conv (+ residual, ReLU; of x nearest-upsampled 2x) on our AMX kernel (``uses_amx``)."""
@@ -194,6 +226,10 @@ class FastConv2d(nn.Conv2d):
             return super().forward(x)
         if self.uses_amx(x):   # bf16: the encoder's downsampling convs, TAEHV's memory-block convs
             return self.amx_conv(x)
+        if self.uses_amx_im2col(x):   # bf16: the encoder's first conv, from RGB
+            return amx.chain(x, [self.amx_im2col_stage()])
+        if self.uses_amx_narrow(x):    # bf16: the decoder's last conv, to RGB
+            return amx.chain(x, [self.amx_narrow_stage()])
         if self.out_channels <= narrow.MAX_OUT and narrow.supports(self, x, untiled_pixels.get()):
             return narrow.conv3x3(x, self.narrow_weight(x.dtype), self.bias)   # the last conv, to RGB
         m = self.winograd_tile(x)
@@ -345,52 +381,86 @@ class UpsampleConv:
 
 
 class AmxChain:
-    """Two steps of ``FastSequential`` that our AMX kernel runs as one pass (``amx.chain``) where both
-    would run on it: an upsample + conv and the residual block after it (the start of a decoder stage),
-    or a block and the stride-2 conv after it (the end of an encoder stage). The map between them never
-    leaves the cache; the bits are those of the two steps run one after the other, which is what runs
-    where the kernel does not apply. Measured on a 2-core Sapphire Rapids Xeon (benchmarks/AMX.md):
-    256² -> 512² upsample + conv + block 31.0 -> 29.2 ms, 512² block + stride-2 conv 27.0 -> 24.5 ms.
-    Longer chains (two blocks in a row) measured slower than the blocks one by one."""
+    """Steps of ``FastSequential`` that our AMX kernel runs as one pass (``amx.chain``) where each would
+    run on it: a head (an upsample + conv, or the first conv from RGB as an im2col stage), then at most
+    one residual block, then at most a stride-2 conv; two steps at least. So a decoder stage's upsample
+    + conv runs with the block after it, an encoder stage's last block with the stride-2 conv after it,
+    and the encoder's first conv with its full-resolution block and the stride-2 conv. The maps between
+    them never leave the cache; the bits are those of the steps run one after the other, which is what
+    runs where the kernel does not apply (and in tiles, which run layer by layer). Measured on a 2-core
+    Sapphire Rapids Xeon (benchmarks/AMX.md): 256² -> 512² upsample + conv + block 30.4 -> 28.3 ms,
+    512² block + stride-2 conv 27.2 -> 24.5 ms. Longer chains (a block and the next block, an upsample
+    + conv and two blocks) measured 2-7% slower than the layers one by one, so they are not made."""
 
-    def __init__(self, first, second):
-        self.first, self.second = first, second
+    def __init__(self, steps: list):
+        self.steps = steps
 
     @staticmethod
-    def pairs(first, second) -> bool:
-        if type(first) is UpsampleConv:
-            return type(second) is FastBlock and second.pool is None
-        return (type(first) is FastBlock and first.pool is None and type(second) is FastConv2d
-                and second.stride == (2, 2))
+    def length(steps: list, i: int) -> int:
+        """How many steps from ``steps[i]`` make a chain (0: none)."""
+        k = i
+        if k < len(steps) and (type(steps[k]) is UpsampleConv or _is_first_conv(steps[k])):
+            k += 1
+        if k < len(steps) and type(steps[k]) is FastBlock and steps[k].pool is None:
+            k += 1
+        if k < len(steps) and k > i and type(steps[k - 1]) is FastBlock and type(steps[k]) is FastConv2d \
+                and (steps[k].stride == (2, 2) or _is_last_conv(steps[k])):
+            k += 1
+        return k - i if k - i >= 2 else 0
 
     def stages(self, x: torch.Tensor) -> "tuple[list, bool] | None":
         """The chain's stages and whether it reads x upsampled, or None where it does not apply."""
-        first, second = self.first, self.second
         if x.dim() != 4 or x.dtype != torch.bfloat16:
             return None
-        if type(first) is UpsampleConv:
-            conv = first.conv
-            n, _, h, w = x.shape
-            shape = (n, conv.out_channels, 2 * h, 2 * w)
-            if not (fused_available(x, conv) and fused_available(x, second)
-                    and conv.uses_amx(x, upsample=True)):
+        n, c, h, w = x.shape
+        shape, stages, upsample = (n, c, h, w), [], False
+        for k, step in enumerate(self.steps):
+            module = step.conv if type(step) is UpsampleConv else step
+            if not fused_available(x, module):
                 return None
-            convs = second.amx_convs(x, shape)
-            if convs is None:
-                return None
-            head = [amx.ChainStage(conv.amx_weight(), conv.out_channels, conv.bias)]
-            return head + _block_stages(convs, skip=1), True
-        convs = first.amx_convs(x) if fused_available(x, first) and fused_available(x, second) else None
-        if convs is None or not second.uses_amx(x):
-            return None
-        tail = [amx.ChainStage(second.amx_weight(), second.out_channels, second.bias, stride=2)]
-        return _block_stages(convs, skip=0) + tail, False
+            if type(step) is UpsampleConv:
+                if not step.conv.uses_amx(x, upsample=True):
+                    return None
+                stages.append(amx.ChainStage(step.conv.amx_weight(), step.conv.out_channels, step.conv.bias))
+                shape, upsample = (n, step.conv.out_channels, 2 * h, 2 * w), True
+            elif type(step) is FastBlock:
+                convs = step.amx_convs(x, shape)
+                if convs is None:
+                    return None
+                stages += _block_stages(convs, skip=len(stages))
+            elif k == 0:   # the first conv, from RGB
+                if not step.uses_amx_im2col(x):
+                    return None
+                stages.append(step.amx_im2col_stage())
+                shape = (n, step.out_channels, h, w)
+            elif _is_last_conv(step):   # the last conv, to RGB
+                if not step.uses_amx_narrow(x, shape):
+                    return None
+                stages.append(step.amx_narrow_stage())
+            else:          # the stride-2 conv
+                if not step.uses_amx(x, shape=shape):
+                    return None
+                stages.append(amx.ChainStage(step.amx_weight(), step.out_channels, step.bias, stride=2))
+                shape = (n, step.out_channels, (shape[2] - 1) // 2 + 1, (shape[3] - 1) // 2 + 1)
+        return stages, upsample
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.stages(x)
         if plan is None:
-            return self.second(self.first(x))
+            for step in self.steps:
+                x = step(x)
+            return x
         return amx.chain(x, plan[0], upsample=plan[1])
+
+
+def _is_last_conv(step) -> bool:
+    return type(step) is FastConv2d and step.stride == (1, 1) and step.out_channels <= amx.NARROW \
+        and step.kernel_size == (3, 3)
+
+
+def _is_first_conv(step) -> bool:
+    return type(step) is FastConv2d and step.stride == (1, 1) and 9 * step.in_channels <= amx.PATCH \
+        and step.kernel_size == (3, 3)
 
 
 def _block_stages(convs, skip: int) -> list:
@@ -430,15 +500,12 @@ class FastSequential(nn.Sequential):
                 i += 1
         if x.dtype != torch.bfloat16 or not amx.available():
             return steps
-        paired, i = [], 0
+        chained, i = [], 0
         while i < len(steps):
-            if i + 1 < len(steps) and AmxChain.pairs(steps[i], steps[i + 1]):
-                paired.append(AmxChain(steps[i], steps[i + 1]))
-                i += 2
-            else:
-                paired.append(steps[i])
-                i += 1
-        return paired
+            k = AmxChain.length(steps, i)
+            chained.append(AmxChain(steps[i:i + k]) if k else steps[i])
+            i += k or 1
+        return chained
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         steps = self._steps(x)
