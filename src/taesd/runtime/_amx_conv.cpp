@@ -301,7 +301,9 @@ static void* block_worker(void* arg) {
 // leaves the cache; each range recomputes the rows its neighbours also make at its edges. Each conv
 // runs conv_row and rounds to bf16 as the one-layer calls do: the same bits.
 constexpr int MAX_STAGES = 16;
-constexpr int RING = 4;    // a block's skip reads its input row v when that map is made up to v + 3
+// Rows kept per map: 3 (a conv reads rows r-1 .. r+1 of the map before it as it makes row r), 4 for
+// a block's input (its skip reads row v when that map is made up to v + 3).
+constexpr int RING = 3, SKIP_RING = 4;
 
 struct Stage {
   const uint16_t* w;      // packed (amx.py pack_weight; pack_im2col_weight for an im2col stage)
@@ -327,6 +329,7 @@ struct ChainState {
   int n;
   uint16_t* ring[MAX_STAGES];
   long padded[MAX_STAGES];  // elements per padded row of map k
+  int rows[MAX_STAGES];      // rows kept of map k (RING or SKIP_RING)
   int made[MAX_STAGES + 1];  // the next row of map k to make
   float* S;
   uint16_t* col;             // an im2col stage's row of patches: [groups * 32][KC], tails zero
@@ -354,7 +357,7 @@ struct ChainState {
     }
   }
 
-  uint16_t* row(int k, int r) { return ring[k] + (long)(((r % RING) + RING) % RING) * padded[k]; }
+  uint16_t* row(int k, int r) { return ring[k] + (long)(((r % rows[k]) + rows[k]) % rows[k]) * padded[k]; }
 
   void need(int k, int r) { while (made[k] <= r) { make(k, made[k]); ++made[k]; } }
 
@@ -400,18 +403,21 @@ static void* chain_worker(void* arg) {
   ChainState st;
   st.job = job;
   long total = 0;
+  for (int k = 0; k < job->S; ++k) st.rows[k] = RING;
+  for (int k = 0; k < job->S; ++k)
+    if (job->st[k].res >= 0) st.rows[job->st[k].res] = SKIP_RING;
   for (int k = 0; k < job->S; ++k) {   // map k is read by stage k: wide enough for its tile reads
     const int group = job->st[k].narrow ? 64 : 32;
     st.padded[k] = job->st[k].im2col ? 0
         : (long)(((job->W[k + 1] + group - 1) / group) * group * job->st[k].stride + 2) * job->C[k];
-    total += RING * st.padded[k];
+    total += st.rows[k] * st.padded[k];
   }
   const long col_elems = (long)((job->W[1] + 31) / 32) * 32 * KC;
   st.col = (uint16_t*)aligned_alloc(64, 2 * col_elems);
   memset(st.col, 0, 2 * col_elems);
   uint16_t* mem = (uint16_t*)aligned_alloc(64, ((2 * total + 63) / 64) * 64);
   memset(mem, 0, 2 * total);   // pads and tails stay zero
-  for (int k = 0, off = 0; k < job->S; off += RING * st.padded[k], ++k) st.ring[k] = mem + off;
+  for (long k = 0, off = 0; k < job->S; off += st.rows[k] * st.padded[k], ++k) st.ring[k] = mem + off;
   st.S = (float*)aligned_alloc(64, sizeof(float) * 2048);   // 2 x 32 x 32, or 64 x 16 (narrow)
   const int H = job->H[job->S];
   for (long it; (it = job->next.fetch_add(1)) < job->items;) {
