@@ -84,14 +84,18 @@ struct Pending {
 
 static inline void finish(const Pending& b, int p0, int p1, int relu, int Co) {
   if (p1 > b.np) p1 = b.np;
+  const __m512 b0 = b.bias ? _mm512_loadu_ps(b.bias) : _mm512_setzero_ps();
+  const __m512 b1 = b.bias ? _mm512_loadu_ps(b.bias + 16) : _mm512_setzero_ps();
   for (int p = p0; p < p1; ++p) {
-    for (int c = 0; c < 32; c += 16) {
-      __m512 v = _mm512_load_ps(b.S + p * 32 + c);
-      if (b.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(b.bias + c));
-      if (b.res) v = _mm512_add_ps(v, bf16x16(b.res + (long)p * Co + c));
-      if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
-      _mm256_storeu_si256((__m256i*)(b.out + (long)p * Co + c), (__m256i)_mm512_cvtneps_pbh(v));
+    __m512 v0 = _mm512_load_ps(b.S + p * 32), v1 = _mm512_load_ps(b.S + p * 32 + 16);
+    if (b.bias) { v0 = _mm512_add_ps(v0, b0); v1 = _mm512_add_ps(v1, b1); }
+    if (b.res) {
+      v0 = _mm512_add_ps(v0, bf16x16(b.res + (long)p * Co));
+      v1 = _mm512_add_ps(v1, bf16x16(b.res + (long)p * Co + 16));
     }
+    if (relu) { v0 = _mm512_max_ps(v0, _mm512_setzero_ps()); v1 = _mm512_max_ps(v1, _mm512_setzero_ps()); }
+    // both halves rounded to bf16 (round to nearest even, as _mm512_cvtneps_pbh) in one 64-byte store
+    _mm512_storeu_si512(b.out + (long)p * Co, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
   }
 }
 
