@@ -103,13 +103,14 @@ def test_tiles_follow_the_winograd_grid():
 
 
 @torch.no_grad()
-def test_wide_layers_take_the_smaller_tile_and_stay_exact():
-    """A _super decoder's 256 -> 512 conv (its F(4x4) weight would be 18 MiB: WIDE_WEIGHT_BYTES) runs
-    F(2x2) on a map big enough for Winograd (48x48 and more): close to the plain network, and tiles
-    still give the untiled bits."""
-    from taesd.runtime import winograd
+def test_wide_layers_take_the_smaller_tile_and_stay_exact(monkeypatch):
+    """A _super decoder's 256 -> 512 conv (its F(4x4) weight would be 18 MiB, past the 12 MiB limit of
+    a CPU with a 32 MiB L3) runs F(2x2) on a map big enough for Winograd (48x48 and more): close to
+    the plain network, and tiles still give the untiled bits."""
+    from taesd.runtime import isa, winograd
     if not winograd.available():
         pytest.skip("the Winograd kernel cannot be built here")
+    monkeypatch.setattr(isa, "l3_cache_bytes", lambda: 32 * 2 ** 20)
     plain = _model("taew2_2_super", fast=False)
     model = _model("taew2_2_super", fast=True)
     wide = [c for c in model.decoder.modules() if isinstance(c, torch.nn.Conv2d)

@@ -247,10 +247,18 @@ def test_bf16_taef2_holds_40_db_and_tiles_exactly(weights):
 
 
 def test_wide_layers_take_smaller_tiles(monkeypatch):
-    """A conv whose transformed weight would pass WIDE_WEIGHT_BYTES takes F(2x2), then direct; the
-    image networks' 64-channel convs keep their plan; bf16's weight is half the bytes."""
+    """A conv whose transformed weight would pass the limit (3/8 of the L3, 12 to 48 MiB) takes F(2x2),
+    then direct; the image networks' 64-channel convs keep their plan; bf16's weight is half the bytes."""
     from taesd.runtime.executors import cpu
     conv = torch.nn.Conv2d
+    monkeypatch.setattr(isa, "l3_cache_bytes", lambda: 480 * 2 ** 20)   # a Xeon's: 48 MiB
+    assert cpu.wide_weight_bytes() == 48 * 2 ** 20
+    assert cpu.winograd_tile_of(4, False, conv(256, 512, 3)) == 4      # 18 MiB
+    assert cpu.winograd_tile_of(4, False, conv(512, 1024, 3)) == 2     # 72 MiB -> 32 MiB
+    monkeypatch.setattr(isa, "l3_cache_bytes", lambda: None)            # unknown: 12 MiB
+    assert cpu.wide_weight_bytes() == 12 * 2 ** 20
+    monkeypatch.setattr(isa, "l3_cache_bytes", lambda: 32 * 2 ** 20)    # a Zen 3's: 12 MiB
+    assert cpu.wide_weight_bytes() == 12 * 2 ** 20
     monkeypatch.setattr(isa, "winograd_bf16", lambda *a: False)
     assert cpu.winograd_tile_of(4, False, conv(64, 64, 3)) == 4
     assert cpu.winograd_tile_of(2, False, conv(64, 64, 3)) == 2

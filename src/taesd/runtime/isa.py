@@ -103,6 +103,24 @@ def detect() -> Isa:
     return from_flags(cpu_flags(), torch.backends.cpu.get_cpu_capability())
 
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+@functools.lru_cache(maxsize=1)
+def l3_cache_bytes() -> "int | None":
+    """The last-level (L3) cache this CPU reports (Linux sysfs, cpu0), in bytes; None where unknown."""
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(root.glob("index*")):
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                unit = _SIZE_UNITS.get(size[-1:].upper(), 1)
+                return int(size.rstrip("KMGkmg")) * unit
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def default_dtype(isa: Isa | None = None) -> torch.dtype:
     """The precision an fp32 model computes in on this CPU when no dtype was asked for: bf16 where
     the CPU has native bf16 (AMX; AVX-512-BF16 dot products, as on AMD Zen 4), which is where it is

@@ -565,23 +565,35 @@ def winograd_tiles(part: str, module: nn.Module, bf16: bool = False):
 
 
 # Wide layers (TAEHV's 128-1024 channels): the kernel reads a conv's whole transformed weight
-# ((m+2)^2 x Ci x Co) once per block of 12 tiles; past ~12 MiB it no longer stays in the caches and
-# the GEMMs starve. Measured on a 2-core Zen 3 (fp32, 3 frames): 256 -> 512 at 64², F(4x4) (18 MiB)
-# 221 ms, F(2x2) (8 MiB) 115 ms, oneDNN 212 ms; 512 -> 256: 118 / 102 / 158 ms; 256 -> 256 (9 MiB)
-# F(4x4) 36 ms, F(2x2) 46 ms; 512 -> 1024 at 32², F(2x2) (32 MiB) 386 ms, oneDNN 190 ms.
+# ((m+2)^2 x Ci x Co) once per block of 12 tiles; where it no longer stays in the last-level cache
+# the GEMMs starve. Measured (fp32, 3 frames), 2-core Zen 3 with a 32 MiB L3: 256 -> 512 at 64²,
+# F(4x4) (18 MiB) 221 ms, F(2x2) (8 MiB) 115 ms, oneDNN 212 ms; 512 -> 256: 118 / 102 / 158 ms;
+# 256 -> 256 (9 MiB) F(4x4) 36 ms, F(2x2) 46 ms; 512 -> 1024 at 32², F(2x2) (32 MiB) 386 ms, oneDNN
+# 190 ms. 2-core Xeon with a 480 MiB L3: 256 -> 512 F(4x4) 49 ms, F(2x2) 77 ms, oneDNN 96 ms;
+# 512 -> 256: 51 / 82 / 98 ms; 512 -> 1024 F(4x4) (72 MiB) 109 ms, F(2x2) 100 ms, oneDNN 98 ms.
+# So the limit is 3/8 of the L3 (12 MiB at 32 MiB), between WIDE_WEIGHT_BYTES and WIDE_WEIGHT_MAX;
+# WIDE_WEIGHT_BYTES where the L3's size is unknown.
 WIDE_WEIGHT_BYTES = 12 * 2 ** 20
+WIDE_WEIGHT_MAX = 48 * 2 ** 20
+
+
+def wide_weight_bytes() -> int:
+    """The biggest transformed weight a Winograd tile may have on this CPU (see WIDE_WEIGHT_BYTES)."""
+    l3 = isa.l3_cache_bytes()
+    return WIDE_WEIGHT_BYTES if not l3 else min(max(l3 * 3 // 8, WIDE_WEIGHT_BYTES), WIDE_WEIGHT_MAX)
 
 
 def winograd_tile_of(m: int, bf16: bool, conv: "nn.Conv2d | None" = None) -> int:
     """The tile a conv planned for F(m x m) in fp32 runs with: F(4x4) where its part computes in bf16
     (where bf16 runs the Winograd kernel at all: not on AMX CPUs, whose tiles do not need this plan),
-    and for a wide ``conv`` the biggest tile whose transformed weight fits ``WIDE_WEIGHT_BYTES`` (F(2x2),
-    else 0: direct)."""
+    and for a wide ``conv`` the biggest tile whose transformed weight fits ``wide_weight_bytes()``
+    (F(2x2), else 0: direct)."""
     wino_bf16 = bf16 and isa.winograd_bf16()
     m = BF16_WINOGRAD_TILE if m and wino_bf16 else m
     if conv is not None:
         per_point = conv.in_channels * conv.out_channels * (2 if wino_bf16 else 4)
-        while m and (m + 2) ** 2 * per_point > WIDE_WEIGHT_BYTES:
+        limit = wide_weight_bytes()
+        while m and (m + 2) ** 2 * per_point > limit:
             m = 2 if m > 2 else 0
     return m
 
