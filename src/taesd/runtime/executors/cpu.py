@@ -22,9 +22,10 @@ does, each measured (docs/performance.md):
   ReLU run as single oneDNN kernels (``mkldnn._convolution_pointwise``): three fewer passes over
   memory per block. In bf16 on AMX CPUs the whole block is one pass of our AMX kernel
   (``taesd.runtime.amx``), its intermediate maps never leaving the cache, and an upsample + conv with
-  the block after it, or a block with the stride-2 conv after it, is one chain (``AmxChain``).
-  Blocks keep their class layout (``conv``/``skip``/``fuse``/``pool``), so
-  ``state_dict`` keys, Sequential indices and layer slices (tiling) are unchanged.
+  the block after it (and the last conv, to RGB), or the first conv (from RGB) and a block with the
+  stride-2 conv after it, is one chain (``AmxChain``). Blocks keep their class layout
+  (``conv``/``skip``/``fuse``/``pool``), so ``state_dict`` keys, Sequential indices and layer slices
+  (tiling) are unchanged.
 - Winograd: 3x3 stride-1 convolutions on maps of 48x48 px and more run as Winograd F(4x4,3x3)
   (decoder; encoder at full resolution) or F(2x2,3x3) (the encoder's downsampled stages) in our
   own kernel (``taesd.runtime.winograd``): 2.25x / 4x fewer
@@ -383,9 +384,11 @@ class UpsampleConv:
 class AmxChain:
     """Steps of ``FastSequential`` that our AMX kernel runs as one pass (``amx.chain``) where each would
     run on it: a head (an upsample + conv, or the first conv from RGB as an im2col stage), then at most
-    one residual block, then at most a stride-2 conv; two steps at least. So a decoder stage's upsample
-    + conv runs with the block after it, an encoder stage's last block with the stride-2 conv after it,
-    and the encoder's first conv with its full-resolution block and the stride-2 conv. The maps between
+    one residual block, then at most a stride-2 conv or the last conv (to at most 16 channels, a narrow
+    stage); two steps at least. So a decoder stage's upsample + conv runs with the block after it (the
+    last stage with the last conv too), an encoder stage's last block with the stride-2 conv after it
+    (the last one with the conv to latents), and the encoder's first conv with its full-resolution block
+    and the stride-2 conv. The maps between
     them never leave the cache; the bits are those of the steps run one after the other, which is what
     runs where the kernel does not apply (and in tiles, which run layer by layer). Measured on a 2-core
     Sapphire Rapids Xeon, 2 threads (benchmarks/AMX.md): 256² -> 512² upsample + conv + block 30.6 ->
