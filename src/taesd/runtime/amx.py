@@ -66,6 +66,14 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+def _required() -> ctypes.CDLL:
+    """The loaded kernel, or a one-line error saying why there is none."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the AMX kernel is not available: {load_error()}")
+    return lib
+
+
 def load_error() -> str | None:
     return _lib_error
 
@@ -156,9 +164,7 @@ def conv3x3(x: torch.Tensor, packed: torch.Tensor, out_channels: int, bias: torc
             stride: int = 1) -> torch.Tensor:
     """act(conv3x3(x, stride) + bias + residual) in bf16 (sums in fp32), channels_last out; ``upsample``:
     convolve the nearest 2x upsampling of x without making it. ``packed``: ``pack_weight``."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the AMX kernel is not available: {load_error()}")
+    lib = _required()
     n, ci, hv, wv = x.shape
     if upsample:
         hv, wv = 2 * hv, 2 * wv
@@ -188,9 +194,7 @@ def block(x: torch.Tensor, packed: "list[torch.Tensor]", biases: "list[torch.Ten
     """relu(conv2(relu(conv1(relu(conv0(x))))) + x) in one pass (TAESD's residual block, identity
     skip, C -> C channels): the two intermediate maps stay in the cache, each rounded to bf16 as the
     separate convolutions round them (the same bits). ``packed``: three ``pack_weight``."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the AMX kernel is not available: {load_error()}")
+    lib = _required()
     n, c, h, w = x.shape
     if x.dtype != torch.bfloat16 or any(p.numel() != c * c * 9 for p in packed):
         raise ValueError(f"packed weights do not fit a {c} -> {c} channel block in bf16")
@@ -224,9 +228,7 @@ def chain(x: torch.Tensor, stages: "list[ChainStage]", upsample: bool = False) -
     """The convs of ``stages`` one after another (the first reading x nearest-upsampled 2x with
     ``upsample``) in one pass: only x and the result touch memory, every map between stays in the
     cache as rings of rows. The same bits as the convs run one by one with ``conv3x3`` / ``block``."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the AMX kernel is not available: {load_error()}")
+    lib = _required()
     n, c, h, w = x.shape
     if upsample:
         h, w = 2 * h, 2 * w
