@@ -11,7 +11,10 @@
 // renamed: a load waits for the last product that reads its tile). Each block's bias, residual,
 // ReLU and bf16 rounding run between the next block's products. Per output pixel the sum order is
 // fixed (taps, then input channels), whatever the map size, band or thread: a tile of a bigger map
-// gives the same bits (seam-exact tiling).
+// gives the same bits (seam-exact tiling). A chain (taesd_amx_chain) runs several such convs in one
+// pass, the maps between them kept as rings of rows; the network's first conv (from RGB, its 3x3
+// patches gathered into one tile row: im2col) and last conv (to at most 16 channels: one B tile,
+// 64 pixels a step) run as its first and last stages.
 #include <immintrin.h>
 #include <pthread.h>
 #include <sys/syscall.h>
@@ -111,10 +114,12 @@ static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const flo
   const long tap = (long)nk * 1024;                          // elements per tap of one channel pair-tile
   Pending prev{nullptr, nullptr, nullptr, nullptr, 0};
   int cur = 0;
+  // The output-channel halves walk the row outside its pixel groups (measured: within noise of the
+  // other order, same bits).
   for (int op = 0; op < Co / 32; ++op) {
     for (int g = 0; g < groups; ++g) {
-    const int x0 = g * 32;
-    const int np = W - x0 < 32 ? W - x0 : 32;     // the last group of a row may be partial
+      const int x0 = g * 32;
+      const int np = W - x0 < 32 ? W - x0 : 32;   // the last group of a row may be partial
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
       const uint16_t* wb = w + (long)op * taps * tap;
       // Software-pipelined: each step's tile products free their operand tiles in turn, and the
@@ -122,7 +127,8 @@ static void conv_row(const uint16_t* const rows[3], const uint16_t* w, const flo
       const long ast = Ci * 2 * sx;
       // taps == 1: rows[0] holds each pixel's 3x3 patch as Ci values (im2col), read as a 1x1 conv
       auto A = [&](int t, int k) {
-        return taps == 1 ? rows[0] + (long)x0 * Ci + k * KC : rows[t / 3] + (long)(x0 * sx + t % 3) * Ci + k * KC;
+        return taps == 1 ? rows[0] + (long)x0 * Ci + k * KC
+                         : rows[t / 3] + (long)(x0 * sx + t % 3) * Ci + k * KC;
       };
       {
         const uint16_t* a = A(0, 0);
