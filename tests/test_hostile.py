@@ -513,6 +513,26 @@ def test_outputs_get_the_usual_permissions(base, tmp_path, umask):
 
 # ---------------------------------------------------------------- the pieces, in process
 
+def test_an_interrupt_the_moment_the_temporary_file_exists_leaves_nothing(tmp_path):
+    """A SIGTERM that one of PyTorch's threads takes raises in the main thread at the next bytecode,
+    even while the main thread holds the signals back: right after the file is created. The name is
+    known before the file exists, so the cleanup still removes it (mkstemp's name was not)."""
+    from taesd.io import files
+    real_open = os.open
+
+    def open_then_interrupt(name, flags, mode=0o777):
+        os.close(real_open(name, flags, mode))
+        raise KeyboardInterrupt
+    files.os.open = open_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with files.atomic_path(tmp_path / "out.png"):
+                pass
+    finally:
+        files.os.open = real_open
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_deferred_renames_all_or_nothing(tmp_path):
     from taesd.errors import TaesdError
     from taesd.io.files import atomic_path, deferred_renames

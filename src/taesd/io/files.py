@@ -3,7 +3,7 @@
 - ``atomic_path(path)`` yields a hidden temporary file beside ``path`` (``.NAME.XXXX.tmp.SUFFIX``)
   and renames it over ``path`` only when the block succeeds; any exception (KeyboardInterrupt, the
   CLI's SIGTERM exception included) removes the temporary file. Before the rename the file gets
-  ``0666 & ~umask``, like a file any other program creates (mkstemp alone makes it 0600).
+  ``0666 & ~umask``, like a file any other program creates (it is created 0600).
 - ``OSError`` while creating or writing (read-only disk, full disk, no permission, a path under a
   file) becomes a one-line ``TaesdError`` naming the path; a directory as the target is refused.
 - ``deferred_renames()``: inside it, every ``atomic_path`` keeps its finished temporary file and the
@@ -24,8 +24,8 @@ import contextvars
 import errno
 import os
 import re
+import secrets
 import signal
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -153,6 +153,11 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _temporary_name(path: Path) -> Path:
+    """``.NAME.XXXXXXXX.tmp.SUFFIX`` beside ``path``, a random name not yet created."""
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
@@ -162,9 +167,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with _signals_held():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-            os.close(fd)
-            tmp = Path(name)
+            # Named before it exists: the signals are held only in this thread, and a SIGTERM that
+            # another thread takes (PyTorch's OpenMP workers) still raises here at the next bytecode,
+            # so the file must never exist under a name only the creating call knows (mkstemp's).
+            for _ in range(100):
+                tmp = _temporary_name(path)
+                try:
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    break
+                except FileExistsError:
+                    tmp = None
+            if tmp is None:
+                raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
         yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())
         pending = _pending.get()
