@@ -140,31 +140,30 @@ class FastConv2d(nn.Conv2d):
             cached = self.__dict__["_bias_as"] = ((*_weight_key(b), x.dtype), b.detach().to(x.dtype))
         return cached[1]
 
+    def _kept(self, slot: str, key_slot: str, key: tuple, make) -> torch.Tensor:
+        """``make()``, kept in ``slot`` until ``key`` (the weight's identity, plus what the layout
+        depends on) changes."""
+        if self.__dict__.get(key_slot) != key:
+            self.__dict__[slot] = make()
+            self.__dict__[key_slot] = key
+        return self.__dict__[slot]
+
     def winograd_weight(self, m: int, dtype: torch.dtype) -> torch.Tensor:
         """The weight transformed for Winograd F(m x m, 3x3) for activations of ``dtype`` (an fp32
         weight computing in bf16 gets a bf16 transform), kept until the weight changes."""
-        key = (*_weight_key(self.weight), m, dtype)
-        if self.__dict__.get("_wino_key") != key:
-            self.__dict__["_wino_U"] = winograd.transform_weight(self.weight, m, dtype)
-            self.__dict__["_wino_key"] = key
-        return self.__dict__["_wino_U"]
+        return self._kept("_wino_U", "_wino_key", (*_weight_key(self.weight), m, dtype),
+                          lambda: winograd.transform_weight(self.weight, m, dtype))
 
     def amx_weight(self) -> torch.Tensor:
         """The weight in the AMX kernel's tile layout (bf16), kept until the weight changes."""
-        key = _weight_key(self.weight)
-        if self.__dict__.get("_amx_key") != key:
-            self.__dict__["_amx_w"] = amx.pack_weight(self.weight)
-            self.__dict__["_amx_key"] = key
-        return self.__dict__["_amx_w"]
+        return self._kept("_amx_w", "_amx_key", _weight_key(self.weight),
+                          lambda: amx.pack_weight(self.weight))
 
     def narrow_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in our narrow conv kernel's layout (``taesd.runtime.narrow``), kept until the
         weight changes."""
-        key = (*_weight_key(self.weight), dtype)
-        if self.__dict__.get("_narrow_key") != key:
-            self.__dict__["_narrow_w"] = narrow.pack_weight(self.weight, dtype)
-            self.__dict__["_narrow_key"] = key
-        return self.__dict__["_narrow_w"]
+        return self._kept("_narrow_w", "_narrow_key", (*_weight_key(self.weight), dtype),
+                          lambda: narrow.pack_weight(self.weight, dtype))
 
     def uses_amx(self, x: torch.Tensor, upsample: bool = False, shape: "tuple | None" = None) -> bool:
         """This bf16 call can run our AMX kernel (decided as the untiled map would, like Winograd).
@@ -181,30 +180,23 @@ class FastConv2d(nn.Conv2d):
         return x.dtype == torch.bfloat16 and amx.supports_im2col(self, x, untiled_pixels.get()) \
             and amx.available()
 
-    def amx_im2col_stage(self, relu: bool = False) -> "amx.ChainStage":
+    def amx_im2col_stage(self) -> "amx.ChainStage":
         """This conv as the im2col first stage of an AMX chain (weight packed once, kept until it changes)."""
-        key = _weight_key(self.weight)
-        if self.__dict__.get("_amx_col_key") != key:
-            self.__dict__["_amx_col_w"] = amx.pack_im2col_weight(self.weight)
-            self.__dict__["_amx_col_key"] = key
-        return amx.ChainStage(self.__dict__["_amx_col_w"], self.out_channels, self.bias, relu=relu,
-                              im2col=True)
+        packed = self._kept("_amx_col_w", "_amx_col_key", _weight_key(self.weight),
+                            lambda: amx.pack_im2col_weight(self.weight))
+        return amx.ChainStage(packed, self.out_channels, self.bias, im2col=True)
 
     def uses_amx_narrow(self, x: torch.Tensor, shape: "tuple | None" = None) -> bool:
         """This bf16 call is a last conv (to at most 16 channels) that our AMX kernel runs as a narrow
         stage (``amx.supports_narrow``), decided as the untiled map would."""
-        pixels = untiled_pixels.get()
-        if pixels is None and shape is not None:
-            pixels = shape[2] * shape[3]
-        return x.dtype == torch.bfloat16 and amx.supports_narrow(self, x, pixels, shape) and amx.available()
+        return x.dtype == torch.bfloat16 and amx.supports_narrow(self, x, untiled_pixels.get(), shape) \
+            and amx.available()
 
     def amx_narrow_stage(self) -> "amx.ChainStage":
         """This conv as the narrow last stage of an AMX chain (weight packed once, kept until it changes)."""
-        key = _weight_key(self.weight)
-        if self.__dict__.get("_amx_nar_key") != key:
-            self.__dict__["_amx_nar_w"] = amx.pack_narrow_weight(self.weight)
-            self.__dict__["_amx_nar_key"] = key
-        return amx.ChainStage(self.__dict__["_amx_nar_w"], self.out_channels, self.bias, narrow=True)
+        packed = self._kept("_amx_nar_w", "_amx_nar_key", _weight_key(self.weight),
+                            lambda: amx.pack_narrow_weight(self.weight))
+        return amx.ChainStage(packed, self.out_channels, self.bias, narrow=True)
 
     def amx_conv(self, x: torch.Tensor, relu: bool = False, residual: "torch.Tensor | None" = None,
                  upsample: bool = False) -> torch.Tensor:
