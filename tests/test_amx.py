@@ -1,6 +1,8 @@
 """Our AMX 3x3 kernel (bf16 compute on AMX CPUs): the sums of F.conv2d on the same bf16 values, the
 upsampled input read on the fly, bits that do not depend on where a pixel sits in the map (so tiles
 stay exact), and the decoder's Upsample + conv pairs running it. Skipped off AMX, with the reason."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,3 +225,75 @@ def test_the_network_runs_its_blocks_and_upsample_convs_on_it_and_tiles_stay_exa
     off = model.decode(z)
     assert calls == []                     # oneDNN's kernels, the upsample made
     assert (off - y).abs().max().item() < 0.05    # both bf16 compute of the same network
+
+
+def pool_branch(c=64, hidden=256, seed=0):
+    torch.manual_seed(seed)
+    pool = torch.nn.Sequential(torch.nn.Conv2d(c, hidden, 1, bias=False), torch.nn.GroupNorm(4, hidden),
+                               torch.nn.ReLU(), torch.nn.Conv2d(hidden, c, 1, bias=False))
+    with torch.no_grad():
+        pool[1].weight.uniform_(0.5, 1.5)
+        pool[1].bias.uniform_(-0.5, 0.5)
+    return pool
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64, 64), (2, 64, 37, 53), (1, 64, 3, 5), (3, 32, 17, 31)])
+def test_the_pool_branch_matches_its_layers(shape):
+    """FLUX.2's pool branch (x + 1x1 conv, GroupNorm over the whole image, ReLU, 1x1 conv) in two passes:
+    as close to the exact result as PyTorch's own bf16 layers get; per image the same bits in a batch
+    and for any thread count (the statistics add fixed chunks in a fixed order). Maps of fewer than 16
+    pixels, and not a multiple of 16 or of a chunk, included."""
+    n, c, h, w = shape
+    pool = pool_branch(c, 4 * c if c % 64 == 0 else 128)
+    x = (torch.randn(n, c, h, w) * 1.5 + 0.3).relu().to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w1, w2 = (amx.pack_1x1_weight(pool[k].weight) for k in (0, 3))
+    y = amx.pool(x, w1, w2, pool[1])
+    exact = copy.deepcopy(pool).double()
+    with torch.no_grad():
+        for k in (0, 3):
+            exact[k].weight.copy_(pool[k].weight.to(torch.bfloat16).double())
+        ref = x.double() + exact(x.double())
+        theirs = (x + copy.deepcopy(pool).to(torch.bfloat16)(x)).double()
+    ours_err, their_err = (y.double() - ref).abs(), (theirs - ref).abs()
+    assert y.shape == x.shape and y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert ours_err.max() <= 1.25 * their_err.max() + 1e-3
+    assert ours_err.square().mean().sqrt() <= 1.1 * their_err.square().mean().sqrt() + 1e-4
+    assert (ours_err <= ref.abs() / 64 + 0.05).all()
+    torch.set_num_threads(1)
+    try:
+        one = amx.pool(x, w1, w2, pool[1])
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(one, y)
+    assert torch.equal(amx.pool(x[-1:].clone(), w1, w2, pool[1]), y[-1:])
+
+
+def test_the_pool_kernel_refuses_what_it_cannot_run():
+    pool, x = pool_branch(), bf16(1, 64, 16, 16)
+    assert amx.supports_pool(pool, x)
+    assert not amx.supports_pool(pool, x.float())
+    assert not amx.supports_pool(pool_branch(64, 96), x)   # hidden channels not a multiple of 64
+    with_bias = pool_branch()
+    with_bias[0] = torch.nn.Conv2d(64, 256, 1)
+    assert not amx.supports_pool(with_bias, x)
+    with pytest.raises(ValueError, match="do not fit"):
+        amx.pool(x, amx.pack_1x1_weight(torch.randn(128, 64, 1, 1)), amx.pack_1x1_weight(pool[3].weight), pool[1])
+
+
+def test_taef2_runs_its_pool_branches_on_it_and_tiles_stay_exact(monkeypatch):
+    monkeypatch.delenv("TAESD_AMX", raising=False)
+    calls = []
+    real = amx.pool
+    monkeypatch.setattr(amx, "pool", lambda *a: calls.append("pool") or real(*a))
+    model = CpuExecutor(bf16=True).apply(taesd.create("taef2", seed=0))
+    plain = taesd.create("taef2", seed=0)
+    z = torch.randn(1, model.variant.latent_channels, 32, 32)
+    y = model.decode(z)
+    assert calls == ["pool"] * 3            # the three pool blocks of the lowest-resolution stage
+    assert torch.equal(model.decode(z, tile_size=8), y)   # tiles run the global pool on the whole map
+    assert (y - plain.decode(z)).abs().max().item() < 0.05
+    x = torch.rand(1, 3, 256, 256)
+    calls.clear()
+    lat = model.encode(x)
+    assert calls == ["pool"] * 3
+    assert torch.equal(model.encode(x, tile_size=8), lat)

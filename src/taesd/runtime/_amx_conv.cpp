@@ -20,6 +20,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -449,6 +450,147 @@ static void* chain_worker(void* arg) {
   return nullptr;
 }
 
+// ---------------------------------------------------------------- the pool branch (taef2)
+// y = x + W2 relu(GroupNorm(W1 x)): FLUX.2's pool branch of a residual block, 1x1 convs C -> Hd -> C
+// without bias, GroupNorm over G groups of Hd / G channels and every pixel of the image. Two passes:
+// the first runs W1 x on the tiles and sums each hidden channel and its square (double) per chunk of
+// CHUNK pixels; the chunks are added in a fixed order (the same bits for any thread count), giving per
+// channel scale a = gamma / sqrt(var + eps) and shift b = beta - mean * a. The second runs W1 x again,
+// relu(a h + b) rounded to bf16 (the A tiles of W2), W2 on the tiles, + x, rounded once to bf16.
+constexpr int CHUNK = 256;   // pixels per unit of work (and per partial sum)
+
+struct PoolJob {
+  const uint16_t* x;      // [N][P][C]
+  uint16_t* y;            // [N][P][C]
+  const uint16_t* w1;     // [C/32][Hd/16][16][16][2] (amx.py pack_1x1_weight)
+  const uint16_t* w2;     // [Hd/32][C/16][16][16][2]
+  double* part;           // [N * chunks][2][Hd]: sums and sums of squares per chunk (first pass)
+  const float* scale;     // [N][Hd]: a, then b (second pass)
+  int N, P, C, Hd, chunks, second;
+  long items;
+  std::atomic<long> next;
+};
+
+// h = W1 x for 16 pixels (A: rows of C bf16, stride C) into S [16][Hd] fp32.
+static void pool_hidden(const PoolJob* j, const uint16_t* a, float* S) {
+  const int nk = j->C / KC, nj = j->Hd / 16;
+  for (int t = 0; t < nj; t += 4) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int k = 0; k < nk; ++k) {
+      const uint16_t* b = j->w1 + ((long)k * nj + t) * 512;
+      _tile_loadd(4, a + k * KC, 2 * j->C);
+      _tile_loadd(5, b, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, b + 512, 64);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, b + 1024, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, b + 1536, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, S + t * 16, 4 * j->Hd);
+    _tile_stored(1, S + t * 16 + 16, 4 * j->Hd);
+    _tile_stored(2, S + t * 16 + 32, 4 * j->Hd);
+    _tile_stored(3, S + t * 16 + 48, 4 * j->Hd);
+  }
+}
+
+static void* pool_worker(void* arg) {
+  PoolJob* j = (PoolJob*)arg;
+  configure_tiles();
+  const int C = j->C, Hd = j->Hd;
+  float* S = (float*)aligned_alloc(64, sizeof(float) * 16 * (Hd > C ? Hd : C));
+  uint16_t* A = (uint16_t*)aligned_alloc(64, 2 * 16 * Hd);         // relu(a h + b), bf16
+  uint16_t* edge = (uint16_t*)aligned_alloc(64, 2 * 16 * C);       // a partial block, zero-padded
+  double* acc = (double*)aligned_alloc(64, sizeof(double) * 2 * Hd);
+  for (long it; (it = j->next.fetch_add(1)) < j->items;) {
+    const int n = (int)(it / j->chunks), p0 = (int)(it % j->chunks) * CHUNK;
+    const int p1 = p0 + CHUNK < j->P ? p0 + CHUNK : j->P;
+    const uint16_t* xn = j->x + (long)n * j->P * C;
+    if (!j->second) memset(acc, 0, sizeof(double) * 2 * Hd);
+    for (int p = p0; p < p1; p += 16) {
+      const int np = p1 - p < 16 ? p1 - p : 16;
+      const uint16_t* a = xn + (long)p * C;
+      if (np < 16) {   // rows past the image are zero: h = 0 there (no bias), so the sums hold
+        memset(edge, 0, 2 * 16 * C);
+        memcpy(edge, a, 2L * np * C);
+        a = edge;
+      }
+      pool_hidden(j, a, S);
+      if (!j->second) {
+        for (int c = 0; c < Hd; c += 16) {
+          __m512 s = _mm512_setzero_ps(), q = _mm512_setzero_ps();
+          for (int r = 0; r < 16; ++r) {
+            const __m512 v = _mm512_load_ps(S + r * Hd + c);
+            s = _mm512_add_ps(s, v);
+            q = _mm512_fmadd_ps(v, v, q);
+          }
+          for (int h = 0; h < 2; ++h) {   // 16 pixels' sums in fp32, the chunk's in double
+            const __m256 sh = h ? _mm512_extractf32x8_ps(s, 1) : _mm512_castps512_ps256(s);
+            const __m256 qh = h ? _mm512_extractf32x8_ps(q, 1) : _mm512_castps512_ps256(q);
+            _mm512_store_pd(acc + c + 8 * h, _mm512_add_pd(_mm512_load_pd(acc + c + 8 * h), _mm512_cvtps_pd(sh)));
+            _mm512_store_pd(acc + Hd + c + 8 * h,
+                            _mm512_add_pd(_mm512_load_pd(acc + Hd + c + 8 * h), _mm512_cvtps_pd(qh)));
+          }
+        }
+        continue;
+      }
+      const float* ab = j->scale + (long)n * 2 * Hd;
+      for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < Hd; c += 32) {
+          __m512 v0 = _mm512_fmadd_ps(_mm512_load_ps(S + r * Hd + c), _mm512_loadu_ps(ab + c),
+                                      _mm512_loadu_ps(ab + Hd + c));
+          __m512 v1 = _mm512_fmadd_ps(_mm512_load_ps(S + r * Hd + c + 16), _mm512_loadu_ps(ab + c + 16),
+                                      _mm512_loadu_ps(ab + Hd + c + 16));
+          v0 = _mm512_max_ps(v0, _mm512_setzero_ps());
+          v1 = _mm512_max_ps(v1, _mm512_setzero_ps());
+          _mm512_store_si512(A + r * Hd + c, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+        }
+      const int nk = Hd / KC, nc = C / 16;
+      for (int t = 0; t < nc; t += 4) {   // C % 32 == 0: 2 or 4 output tiles at a time
+        const int m = nc - t < 4 ? nc - t : 4;
+        for (int u = 0; u < m; ++u) {
+          if (u == 0) _tile_zero(0);
+          if (u == 1) _tile_zero(1);
+          if (u == 2) _tile_zero(2);
+          if (u == 3) _tile_zero(3);
+        }
+        for (int k = 0; k < nk; ++k) {
+          const uint16_t* b = j->w2 + ((long)k * nc + t) * 512;
+          _tile_loadd(4, A + k * KC, 2 * Hd);
+          _tile_loadd(5, b, 64);
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_loadd(6, b + 512, 64);
+          _tile_dpbf16ps(1, 4, 6);
+          if (m == 4) {
+            _tile_loadd(7, b + 1024, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, b + 1536, 64);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+        }
+        _tile_stored(0, S + t * 16, 4 * C);
+        _tile_stored(1, S + t * 16 + 16, 4 * C);
+        if (m == 4) {
+          _tile_stored(2, S + t * 16 + 32, 4 * C);
+          _tile_stored(3, S + t * 16 + 48, 4 * C);
+        }
+      }
+      uint16_t* out = j->y + ((long)n * j->P + p) * C;
+      for (int r = 0; r < np; ++r)
+        for (int c = 0; c < C; c += 32) {
+          const __m512 v0 = _mm512_add_ps(_mm512_load_ps(S + r * C + c), bf16x16(a + r * C + c));
+          const __m512 v1 = _mm512_add_ps(_mm512_load_ps(S + r * C + c + 16), bf16x16(a + r * C + c + 16));
+          _mm512_storeu_si512(out + (long)r * C + c, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+        }
+    }
+    if (!j->second) memcpy(j->part + it * 2 * Hd, acc, sizeof(double) * 2 * Hd);
+  }
+  _tile_release();
+  free(S); free(A); free(edge); free(acc);
+  return nullptr;
+}
+
 template <class J>
 static void run_threads(void* (*fn)(void*), J* job, int threads, long items) {
   if (threads < 1) threads = 1;
@@ -584,6 +726,49 @@ int taesd_amx_chain(const void* x, void* y, int N, int H0, int W0, int up, int S
   job.items = (long)N * parts;
   job.next.store(0);
   run_threads(chain_worker, &job, threads, job.items);
+  return 0;
+}
+
+
+// y = x + W2 relu(GroupNorm(W1 x)) (see PoolJob), x and y [N][P][C] bf16 (y may not be x), C % 32 == 0,
+// Hd % 64 == 0, G groups dividing Hd; gamma, beta: [Hd] fp32. Returns as taesd_amx_conv3x3 does.
+int taesd_amx_pool(const void* x, void* y, int N, int P, int C, int Hd, const void* w1, const void* w2,
+                   const float* gamma, const float* beta, int G, double eps, int threads) {
+  if (C % 32 || Hd % 64 || N < 1 || P < 1 || G < 1 || Hd % G) return 1;
+  if (taesd_amx_permit() != 0) return 4;
+  PoolJob job;
+  job.x = (const uint16_t*)x; job.y = (uint16_t*)y; job.w1 = (const uint16_t*)w1;
+  job.w2 = (const uint16_t*)w2; job.N = N; job.P = P; job.C = C; job.Hd = Hd;
+  job.chunks = (P + CHUNK - 1) / CHUNK;
+  job.items = (long)N * job.chunks;
+  double* part = (double*)malloc(sizeof(double) * 2 * Hd * job.items);
+  float* scale = (float*)malloc(sizeof(float) * 2 * Hd * N);
+  if (!part || !scale) { free(part); free(scale); return 3; }
+  job.part = part; job.scale = scale; job.second = 0;
+  job.next.store(0);
+  run_threads(pool_worker, &job, threads, job.items);
+  const int cg = Hd / G;
+  for (int n = 0; n < N; ++n)
+    for (int g = 0; g < G; ++g) {
+      double s = 0, q = 0;
+      for (int k = 0; k < job.chunks; ++k) {    // chunks in order: the same sum for any thread count
+        const double* pk = part + ((long)n * job.chunks + k) * 2 * Hd;
+        for (int c = g * cg; c < (g + 1) * cg; ++c) { s += pk[c]; q += pk[Hd + c]; }
+      }
+      const double count = (double)P * cg, mean = s / count;
+      const double var = q / count - mean * mean;
+      const double inv = 1.0 / sqrt((var > 0 ? var : 0) + eps);
+      for (int c = g * cg; c < (g + 1) * cg; ++c) {
+        const double a = gamma[c] * inv;
+        scale[(long)n * 2 * Hd + c] = (float)a;
+        scale[(long)n * 2 * Hd + Hd + c] = (float)(beta[c] - mean * a);
+      }
+    }
+  job.second = 1;
+  job.next.store(0);
+  run_threads(pool_worker, &job, threads, job.items);
+  free(part);
+  free(scale);
   return 0;
 }
 

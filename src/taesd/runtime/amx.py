@@ -58,6 +58,11 @@ def library() -> ctypes.CDLL | None:
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             chain.restype = ctypes.c_int
+            pool = lib.taesd_amx_pool
+            pool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double,
+                             ctypes.c_int]
+            pool.restype = ctypes.c_int
             if lib.taesd_amx_permit() != 0:
                 raise RuntimeError("Linux did not grant the AMX tile state (arch_prctl)")
             _lib = lib
@@ -271,6 +276,49 @@ def chain(x: torch.Tensor, stages: "list[ChainStage]", upsample: bool = False) -
 
 
 MAX_STAGES = 16
+
+
+def supports_pool(pool: torch.nn.Sequential, x: torch.Tensor) -> bool:
+    """``pool`` is FLUX.2's pool branch (1x1 conv C -> Hd without bias, GroupNorm, ReLU, 1x1 conv
+    Hd -> C without bias) with C a multiple of 32 and Hd of 64, and x a bf16 CPU map of C channels."""
+    if len(pool) != 4 or x.dim() != 4 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return False
+    up, norm, act, down = pool
+    return isinstance(up, torch.nn.Conv2d) and isinstance(down, torch.nn.Conv2d) and type(norm) is torch.nn.GroupNorm \
+        and type(act) is torch.nn.ReLU and all(
+            c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0) and c.groups == 1
+            and c.bias is None for c in (up, down)) \
+        and up.in_channels == down.out_channels == x.shape[1] and x.shape[1] % 32 == 0 \
+        and up.out_channels == down.in_channels == norm.num_channels and norm.num_channels % 64 == 0 \
+        and norm.affine
+
+
+def pack_1x1_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O, I, 1, 1) -> B tiles [I/32][O/16][16 input-channel pairs][16][2] in bf16 (``pool``)."""
+    o, i = weight.shape[:2]
+    w = weight.detach().to("cpu", torch.bfloat16).reshape(o // 16, 16, i // 32, 16, 2)
+    return w.permute(2, 0, 3, 1, 4).contiguous().reshape(-1)
+
+
+def pool(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """x + down(relu(norm(up(x)))) in bf16 (FLUX.2's pool branch; ``supports_pool``) in two passes over x:
+    the GroupNorm's statistics from the fp32 sums of up(x), then the branch with the norm folded into a
+    scale and shift per channel, rounded to bf16 once, before ``down``, and once at the end. ``up``,
+    ``down``: ``pack_1x1_weight``. Per image the same bits whatever the thread count."""
+    lib = _required()
+    n, c, h, w = x.shape
+    hidden = norm.num_channels
+    if x.dtype != torch.bfloat16 or up.numel() != c * hidden or down.numel() != c * hidden:
+        raise ValueError(f"packed 1x1 weights do not fit {c} -> {hidden} -> {c} channels in bf16")
+    x = x.contiguous(memory_format=torch.channels_last)
+    gamma, beta = (p.detach().float().contiguous() for p in (norm.weight, norm.bias))
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    rc = lib.taesd_amx_pool(x.data_ptr(), y.data_ptr(), n, h * w, c, hidden, up.data_ptr(), down.data_ptr(),
+                            gamma.data_ptr(), beta.data_ptr(), norm.num_groups, float(norm.eps),
+                            torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the AMX kernel refused the pool branch (code {rc})")
+    return y
 
 
 if __name__ == "__main__":   # python -m taesd.runtime.amx: build now, say where
