@@ -197,12 +197,12 @@ def test_kernel_refuses_what_it_cannot_run():
 def test_the_network_runs_its_blocks_and_upsample_convs_on_it_and_tiles_stay_exact(monkeypatch):
     monkeypatch.delenv("TAESD_AMX", raising=False)
     calls = []
-    conv, block, chain = amx.conv3x3, amx.block, amx.chain
+    conv, run = amx.conv3x3, amx.Call.__call__
     monkeypatch.setattr(amx, "conv3x3", lambda *a, **k: calls.append("up" if k.get("upsample") else "conv")
                         or conv(*a, **k))
-    monkeypatch.setattr(amx, "block", lambda *a: calls.append("block") or block(*a))
-    monkeypatch.setattr(amx, "chain", lambda x, stages, **k: calls.append(f"chain{len(stages)}")
-                        or chain(x, stages, **k))
+    # blocks, chains (and pool branches) run as prepared calls, kept per layer between calls
+    monkeypatch.setattr(amx.Call, "__call__", lambda c, x: calls.append(
+        c.what.replace("chain of ", "chain").replace(" convs", "")) or run(c, x))
     model = CpuExecutor(bf16=True).apply(taesd.create("taesd", seed=0))
     z, x = torch.randn(1, 4, 32, 32), torch.rand(1, 3, 256, 256)
     y = model.decode(z)
@@ -283,8 +283,9 @@ def test_the_pool_kernel_refuses_what_it_cannot_run():
 def test_taef2_runs_its_pool_branches_on_it_and_tiles_stay_exact(monkeypatch):
     monkeypatch.delenv("TAESD_AMX", raising=False)
     calls = []
-    real = amx.pool
-    monkeypatch.setattr(amx, "pool", lambda *a: calls.append("pool") or real(*a))
+    run = amx.Call.__call__
+    monkeypatch.setattr(amx.Call, "__call__", lambda c, x: (c.what == "pool branch" and calls.append("pool"))
+                        or run(c, x))
     model = CpuExecutor(bf16=True).apply(taesd.create("taef2", seed=0))
     plain = taesd.create("taef2", seed=0)
     z = torch.randn(1, model.variant.latent_channels, 32, 32)
@@ -297,3 +298,28 @@ def test_taef2_runs_its_pool_branches_on_it_and_tiles_stay_exact(monkeypatch):
     lat = model.encode(x)
     assert calls == ["pool"] * 3
     assert torch.equal(model.encode(x, tile_size=8), lat)
+
+
+def test_kept_kernel_calls_follow_weight_changes_and_copies_carry_none(monkeypatch):
+    """Blocks, chains and pool branches keep their prepared kernel calls between calls; a changed
+    parameter (in place, or a new state_dict) or input shape prepares them again, and a copy of the
+    model carries none."""
+    monkeypatch.delenv("TAESD_AMX", raising=False)
+    model = CpuExecutor(bf16=True).apply(taesd.create("taef2", seed=0))
+    z = torch.randn(1, model.variant.latent_channels, 32, 32)
+    before = model.decode(z)
+    assert any("_amx_calls" in m.__dict__ for m in model.decoder.modules())
+    with torch.no_grad():
+        model.decoder[3].conv[0].weight.mul_(0.5)        # a pool block's body
+        model.decoder[3].pool[1].weight.mul_(2.0)        # its GroupNorm
+        model.decoder[-2].conv[2].bias.add_(0.25)        # the last chain's block
+    changed = model.decode(z)
+    fresh = CpuExecutor(bf16=True).apply(taesd.create("taef2", seed=0))
+    fresh.load_state_dict(model.state_dict())
+    assert not torch.equal(changed, before) and torch.equal(changed, fresh.decode(z))
+    model.load_state_dict(taesd.create("taef2", seed=0).state_dict())
+    assert torch.equal(model.decode(z), before)
+    assert model.decode(torch.randn(1, z.shape[1], 24, 40)).shape[-2:] == (24 * 8, 40 * 8)   # another shape
+    copied = copy.deepcopy(model)
+    assert not any(k in m.__dict__ for m in copied.modules() for k in ("_amx_calls", "_kept_steps"))
+    assert torch.equal(copied.decode(z), before)

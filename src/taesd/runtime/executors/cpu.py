@@ -313,28 +313,57 @@ class FastBlock(Block):
             return convs
         return None
 
-    def with_pool(self, x: torch.Tensor) -> torch.Tensor:
-        """x + pool(x): in bf16 on AMX CPUs one two-pass kernel (``amx.pool``; benchmarks/AMX.md:
-        0.31 ms against 1.24 ms for PyTorch's five ops on a 64² map), else the plain layers. The pool
-        needs the whole map (its GroupNorm), so tiles run it on the whole map too: same bits."""
-        up, norm, down = self.pool[0], self.pool[1], self.pool[3]
-        if amx.supports_pool(self.pool, x) and type(up) is FastConv2d and type(down) is FastConv2d \
-                and amx.available():
-            return amx.pool(x, up.amx_1x1_weight(), down.amx_1x1_weight(), norm)
-        return x + self.pool(x)
+    def amx_calls(self, x: torch.Tensor) -> "tuple[amx.Call | None, amx.Call | None]":
+        """(pool branch, body) as prepared AMX kernel calls for x, each None where it does not run on
+        it; kept until x's shape, the untiled size, $TAESD_AMX or a parameter changes."""
+        pool = self.pool
+        params = [p for c in self.conv if type(c) is FastConv2d for p in (c.weight, c.bias)]
+        if pool is not None:
+            params += [p for m in pool for p in m.parameters(recurse=False)]
+        key = (tuple(x.shape), x.dtype, untiled_pixels.get(), amx.available(), _params_key(params))
+        kept = self.__dict__.get("_amx_calls")
+        if kept is None or kept[0] != key:
+            kept = self.__dict__["_amx_calls"] = (key, self._prepare_amx(x))
+        return kept[1]
+
+    def _prepare_amx(self, x: torch.Tensor) -> "tuple[amx.Call | None, amx.Call | None]":
+        shape, pool_call = tuple(x.shape), None
+        if self.pool is not None:
+            up, norm, down = self.pool[0], self.pool[1], self.pool[3]
+            if amx.supports_pool(self.pool, x) and type(up) is FastConv2d and type(down) is FastConv2d \
+                    and amx.available():
+                pool_call = amx.prepare_pool(shape, up.amx_1x1_weight(), down.amx_1x1_weight(), norm)
+        convs = self.amx_convs(x)
+        body = None if convs is None else amx.prepare_block(shape, [c.amx_weight() for c in convs],
+                                                            [c.bias for c in convs])
+        return pool_call, body
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_available(x, self):
             return super().forward(x)
         x = x.contiguous(memory_format=torch.channels_last)
+        pool_call, body = self.amx_calls(x) if x.dtype == torch.bfloat16 else (None, None)
         if self.pool is not None:
-            x = self.with_pool(x)
-        convs = self.amx_convs(x)
-        if convs is not None:
-            return amx.block(x, [c.amx_weight() for c in convs], [c.bias for c in convs])
+            # x + pool(x): in bf16 on AMX CPUs one two-pass kernel (``amx.pool``; 0.31 ms against
+            # 1.24 ms for PyTorch's five layers on a 64² map). The pool needs the whole map (its
+            # GroupNorm), so tiles run it on the whole map too: same bits.
+            x = pool_call(x) if pool_call is not None else x + self.pool(x)
+        if body is not None:
+            return body(x)
         body = self.conv
         h = conv_relu(body[2], conv_relu(body[0], x))
         return conv_add_relu(body[4], h, self.skip(x))
+
+    def __getstate__(self):  # copies and pickles carry no prepared kernel call
+        return without_caches(super().__getstate__(), BLOCK_CACHE)
+
+
+BLOCK_CACHE = ("_amx_calls",)
+
+
+def _params_key(params) -> tuple:
+    """Changes when any of ``params`` does (see ``_weight_key``)."""
+    return tuple(None if p is None else _weight_key(p) for p in params)
 
 
 # ---------------------------------------------------------------- nearest 2x upsample + 3x3 conv
@@ -389,6 +418,17 @@ class UpsampleConv:
         return upsample_conv(self.conv, x)
 
 
+class ConvReLU:
+    """A step of ``FastSequential``: a conv and the ReLU after it, as ``conv_relu`` (one kernel; the
+    same bits as the two layers, which is what tiles run)."""
+
+    def __init__(self, conv: FastConv2d):
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_relu(self.conv, x.contiguous(memory_format=torch.channels_last))
+
+
 class AmxChain:
     """Steps of ``FastSequential`` that our AMX kernel runs as one pass (``amx.chain``) where each would
     run on it: a head (an upsample + conv, or the first conv from RGB as an im2col stage), then at most
@@ -407,6 +447,7 @@ class AmxChain:
 
     def __init__(self, steps: list):
         self.steps = steps
+        self._kept = None   # (key, prepared call)
 
     @staticmethod
     def length(steps: list, i: int) -> int:
@@ -458,12 +499,25 @@ class AmxChain:
         return stages, upsample
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.stages(x)
-        if plan is None:
+        call = self.prepared(x)
+        if call is None:
             for step in self.steps:
                 x = step(x)
             return x
-        return amx.chain(x, plan[0], upsample=plan[1])
+        return call(x)
+
+    def prepared(self, x: torch.Tensor) -> "amx.Call | None":
+        """The chain as a prepared kernel call for x (None where it does not apply), kept until x's
+        shape, the untiled size, $TAESD_AMX, autograd or a parameter changes."""
+        modules = [s.conv if type(s) is UpsampleConv else s for s in self.steps]
+        if not all(fused_available(x, m) for m in modules):
+            return None
+        params = [p for m in modules for p in m.parameters()]
+        key = (tuple(x.shape), x.dtype, untiled_pixels.get(), amx.available(), _params_key(params))
+        if self._kept is None or self._kept[0] != key:
+            plan = self.stages(x)
+            self._kept = (key, None if plan is None else amx.prepare_chain(tuple(x.shape), *plan))
+        return self._kept[1]
 
 
 def _is_last_conv(step) -> bool:
@@ -501,12 +555,26 @@ class FastSequential(nn.Sequential):
     slice is a FastSequential; a layer run alone is the plain layer)."""
 
     def _steps(self, x: torch.Tensor) -> list:
-        layers, steps, i = list(self), [], 0
+        """The steps for x (kept while its dtype, autograd, $TAESD_AMX and the layers stay): the
+        chains keep their prepared kernel calls between calls."""
+        layers = list(self)
+        key = (x.dtype, fused_available(x, self), amx.available(), tuple(map(id, layers)))
+        kept = self.__dict__.get("_kept_steps")
+        if kept is None or kept[0] != key:
+            kept = self.__dict__["_kept_steps"] = (key, self._make_steps(x, layers))
+        return kept[1]
+
+    def _make_steps(self, x: torch.Tensor, layers: list) -> list:
+        steps, i = [], 0
         while i < len(layers):
             # (bf16 never takes the phase kernels: ``upsample_conv``)
             if i + 1 < len(layers) and _fuses_upsample(layers[i], layers[i + 1]) \
                     and fused_available(x, layers[i + 1]) and x.dtype in (torch.float32, torch.bfloat16):
                 steps.append(UpsampleConv(layers[i + 1]))
+                i += 2
+            elif i + 1 < len(layers) and type(layers[i]) is FastConv2d and type(layers[i + 1]) is nn.ReLU \
+                    and fused_available(x, layers[i]):
+                steps.append(ConvReLU(layers[i]))   # the decoder's first conv
                 i += 2
             else:
                 steps.append(layers[i])
@@ -544,6 +612,12 @@ class FastSequential(nn.Sequential):
             x, i = torch.cat(outs), end
         return x
 
+    def __getstate__(self):  # copies and pickles carry no kept steps
+        return without_caches(super().__getstate__(), SEQUENTIAL_CACHE)
+
+
+SEQUENTIAL_CACHE = ("_kept_steps",)
+
 
 # ---------------------------------------------------------------- the executor
 
@@ -560,7 +634,7 @@ FULL_RESOLUTION_TILES = {"encoder": 4}
 BF16_WINOGRAD_TILE = 4
 TABLE = {Block: FastBlock, nn.Conv2d: FastConv2d}
 ROOT = {nn.Sequential: FastSequential}   # the part itself (a Block's inner Sequential stays plain)
-CACHES = (*PACK_CACHE, "winograd")
+CACHES = (*PACK_CACHE, *BLOCK_CACHE, *SEQUENTIAL_CACHE, "winograd")
 
 
 def winograd_tiles(part: str, module: nn.Module, bf16: bool = False):
