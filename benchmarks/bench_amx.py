@@ -1,7 +1,8 @@
 """Our AMX kernel against the tile unit's peak and oneDNN: `python benchmarks/bench_amx.py [-o benchmarks/AMX.md]`.
 
 The bf16 layers of a TAESD decode/encode at 64 channels (a lone 3x3 conv with ReLU, a residual block
-of three, a nearest-2x upsample + conv; two layers in a row one by one and chained), per map size and thread count: milliseconds per call (the
+of three, a nearest-2x upsample + conv; two layers in a row one by one and chained; taef2's block
+with its pool branch), per map size and thread count: milliseconds per call (the
 best of 12 after a warm-up), GMAC/s, the share of the tile unit's peak (measured here: back-to-back
 TDPBF16PS on loaded tiles, times the threads), and oneDNN's bf16 kernels on the same layer (what
 `TAESD_AMX=0` runs). Needs a CPU with AMX (Sapphire Rapids or later); elsewhere it says so and exits.
@@ -98,6 +99,11 @@ def cases(size: int):
     yield "upsample+conv, block: chained", 4 * conv_macs, lambda: AmxChain([UpsampleConv(up), block])(small)
     yield "block, stride-2 conv: one by one", 3.25 * conv_macs, lambda: down(block(x))
     yield "block, stride-2 conv: chained", 3.25 * conv_macs, lambda: AmxChain([block, down])(x)
+    # taef2's pool block: x + pool(x) (1x1 conv to 256, GroupNorm, ReLU, 1x1 conv back), then the block
+    pool_block = next(m for m in CpuExecutor().apply(taesd.create("taef2", seed=0)).decoder
+                      if isinstance(m, FastBlock) and m.pool is not None)
+    yield "pool block (taef2: pool branch + 3 convs)", 3 * conv_macs + size * size * C * 4 * C * 2, \
+        lambda: pool_block(x)
 
 
 def main(argv=None) -> int:
@@ -138,7 +144,8 @@ def main(argv=None) -> int:
         "- Best of 12 calls after a warm-up; TAESD's layers with fresh weights as the CPU executor runs "
         "them, random bf16 maps, batch 1. oneDNN: the same calls with TAESD_AMX=0 (its bf16 convolutions "
         "with the fused ReLU / add+ReLU post-ops; a block: three calls; upsample: F.interpolate, then "
-        "the conv; chained rows: the two layers one after the other).", "", head, *rows, ""])
+        "the conv; chained rows: the two layers one after the other; the pool block: PyTorch's bf16 "
+        "layers for its pool branch).", "", head, *rows, ""])
     Path(args.output).write_text(text)
     print(f"wrote {args.output}")
     return 0
