@@ -319,6 +319,17 @@ def test_kept_kernel_calls_follow_weight_changes_and_copies_carry_none(monkeypat
     assert not torch.equal(changed, before) and torch.equal(changed, fresh.decode(z))
     model.load_state_dict(taesd.create("taef2", seed=0).state_dict())
     assert torch.equal(model.decode(z), before)
+    assert torch.equal(model.decode(z), before)   # replayed: the same kernels, the same bits
+    new = copy.deepcopy(model.decoder[-2].conv[0])
+    with torch.no_grad():
+        new.weight.mul_(0.5)
+    model.decoder[-2].conv[0] = new                 # a replaced submodule of the last chain
+    model.decoder[-2].conv[2].weight = torch.nn.Parameter(model.decoder[-2].conv[2].weight * 2)   # reassigned
+    replaced = model.decode(z)
+    fresh.load_state_dict(model.state_dict())
+    assert not torch.equal(replaced, before) and torch.equal(replaced, fresh.decode(z))
+    model.load_state_dict(taesd.create("taef2", seed=0).state_dict())
+    assert torch.equal(model.decode(z), before)
     assert model.decode(torch.randn(1, z.shape[1], 24, 40)).shape[-2:] == (24 * 8, 40 * 8)   # another shape
     copied = copy.deepcopy(model)
     assert not any(k in m.__dict__ for m in copied.modules() for k in ("_amx_calls", "_kept_steps"))
