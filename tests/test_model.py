@@ -107,3 +107,18 @@ def test_small_calls_never_probe_free_memory(monkeypatch):
     assert tiling.estimate_peak(an, big) > runner.PROBE_ABOVE
     tiling.choose_plan(an, big, torch.device("cpu"))
     assert probes == [1]
+
+
+def test_decoded_images_are_clamped_to_0_1_tiled_cropped_or_not():
+    """The decoder's output is clamped after it is converted to the model's dtype and layout: red
+    pushed above 1 and green below 0 come back as exactly 1 and 0, tiled and cropped alike."""
+    model = taesd.create("taesd", seed=0)
+    with torch.no_grad():
+        model.decoder[-1].bias.copy_(torch.tensor([8.0, -8.0, 0.0]))
+    z = torch.randn(1, 4, 16, 24)
+    out = model.decode(z)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    assert (out[:, 0] == 1).all() and (out[:, 1] == 0).all() and 0 <= out.min() and out.max() <= 1
+    tiled = model.decode(z, tile_size=8)   # the plain network: tiles within fp32 rounding
+    assert (tiled[:, 0] == 1).all() and (tiled[:, 1] == 0).all() and (tiled - out).abs().max() <= 1e-5
+    assert torch.equal(model.decode(z, size=(100, 150)), out[..., :100, :150].contiguous())

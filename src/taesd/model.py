@@ -153,10 +153,10 @@ class TAESD(nn.Module):
             z = self.prepare_latents(latents)
             if size is not None:
                 size = self._check_size(size, z)
-            images = tiling.run(self, "decoder", z.to(self.compute_dtype), tile_size, max_memory)
+            images = tiling.run(self, "decoder", z.to(self.compute_dtype), tile_size, max_memory, clamp=False)
             if size is not None:
                 images = images[..., :size[0], :size[1]]
-            return standard(images, self.dtype)
+            return standard(images, self.dtype).clamp_(0, 1)   # its own fresh tensor
 
     def _check_size(self, size, z: torch.Tensor) -> tuple[int, int]:
         """``size`` as (h, w) within what the latents ``z`` decode to, else a one-line error."""

@@ -48,9 +48,11 @@ def choose_plan(an: PartAnalysis, pass_: Pass, device: torch.device, tile_size=N
     return plan(an, pass_, available=memory.available_memory(device))
 
 
-def run(model, part: str, x: torch.Tensor, tile_size=None, max_memory=None) -> torch.Tensor:
+def run(model, part: str, x: torch.Tensor, tile_size=None, max_memory=None,
+        clamp: bool = True) -> torch.Tensor:
     """Run ``part`` on a prepared batch, tiled when asked or when the untiled pass would not fit.
-    The decoder's result is clamped to [0, 1]."""
+    The decoder's result is clamped to [0, 1] (``clamp=False``: the caller clamps, as ``TAESD.decode``
+    does after converting to its dtype and layout: one cheap pass on the contiguous result)."""
     an = analyse(model, part)
     pass_ = pass_of(model, an, x)
     p = choose_plan(an, pass_, x.device, tile_size, max_memory)
@@ -58,13 +60,13 @@ def run(model, part: str, x: torch.Tensor, tile_size=None, max_memory=None) -> t
         warnings.warn(slow_budget_message(p, pass_, max_memory), stacklevel=3)
     if not p.tiled:
         y = model.run_part(part, x)
-        return y.clamp(0, 1) if part == "decoder" else y
+        return y.clamp(0, 1) if part == "decoder" and clamp else y
     with memory.budgeted_allocations():   # resident memory follows live memory
         if an.global_span is None and not model.layerwise:
             out = run_part_tiles(model, part, an, x, p)
         else:
             out = run_stages(an, x, p)
-    return out.clamp_(0, 1) if part == "decoder" else out
+    return out.clamp_(0, 1) if part == "decoder" and clamp else out
 
 
 def slow_budget_message(p: Plan, pass_: Pass, max_memory) -> str:
