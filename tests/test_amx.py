@@ -334,3 +334,21 @@ def test_kept_kernel_calls_follow_weight_changes_and_copies_carry_none(monkeypat
     copied = copy.deepcopy(model)
     assert not any(k in m.__dict__ for m in copied.modules() for k in ("_amx_calls", "_kept_steps"))
     assert torch.equal(copied.decode(z), before)
+
+
+def test_a_wide_chain_to_rgb_runs_in_column_strips_with_the_bits_of_the_whole(monkeypatch):
+    """The decoder's last chain (upsample + conv, block, conv to RGB) on a wide map runs in column strips
+    with their halo (its rings then fit L2); the strips' inner edges are thrown away: the same bits."""
+    from taesd.runtime.executors import cpu
+    monkeypatch.delenv("TAESD_AMX", raising=False)
+    model = CpuExecutor(bf16=True).apply(taesd.create("taesd", seed=0))
+    z = torch.randn(2, 4, 16, 24)
+    monkeypatch.setattr(cpu, "STRIP_WIDTH", 10 ** 9)
+    whole = model.decode(z)
+    for width in (32, 40, 64):   # 6, 4 and 3 strips of the 192-px output, unequal ones included
+        monkeypatch.setattr(cpu, "STRIP_WIDTH", width)
+        for k in ("_kept_steps", "_program"):
+            model.decoder.__dict__.pop(k, None)
+        assert torch.equal(model.decode(z), whole)
+        chain = model.decoder.__dict__["_kept_steps"][1][-1]
+        assert isinstance(chain._kept[1], cpu.ColumnStrips) and len(chain._kept[1].pieces) == 192 // width
