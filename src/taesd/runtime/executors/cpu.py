@@ -320,7 +320,7 @@ class FastBlock(Block):
         params = [p for c in self.conv if type(c) is FastConv2d for p in (c.weight, c.bias)]
         if pool is not None:
             params += [p for m in pool for p in m.parameters(recurse=False)]
-        key = (tuple(x.shape), x.dtype, untiled_pixels.get(), amx.available(), _params_key(params))
+        key = _call_key(x, params)
         kept = self.__dict__.get("_amx_calls")
         if kept is None or kept[0] != key:
             kept = self.__dict__["_amx_calls"] = (key, self._prepare_amx(x))
@@ -364,6 +364,12 @@ BLOCK_CACHE = ("_amx_calls",)
 def _params_key(params) -> tuple:
     """Changes when any of ``params`` does (see ``_weight_key``)."""
     return tuple(None if p is None else _weight_key(p) for p in params)
+
+
+def _call_key(x: torch.Tensor, params) -> tuple:
+    """What a prepared kernel call for x depends on: x's shape and dtype, the untiled size (decisions
+    by map size), $TAESD_AMX and ``params``."""
+    return (tuple(x.shape), x.dtype, untiled_pixels.get(), amx.available(), _params_key(params))
 
 
 # ---------------------------------------------------------------- nearest 2x upsample + 3x3 conv
@@ -512,8 +518,7 @@ class AmxChain:
         modules = [s.conv if type(s) is UpsampleConv else s for s in self.steps]
         if not all(fused_available(x, m) for m in modules):
             return None
-        params = [p for m in modules for p in m.parameters()]
-        key = (tuple(x.shape), x.dtype, untiled_pixels.get(), amx.available(), _params_key(params))
+        key = _call_key(x, [p for m in modules for p in m.parameters()])
         if self._kept is None or self._kept[0] != key:
             plan = self.stages(x)
             self._kept = (key, None if plan is None else _prepare(tuple(x.shape), *plan))
@@ -662,7 +667,7 @@ class FastSequential(nn.Sequential):
         the first call for x's shape and replayed back to back after it, without each step's checks
         between them (~0.1 ms of Python per step in the network; the same kernels, the same bits).
         Recorded again when the shape, the untiled size, a parameter or the module tree changes."""
-        key = (tuple(x.shape), untiled_pixels.get(), self._params_key())
+        key = (tuple(x.shape), untiled_pixels.get(), self._versions())
         kept = self.__dict__.get("_program")
         if kept is not None and kept[0] == key and kept[1] is steps:
             for item in kept[2]:
@@ -677,7 +682,7 @@ class FastSequential(nn.Sequential):
         self.__dict__["_program"] = (key, steps, items)
         return x
 
-    def _params_key(self) -> tuple:
+    def _versions(self) -> tuple:
         """Changes when a parameter of this part does: its storage or version (the list of them is
         kept until any module in the process gets a new parameter or submodule)."""
         kept = self.__dict__.get("_params")
