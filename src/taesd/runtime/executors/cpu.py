@@ -639,9 +639,10 @@ class FastSequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         steps = self._steps(x)
         n = x.shape[0] if x.dim() == 4 else 1
-        if n == 1 and x.dtype == torch.bfloat16 and amx.available() and fused_available(x, self):
+        fused = fused_available(x, self)
+        if n == 1 and fused and x.dtype == torch.bfloat16 and amx.available():
             return self._replayed(x, steps)
-        if n == 1 or not fused_available(x, self):
+        if n == 1 or not fused:
             for step in steps:
                 x = step(x)
             return x
