@@ -174,6 +174,37 @@ def test_the_last_conv_runs_as_a_narrow_stage(shape):
     assert torch.equal(amx.chain(x, block + [stage]), amx.chain(amx.block(x, packed, [None] * 3), [stage]))
 
 
+@pytest.mark.parametrize("kind", ["upsample+block", "first conv", "block+stride2"])
+def test_a_chain_reads_a_column_strip_in_place(kind, monkeypatch):
+    """A column strip of a wider channels_last map (its rows that map's rows apart) is read where it
+    lies, not copied first: the bits of the strip made contiguous, in a batch; a view whose pixels are
+    not channels_last is copied as before."""
+    n, c = 2, (3 if kind == "first conv" else 32)
+    wide = torch.randn(n, c, 19, 70).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    strip = wide[..., 13:50]
+    assert amx.rows_apart(strip) and not strip.is_contiguous(memory_format=torch.channels_last)
+    co = 64 if kind == "first conv" else c
+    packed = [amx.pack_weight(torch.randn(co, co, 3, 3) / (3 * co ** 0.5)) for _ in range(4)]
+    block = [amx.ChainStage(p, co, None, relu=True, skip=(0 if kind == "block+stride2" else 1) if k == 2 else None)
+             for k, p in enumerate(packed[1:])]
+    if kind == "upsample+block":
+        stages = [amx.ChainStage(packed[0], c, None)] + block
+    elif kind == "first conv":
+        stages = [amx.ChainStage(amx.pack_im2col_weight(torch.randn(64, 3, 3, 3)), 64, None, im2col=True)] + block
+    else:
+        stages = block + [amx.ChainStage(packed[0], c, None, stride=2)]
+    call = amx.prepare_chain(tuple(strip.shape), stages, upsample=kind == "upsample+block")
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or
+                        real_contiguous(t, *a, **k))
+    in_place = call(strip)
+    assert copies == []
+    assert torch.equal(in_place, call(real_contiguous(strip, memory_format=torch.channels_last)))
+    call(strip.contiguous())   # NCHW: copied to channels_last first
+    assert copies
+
+
 def test_a_chain_refuses_what_it_cannot_run():
     x, p = bf16(1, 64, 16, 16), amx.pack_weight(torch.randn(64, 64, 3, 3))
     with pytest.raises(ValueError, match="does not fit"):

@@ -350,7 +350,8 @@ struct Stage {
 };
 
 struct ChainJob {
-  const uint16_t* x;      // map 0: [N][H0 >> up][W0 >> up][C0]
+  const uint16_t* x;      // map 0: [N][H0 >> up][W0 >> up][C0], rows x_row and images x_image elements apart
+  long x_row, x_image;    // (a column strip of a wider map: its rows are that map's rows)
   uint16_t* y;            // map S: [N][H_S][W_S][C_S]
   int N, S, up, parts;
   Stage st[MAX_STAGES];
@@ -379,7 +380,7 @@ struct ChainState {
     const uint16_t* src[3];
     for (int dy = 0; dy < 3; ++dy) {
       const int yy = r + dy - 1;
-      src[dy] = yy < 0 || yy >= j->H[0] ? nullptr : j->x + ((long)n * j->H[0] + yy) * W * C;
+      src[dy] = yy < 0 || yy >= j->H[0] ? nullptr : input_row(yy);
     }
     const __mmask32 full = (1u << run) - 1;
     for (int x = 0; x < W; ++x) {
@@ -393,6 +394,9 @@ struct ChainState {
     }
   }
 
+  // Row r of the input as stored (before any upsampling).
+  const uint16_t* input_row(int r) const { return job->x + n * job->x_image + r * job->x_row; }
+
   uint16_t* row(int k, int r) { return ring[k] + (long)(((r % rows[k]) + rows[k]) % rows[k]) * padded[k]; }
 
   void need(int k, int r) { while (made[k] <= r) { make(k, made[k]); ++made[k]; } }
@@ -403,18 +407,18 @@ struct ChainState {
       uint16_t* d = row(0, r);
       const int C = j->C[0], W = j->W[0], up = j->up;
       if (r < 0 || r >= j->H[0]) { memset(d, 0, 2 * padded[0]); return; }
-      const uint16_t* src = j->x + ((long)n * (j->H[0] >> up) + (r >> up)) * (long)(W >> up) * C;
+      const uint16_t* src = input_row(r >> up);
       if (!up) memcpy(d + C, src, 2L * W * C);
       else for (int x = 0; x < W; ++x) memcpy(d + (long)(x + 1) * C, src + (long)(x >> 1) * C, 2 * C);
       if ((r >> up) + 1 < (j->H[0] >> up))   // the next distinct source row
-        pf.later(src + (long)(W >> up) * C, 2L * (W >> up) * C);
+        pf.later(input_row((r >> up) + 1), 2L * (W >> up) * C);
       return;
     }
     if (r < 0 || r >= j->H[k]) { memset(row(k, r) + j->C[k], 0, 2L * j->W[k] * j->C[k]); return; }
     const Stage& s = j->st[k - 1];
     if (s.im2col) {
       gather(r);
-      if (r + 2 < j->H[0]) pf.later(j->x + ((long)n * j->H[0] + r + 2) * j->W[0] * j->C[0], 2L * j->W[0] * j->C[0]);
+      if (r + 2 < j->H[0]) pf.later(input_row(r + 2), 2L * j->W[0] * j->C[0]);
       const uint16_t* rows[3] = {col, col, col};
       uint16_t* out = k == j->S ? j->y + ((long)n * j->H[k] + r) * j->W[k] * j->C[k] : row(k, r) + j->C[k];
       conv_row(rows, s.w, s.bias, nullptr, s.relu, out, j->W[k], (j->W[k] + 31) / 32, KC, j->C[k], S, 1, 1,
@@ -717,10 +721,12 @@ int taesd_amx_block(const void* x, int N, int H, int W, int C, const void* w0, c
 // with narrow, the last stage goes to C[S] <= 16 channels, as a decoder's last conv),
 // stage k reads map k and writes map k + 1 (C[k] -> C[k + 1] channels, stride[k], relu[k], bias[k] or
 // null, res[k]: the map added before the ReLU or -1); the last map goes to y. Channels % 32 == 0;
-// a skip's map has the stage's output size and channels. Returns as taesd_amx_conv3x3 does.
+// a skip's map has the stage's output size and channels. x_row, x_image: elements between x's rows
+// and images (0: x is dense; more: x is a column strip of a wider map). Returns as taesd_amx_conv3x3
+// does.
 int taesd_amx_chain(const void* x, void* y, int N, int H0, int W0, int up, int S, const int* C,
                     const void* const* w, const float* const* bias, const int* stride, const int* relu,
-                    const int* res, int im2col, int narrow, int threads) {
+                    const int* res, int im2col, int narrow, int threads, long x_row, long x_image) {
   if (S < 1 || S > MAX_STAGES || N < 1 || H0 < 1 || W0 < 1) return 1;
   if (up && (H0 % 2 || W0 % 2 || stride[0] != 1 || im2col)) return 2;
   if (im2col && (C[0] < 1 || 9 * C[0] > KC || stride[0] != 1)) return 1;
@@ -728,6 +734,12 @@ int taesd_amx_chain(const void* x, void* y, int N, int H0, int W0, int up, int S
   ChainJob job;
   job.x = (const uint16_t*)x; job.y = (uint16_t*)y; job.N = N; job.S = S; job.up = up;
   job.H[0] = H0; job.W[0] = W0;
+  {
+    const long row = (long)(W0 >> up) * C[0], image = (long)(H0 >> up) * (x_row ? x_row : row);
+    if ((x_row && x_row < row) || (x_image && N > 1 && x_image < image)) return 1;
+    job.x_row = x_row ? x_row : row;
+    job.x_image = x_image ? x_image : image;
+  }
   if (narrow && (C[S] < 1 || C[S] > 16 || stride[S - 1] != 1 || res[S - 1] >= 0 || relu[S - 1]
                  || (S == 1 && (im2col || up)))) return 1;
   for (int k = 0; k <= S; ++k) {

@@ -56,7 +56,8 @@ def library() -> ctypes.CDLL | None:
             chain = lib.taesd_amx_chain
             chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+                              ctypes.c_long]
             chain.restype = ctypes.c_int
             pool = lib.taesd_amx_pool
             pool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p,
@@ -201,20 +202,39 @@ class Call:
     output and the kernel (the executor keeps these per layer: ~0.2 ms of Python per layer and call
     otherwise, measured on the 512² network). ``call(x)``: x of the shape it was prepared for."""
 
-    def __init__(self, in_shape: tuple, out_shape: tuple, run, keep: tuple, what: str):
+    def __init__(self, in_shape: tuple, out_shape: tuple, run, keep: tuple, what: str,
+                 strided: bool = False):
         self.in_shape, self.out_shape, self.what = tuple(in_shape), tuple(out_shape), what
         self._run, self._keep = run, keep   # keep: the tensors whose pointers ``run`` holds
+        self._strided = strided   # run takes the input's row and image strides (a chain)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape) != self.in_shape or x.dtype != torch.bfloat16:
             raise ValueError(f"{self.what} was prepared for bf16 {self.in_shape}, "
                              f"got {x.dtype} {tuple(x.shape)}")
-        x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty(self.out_shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
-        rc = self._run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        if self._strided:
+            # a column strip of a channels_last map is read in place (its rows those of the map)
+            if not rows_apart(x):
+                x = x.contiguous(memory_format=torch.channels_last)
+            n, _, h, _ = x.shape
+            rc = self._run(x.data_ptr(), y.data_ptr(), torch.get_num_threads(), x.stride(2) if h > 1 else 0,
+                           x.stride(0) if n > 1 else 0)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+            rc = self._run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"the AMX kernel refused the {self.what} (code {rc})")
         return y
+
+
+def rows_apart(x: torch.Tensor) -> bool:
+    """x (N, C, H, W) is channels_last but for the gaps between its rows and images (a column strip of
+    a wider channels_last map): each row's W x C values contiguous."""
+    n, c, h, w = x.shape
+    s = x.stride()
+    return (c == 1 or s[1] == 1) and (w == 1 or s[3] == c) and (h == 1 or s[2] >= w * c) \
+        and (n == 1 or s[0] >= h * s[2])
 
 
 def _biases(biases) -> list:
@@ -295,8 +315,9 @@ def prepare_chain(shape: tuple, stages: "list[ChainStage]", upsample: bool = Fal
             ptrs([_ptr(b) for b in biases]), ints([s.stride for s in stages]),
             ints([int(s.relu) for s in stages]), ints([-1 if s.skip is None else s.skip for s in stages]),
             int(im2col), int(narrow))
-    return Call(shape, (n, channels[-1], *sizes[-1]), lambda x, y, t: fn(x, y, *args, t),
-                (*[s.packed for s in stages], *biases, args), f"chain of {len(stages)} convs")
+    run = lambda x, y, t, row, image: fn(x, y, *args, t, row, image)   # noqa: E731
+    return Call(shape, (n, channels[-1], *sizes[-1]), run, (*[s.packed for s in stages], *biases, args),
+                f"chain of {len(stages)} convs", strided=True)
 
 
 def chain(x: torch.Tensor, stages: "list[ChainStage]", upsample: bool = False) -> torch.Tensor:

@@ -562,6 +562,7 @@ class ColumnStrips:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape) != self.in_shape:
             raise ValueError(f"{self.what} was prepared for {self.in_shape}, got {tuple(x.shape)}")
+        x = x.contiguous(memory_format=torch.channels_last)   # each strip is then read in place
         y = torch.empty(self.out_shape, dtype=x.dtype, memory_format=torch.channels_last)
         for a0, b0, skip, width, at, call in self.pieces:
             y[..., at:at + width] = call(x[..., a0:b0])[..., skip:skip + width]
