@@ -109,3 +109,22 @@ def test_a_process_capped_to_avx2_builds_and_runs_the_avx2_kernels(tmp_path):
     assert r.returncode == 0 and "avx2 paths ok" in r.stdout, r.stderr[-3000:]
     built = [p.name for p in tmp_path.iterdir()]
     assert any(n.startswith("winograd-") for n in built) and not any(n.startswith("amx_conv") for n in built)
+
+
+def test_every_native_kernel_this_cpu_can_run_builds_here():
+    """A kernel that fails to compile is not silently skipped: where the CPU has what a kernel needs and a
+    compiler is found, the kernel loads (its tests would otherwise all skip and the slow path run)."""
+    from taesd.runtime import amx, narrow, winograd
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler here")
+    cpu = isa.detect()
+    checked = 0
+    if cpu.avx2 and cpu.fma:
+        assert winograd.library() is not None, winograd.load_error()
+        assert narrow.library() is not None, narrow.load_error()
+        checked += 2
+    if cpu.amx:
+        assert amx.library() is not None, amx.load_error()
+        checked += 1
+    if not checked:
+        pytest.skip(f"this CPU ({cpu.level}) runs none of the native kernels")
