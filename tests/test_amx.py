@@ -367,6 +367,19 @@ def test_kept_kernel_calls_follow_weight_changes_and_copies_carry_none(monkeypat
     assert torch.equal(copied.decode(z), before)
 
 
+def _strips(monkeypatch, part, parts):
+    """Make the chains of ``part`` run in this many column strips (0: whole) from the next call on."""
+    from taesd.runtime.executors import cpu
+    if parts:
+        monkeypatch.setattr(cpu, "RING_LIMIT", 0)
+        monkeypatch.setattr(cpu, "ring_bytes", lambda *a: parts * 1000)
+        monkeypatch.setattr(cpu, "STRIP_RING_BYTES", 1000)
+    else:
+        monkeypatch.setattr(cpu, "RING_LIMIT", float("inf"))
+    for k in ("_kept_steps", "_program"):
+        part.__dict__.pop(k, None)
+
+
 def test_a_wide_chain_to_rgb_runs_in_column_strips_with_the_bits_of_the_whole(monkeypatch):
     """The decoder's last chain (upsample + conv, block, conv to RGB) on a wide map runs in column strips
     with their halo (its rings then fit L2); the strips' inner edges are thrown away: the same bits."""
@@ -374,12 +387,48 @@ def test_a_wide_chain_to_rgb_runs_in_column_strips_with_the_bits_of_the_whole(mo
     monkeypatch.delenv("TAESD_AMX", raising=False)
     model = CpuExecutor(bf16=True).apply(taesd.create("taesd", seed=0))
     z = torch.randn(2, 4, 16, 24)
-    monkeypatch.setattr(cpu, "STRIP_WIDTH", 10 ** 9)
+    _strips(monkeypatch, model.decoder, 0)
     whole = model.decode(z)
-    for width in (32, 40, 64):   # 6, 4 and 3 strips of the 192-px output, unequal ones included
-        monkeypatch.setattr(cpu, "STRIP_WIDTH", width)
-        for k in ("_kept_steps", "_program"):
-            model.decoder.__dict__.pop(k, None)
+    for parts in (6, 4, 3):   # strips of the 192-px output, unequal ones included
+        _strips(monkeypatch, model.decoder, parts)
         assert torch.equal(model.decode(z), whole)
         chain = model.decoder.__dict__["_kept_steps"][1][-1]
-        assert isinstance(chain._kept[1], cpu.ColumnStrips) and len(chain._kept[1].pieces) == 192 // width
+        assert isinstance(chain._kept[1], cpu.ColumnStrips) and len(chain._kept[1].pieces) == parts
+
+
+def test_a_stride_2_chain_from_rgb_runs_in_column_strips_with_the_bits_of_the_whole(monkeypatch):
+    """The encoder's chains (the first conv from RGB, a block, the stride-2 conv) in column strips: each
+    strip starts on an even column, reads its receptive field, and its kept outputs go straight into
+    the whole output: the same bits as the whole, at 2, 3 and 5 strips, in a batch."""
+    from taesd.runtime.executors import cpu
+    monkeypatch.delenv("TAESD_AMX", raising=False)
+    model = CpuExecutor(bf16=True).apply(taesd.create("taesd", seed=0))
+    images = torch.rand(2, 3, 64, 200)
+    _strips(monkeypatch, model.encoder, 0)
+    whole = model.encode(images)
+    for parts in (2, 3, 5):
+        _strips(monkeypatch, model.encoder, parts)
+        assert torch.equal(model.encode(images), whole), parts
+        first = model.encoder.__dict__["_kept_steps"][1][0]
+        strips = first._kept[1]
+        assert isinstance(strips, cpu.ColumnStrips) and len(strips.pieces) == parts
+        assert all(a0 % 2 == 0 for a0, *_ in strips.pieces)
+
+
+def test_a_chain_writes_a_window_of_its_output_where_it_lies():
+    """``Call.into``: the output columns asked for, written into a window of a wider map (the rest of it
+    untouched); a window that does not fit is refused with the shapes."""
+    x = bf16(1, 32, 20, 40)
+    stages = [amx.ChainStage(amx.pack_weight(torch.randn(32, 32, 3, 3) / 17), 32, None, relu=True)]
+    call = amx.prepare_chain(tuple(x.shape), stages)
+    whole = call(x)
+    wide = torch.zeros(1, 32, 20, 90, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    call.into(x, wide[..., 50:63], 7)
+    assert torch.equal(wide[..., 50:63], whole[..., 7:20])
+    assert not wide[..., :50].any() and not wide[..., 63:].any()
+    with pytest.raises(ValueError, match="columns 30"):
+        call.into(x, wide[..., 50:63], 30)
+    with pytest.raises(ValueError, match="prepared for"):
+        call.into(x, wide[:, :16, :, :13], 0)
+
+

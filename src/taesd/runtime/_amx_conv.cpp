@@ -356,7 +356,9 @@ struct Stage {
 struct ChainJob {
   const uint16_t* x;      // map 0: [N][H0 >> up][W0 >> up][C0], rows x_row and images x_image elements apart
   long x_row, x_image;    // (a column strip of a wider map: its rows are that map's rows)
-  uint16_t* y;            // map S: [N][H_S][W_S][C_S]
+  uint16_t* y;            // map S's columns y_first .. y_first + y_count - 1: [N][H_S][y_count][C_S], rows
+  long y_row, y_image;    // y_row and images y_image elements apart (a window of a wider map: a strip's
+  int y_first, y_count;   // outputs that do not read its edges)
   int N, S, up, parts;
   Stage st[MAX_STAGES];
   int H[MAX_STAGES + 1], W[MAX_STAGES + 1], C[MAX_STAGES + 1];   // map 0 as read (upsampled)
@@ -372,6 +374,7 @@ struct ChainState {
   int rows[MAX_STAGES];      // rows kept of map k (RING or SKIP_RING)
   int made[MAX_STAGES + 1];  // the next row of map k to make
   float* S;
+  uint16_t* last;            // a row of map S when only a window of it goes to y, else null
   uint16_t* col;             // an im2col stage's row of patches: [groups * 32][KC], tails zero
   Prefetch pf;               // the next source row of map 0
 
@@ -401,6 +404,19 @@ struct ChainState {
   // Row r of the input as stored (before any upsampling).
   const uint16_t* input_row(int r) const { return job->x + n * job->x_image + r * job->x_row; }
 
+  // Where row r of map k is made: its ring row, or (the last map) y's row or the window's scratch row.
+  uint16_t* out_row(int k, int r) {
+    if (k < job->S) return row(k, r) + job->C[k];
+    return last ? last : job->y + n * job->y_image + r * job->y_row;
+  }
+
+  // The last map's row r made in the scratch row: its window to y.
+  void done(int k, int r) {
+    if (k == job->S && last)
+      memcpy(job->y + n * job->y_image + r * job->y_row, last + (long)job->y_first * job->C[k],
+             2L * job->y_count * job->C[k]);
+  }
+
   uint16_t* row(int k, int r) { return ring[k] + (long)(((r % rows[k]) + rows[k]) % rows[k]) * padded[k]; }
 
   void need(int k, int r) { while (made[k] <= r) { make(k, made[k]); ++made[k]; } }
@@ -424,24 +440,24 @@ struct ChainState {
       gather(r);
       if (r + 2 < j->H[0]) pf.later(input_row(r + 2), 2L * j->W[0] * j->C[0]);
       const uint16_t* rows[3] = {col, col, col};
-      uint16_t* out = k == j->S ? j->y + ((long)n * j->H[k] + r) * j->W[k] * j->C[k] : row(k, r) + j->C[k];
-      conv_row(rows, s.w, s.bias, nullptr, s.relu, out, j->W[k], (j->W[k] + 31) / 32, KC, j->C[k], S, 1, 1,
-               &pf);
+      conv_row(rows, s.w, s.bias, nullptr, s.relu, out_row(k, r), j->W[k], (j->W[k] + 31) / 32, KC, j->C[k], S,
+               1, 1, &pf);
+      done(k, r);
       return;
     }
     need(k - 1, s.stride * r + 1);
     const uint16_t* rows[3] = {row(k - 1, s.stride * r - 1), row(k - 1, s.stride * r),
                                row(k - 1, s.stride * r + 1)};
     if (s.narrow) {   // the last stage
-      conv_row_narrow(rows, s.w, s.bias, j->y + ((long)n * j->H[k] + r) * j->W[k] * j->C[k], j->W[k],
-                      j->C[k - 1], j->C[k], S, &pf);
+      conv_row_narrow(rows, s.w, s.bias, out_row(k, r), j->W[k], j->C[k - 1], j->C[k], S, &pf);
+      done(k, r);
       return;
     }
     const uint16_t* res = nullptr;
     if (s.res >= 0) { need(s.res, r); res = row(s.res, r) + j->C[s.res]; }
-    uint16_t* out = k == j->S ? j->y + ((long)n * j->H[k] + r) * j->W[k] * j->C[k] : row(k, r) + j->C[k];
-    conv_row(rows, s.w, s.bias, res, s.relu, out, j->W[k], (j->W[k] + 31) / 32, j->C[k - 1], j->C[k], S,
-             s.stride, 9, &pf);
+    conv_row(rows, s.w, s.bias, res, s.relu, out_row(k, r), j->W[k], (j->W[k] + 31) / 32, j->C[k - 1], j->C[k],
+             S, s.stride, 9, &pf);
+    done(k, r);
   }
 };
 
@@ -467,6 +483,11 @@ static void* chain_worker(void* arg) {
   memset(mem, 0, 2 * total);   // pads and tails stay zero
   for (long k = 0, off = 0; k < job->S; off += st.rows[k] * st.padded[k], ++k) st.ring[k] = mem + off;
   st.S = (float*)aligned_alloc(64, sizeof(float) * 2048);   // 2 x 32 x 32, or 64 x 16 (narrow)
+  st.last = nullptr;
+  if (job->y_count < job->W[job->S]) {   // the narrow stage writes 64-pixel groups
+    const long w = (long)((job->W[job->S] + 63) / 64) * 64 * job->C[job->S];
+    st.last = (uint16_t*)aligned_alloc(64, ((2 * w + 63) / 64) * 64);
+  }
   const int H = job->H[job->S];
   for (long it; (it = job->next.fetch_add(1)) < job->items;) {
     st.n = (int)(it / job->parts);
@@ -484,6 +505,7 @@ static void* chain_worker(void* arg) {
   free(mem);
   free(st.col);
   free(st.S);
+  free(st.last);
   return nullptr;
 }
 
@@ -726,11 +748,13 @@ int taesd_amx_block(const void* x, int N, int H, int W, int C, const void* w0, c
 // stage k reads map k and writes map k + 1 (C[k] -> C[k + 1] channels, stride[k], relu[k], bias[k] or
 // null, res[k]: the map added before the ReLU or -1); the last map goes to y. Channels % 32 == 0;
 // a skip's map has the stage's output size and channels. x_row, x_image: elements between x's rows
-// and images (0: x is dense; more: x is a column strip of a wider map). Returns as taesd_amx_conv3x3
-// does.
+// and images (0: x is dense; more: x is a column strip of a wider map). y_count > 0: only the last
+// map's columns y_first .. y_first + y_count - 1 go to y, its rows y_row and images y_image elements
+// apart (a window of a wider map); 0: all of it, dense. Returns as taesd_amx_conv3x3 does.
 int taesd_amx_chain(const void* x, void* y, int N, int H0, int W0, int up, int S, const int* C,
                     const void* const* w, const float* const* bias, const int* stride, const int* relu,
-                    const int* res, int im2col, int narrow, int threads, long x_row, long x_image) {
+                    const int* res, int im2col, int narrow, int threads, long x_row, long x_image,
+                    long y_row, long y_image, int y_first, int y_count) {
   if (S < 1 || S > MAX_STAGES || N < 1 || H0 < 1 || W0 < 1) return 1;
   if (up && (H0 % 2 || W0 % 2 || stride[0] != 1 || im2col)) return 2;
   if (im2col && (C[0] < 1 || 9 * C[0] > KC || stride[0] != 1)) return 1;
@@ -756,6 +780,18 @@ int taesd_amx_chain(const void* x, void* y, int N, int H0, int W0, int up, int S
                       k == S - 1 ? narrow : 0};
     job.H[k + 1] = (job.H[k] - 1) / stride[k] + 1;
     job.W[k + 1] = (job.W[k] - 1) / stride[k] + 1;
+  }
+  {
+    const int Wl = job.W[S], Hl = job.H[S];
+    if (y_count == 0) { y_first = 0; y_count = Wl; }
+    const long row = (long)y_count * C[S];
+    if (y_first < 0 || y_count < 1 || y_first + y_count > Wl || (y_row && y_row < row)
+        || (y_image && N > 1 && y_image < Hl * (y_row ? y_row : row)))
+      return 1;
+    job.y_row = y_row ? y_row : row;
+    job.y_image = y_image ? y_image : Hl * job.y_row;
+    job.y_first = y_first;
+    job.y_count = y_count;
   }
   for (int k = 0; k < S; ++k) {
     const int r = res[k];

@@ -57,7 +57,7 @@ def library() -> ctypes.CDLL | None:
             chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
-                              ctypes.c_long]
+                              ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int]
             chain.restype = ctypes.c_int
             pool = lib.taesd_amx_pool
             pool.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p,
@@ -206,7 +206,7 @@ class Call:
                  strided: bool = False):
         self.in_shape, self.out_shape, self.what = tuple(in_shape), tuple(out_shape), what
         self._run, self._keep = run, keep   # keep: the tensors whose pointers ``run`` holds
-        self._strided = strided   # run takes the input's row and image strides (a chain)
+        self._strided = strided   # a chain: run takes both maps' strides and the output's window
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape) != self.in_shape or x.dtype != torch.bfloat16:
@@ -214,18 +214,29 @@ class Call:
                              f"got {x.dtype} {tuple(x.shape)}")
         y = torch.empty(self.out_shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
         if self._strided:
-            # a column strip of a channels_last map is read in place (its rows those of the map)
-            if not rows_apart(x):
-                x = x.contiguous(memory_format=torch.channels_last)
-            n, _, h, _ = x.shape
-            rc = self._run(x.data_ptr(), y.data_ptr(), torch.get_num_threads(), x.stride(2) if h > 1 else 0,
-                           x.stride(0) if n > 1 else 0)
-        else:
+            return self.into(x, y, 0)
+        x = x.contiguous(memory_format=torch.channels_last)
+        self._check(self._run(x.data_ptr(), y.data_ptr(), torch.get_num_threads()))
+        return y
+
+    def into(self, x: torch.Tensor, y: torch.Tensor, first: int) -> torch.Tensor:
+        """A chain's output columns ``first`` .. ``first + y.shape[3] - 1`` written into y, a window of a
+        wider channels_last map (or all of them into a fresh map); x may be a column strip of one. Both
+        are used where they lie (their rows that map's rows apart), not copied."""
+        if tuple(x.shape) != self.in_shape or x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16 \
+                or tuple(y.shape[:3]) != self.out_shape[:3] or not rows_apart(y) \
+                or not 0 <= first <= first + y.shape[3] <= self.out_shape[3]:
+            raise ValueError(f"{self.what} was prepared for bf16 {self.in_shape} -> {self.out_shape}, got "
+                             f"{x.dtype} {tuple(x.shape)} -> columns {first}.. of {y.dtype} {tuple(y.shape)}")
+        if not rows_apart(x):
             x = x.contiguous(memory_format=torch.channels_last)
-            rc = self._run(x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        self._check(self._run(x.data_ptr(), y.data_ptr(), torch.get_num_threads(), *_apart(x), *_apart(y),
+                              first, y.shape[3]))
+        return y
+
+    def _check(self, rc: int) -> None:
         if rc != 0:
             raise RuntimeError(f"the AMX kernel refused the {self.what} (code {rc})")
-        return y
 
 
 def rows_apart(x: torch.Tensor) -> bool:
@@ -235,6 +246,12 @@ def rows_apart(x: torch.Tensor) -> bool:
     s = x.stride()
     return (c == 1 or s[1] == 1) and (w == 1 or s[3] == c) and (h == 1 or s[2] >= w * c) \
         and (n == 1 or s[0] >= h * s[2])
+
+
+def _apart(x: torch.Tensor) -> tuple:
+    """(elements between rows, between images) of a ``rows_apart`` map; 0 where there is one."""
+    n, _, h, _ = x.shape
+    return (x.stride(2) if h > 1 else 0, x.stride(0) if n > 1 else 0)
 
 
 def _biases(biases) -> list:
@@ -315,7 +332,7 @@ def prepare_chain(shape: tuple, stages: "list[ChainStage]", upsample: bool = Fal
             ptrs([_ptr(b) for b in biases]), ints([s.stride for s in stages]),
             ints([int(s.relu) for s in stages]), ints([-1 if s.skip is None else s.skip for s in stages]),
             int(im2col), int(narrow))
-    run = lambda x, y, t, row, image: fn(x, y, *args, t, row, image)   # noqa: E731
+    run = lambda x, y, t, *strides: fn(x, y, *args, t, *strides)   # noqa: E731
     return Call(shape, (n, channels[-1], *sizes[-1]), run, (*[s.packed for s in stages], *biases, args),
                 f"chain of {len(stages)} convs", strided=True)
 

@@ -525,38 +525,64 @@ class AmxChain:
         return self._kept[1]
 
 
-# A chain that ends in the last conv (to RGB) on an output this wide or wider runs in column strips of
-# about this width: at 1024 px its rings of rows (five maps of 64 channels) outgrow a 2 MiB L2. Measured
-# on the 2-core Xeon (2 MiB L2 per core), the decoder's last stage to 1024²: 130.7 ms whole, 122.0 ms in
-# 2 strips (the input copies and the overlap included), 133.6 ms in 4.
-STRIP_WIDTH = 512
+# A chain whose rings of rows (3 rows of each map it reads, 4 of a block's input) outgrow RING_LIMIT
+# runs in column strips of about STRIP_RING_BYTES of rings each (the AMX Xeons have 2 MiB of L2 per
+# core, shared with the weights and the rows in flight). Measured on the 2-core Sapphire Rapids: the
+# decoder's last chain to 1024² (rings 2.0 MiB) whole decode 191.6 -> 182.2 ms in 2 strips (4 were
+# slower); the encoder's first chain from 1024² (rings 1.7 MiB) 78.0 ms whole, 80.5 ms in 2 strips.
+RING_LIMIT = 1.8 * 2 ** 20
+STRIP_RING_BYTES = 2 ** 20
+
+
+def ring_bytes(shape: tuple, stages: list, upsample: bool) -> int:
+    """The bytes of the rows a chain keeps of its maps (bf16), as the kernel allocates them."""
+    n, c, h, w = shape
+    w *= 2 if upsample else 1
+    skips = {s.skip for s in stages if s.skip is not None}
+    total = 0
+    for k, s in enumerate(stages):   # stage k reads map k (w wide, c channels)
+        if s.im2col:
+            total += w * amx.PATCH * 2
+        else:
+            total += (4 if k in skips else 3) * (w + 2) * c * 2
+        c, w = s.out_channels, (w - 1) // s.stride + 1
+    return total
 
 
 def _prepare(shape: tuple, stages: list, upsample: bool):
-    """``amx.prepare_chain``, or ``ColumnStrips`` of it for a wide chain to RGB."""
-    out_w = shape[3] * (2 if upsample else 1)
-    if stages[-1].narrow and out_w >= 2 * STRIP_WIDTH and all(s.stride == 1 for s in stages):
-        return ColumnStrips(shape, stages, upsample, out_w // STRIP_WIDTH)
+    """``amx.prepare_chain``, or ``ColumnStrips`` of it where its rings would outgrow the L2."""
+    rings = ring_bytes(shape, stages, upsample)
+    if rings > RING_LIMIT:
+        return ColumnStrips(shape, stages, upsample, max(2, round(rings / STRIP_RING_BYTES)))
     return amx.prepare_chain(shape, stages, upsample)
 
 
 class ColumnStrips:
-    """A chain (stride 1 throughout) run on ``parts`` column strips of its input, each with the columns
-    its outputs read on either side (one per conv at the output's resolution), the outputs at the
-    strips' inner edges (which read the strip's zero padding) thrown away. Per output pixel the kernel's
-    sums are the same whatever the map, so the strips give the bits of the whole (tests/test_amx.py)."""
+    """A chain run on ``parts`` column strips of its input, each with the input columns its outputs read
+    (their receptive field: one column per conv at that conv's input resolution), the strip starting
+    where an output column does (a stride-2 chain: an even column). The outputs that read a strip's zero
+    edges are not kept; the kept ones the kernel writes where they go in the whole output, and it reads
+    each strip where it lies in x. Per output pixel the kernel's sums are the same whatever the map, so
+    the strips give the bits of the whole (tests/test_amx.py)."""
 
     def __init__(self, shape: tuple, stages: list, upsample: bool, parts: int):
         n, c, h, w = shape
         f = 2 if upsample else 1
-        halo = -(-len(stages) // f)   # input columns each side: a conv reads one more output column
+        stride, reach, out_h, out_w = 1, 0, h * f, w * f
+        for s in stages:   # read columns per output column, and the reach at the read resolution
+            reach += stride
+            stride *= s.stride
+            out_h, out_w = (out_h - 1) // s.stride + 1, (out_w - 1) // s.stride + 1
         self.pieces = []
         for i in range(parts):
-            a, b = w * i // parts, w * (i + 1) // parts
-            a0, b0 = max(a - halo, 0), min(b + halo, w)
+            a, b = out_w * i // parts, out_w * (i + 1) // parts
+            a0 = max((a * stride - reach) // f, 0)
+            while a0 * f % stride:   # the strip's first read column is an output column's
+                a0 -= 1
+            b0 = min(-(-((b - 1) * stride + reach + 1) // f), w)
             call = amx.prepare_chain((n, c, h, b0 - a0), stages, upsample)
-            self.pieces.append((a0, b0, f * (a - a0), f * (b - a), f * a, call))
-        self.out_shape = (n, stages[-1].out_channels, f * h, f * w)
+            self.pieces.append((a0, b0, a, b, a - a0 * f // stride, call))
+        self.out_shape = (n, stages[-1].out_channels, out_h, out_w)
         self.in_shape, self.what = tuple(shape), f"chain of {len(stages)} convs in {parts} strips"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -564,8 +590,8 @@ class ColumnStrips:
             raise ValueError(f"{self.what} was prepared for {self.in_shape}, got {tuple(x.shape)}")
         x = x.contiguous(memory_format=torch.channels_last)   # each strip is then read in place
         y = torch.empty(self.out_shape, dtype=x.dtype, memory_format=torch.channels_last)
-        for a0, b0, skip, width, at, call in self.pieces:
-            y[..., at:at + width] = call(x[..., a0:b0])[..., skip:skip + width]
+        for a0, b0, a, b, first, call in self.pieces:
+            call.into(x[..., a0:b0], y[..., a:b], first)
         return y
 
 
