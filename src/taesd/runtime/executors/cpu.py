@@ -529,7 +529,8 @@ class AmxChain:
 # runs in column strips of about STRIP_RING_BYTES of rings each (the AMX Xeons have 2 MiB of L2 per
 # core, shared with the weights and the rows in flight). Measured on the 2-core Sapphire Rapids: the
 # decoder's last chain to 1024² (rings 2.0 MiB) whole decode 191.6 -> 182.2 ms in 2 strips (4 were
-# slower); the encoder's first chain from 1024² (rings 1.7 MiB) 78.0 ms whole, 80.5 ms in 2 strips.
+# slower); the encoder's first chain from 1024² (rings 1.7 MiB) 78.0 ms whole, 80.5 ms in 2 strips,
+# from 2048² (3.4 MiB) 352.7 ms whole, 329.2 ms in 3.
 RING_LIMIT = 1.8 * 2 ** 20
 STRIP_RING_BYTES = 2 ** 20
 
