@@ -536,7 +536,7 @@ STRIP_RING_BYTES = 2 ** 20
 
 
 def ring_bytes(shape: tuple, stages: list, upsample: bool) -> int:
-    """The bytes of the rows a chain keeps of its maps (bf16), as the kernel allocates them."""
+    """About the bytes of the rows a chain keeps of its maps (bf16; the kernel pads them a little more)."""
     n, c, h, w = shape
     w *= 2 if upsample else 1
     skips = {s.skip for s in stages if s.skip is not None}
