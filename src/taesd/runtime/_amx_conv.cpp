@@ -484,8 +484,8 @@ static void* chain_worker(void* arg) {
   for (long k = 0, off = 0; k < job->S; off += st.rows[k] * st.padded[k], ++k) st.ring[k] = mem + off;
   st.S = (float*)aligned_alloc(64, sizeof(float) * 2048);   // 2 x 32 x 32, or 64 x 16 (narrow)
   st.last = nullptr;
-  if (job->y_count < job->W[job->S]) {   // the narrow stage writes 64-pixel groups
-    const long w = (long)((job->W[job->S] + 63) / 64) * 64 * job->C[job->S];
+  if (job->y_count < job->W[job->S]) {   // every stage writes only the row's W pixels
+    const long w = (long)job->W[job->S] * job->C[job->S];
     st.last = (uint16_t*)aligned_alloc(64, ((2 * w + 63) / 64) * 64);
   }
   const int H = job->H[job->S];

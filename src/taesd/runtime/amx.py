@@ -209,12 +209,12 @@ class Call:
         self._strided = strided   # a chain: run takes both maps' strides and the output's window
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(self.out_shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+        if self._strided:
+            return self.into(x, y, 0)   # checks x itself
         if tuple(x.shape) != self.in_shape or x.dtype != torch.bfloat16:
             raise ValueError(f"{self.what} was prepared for bf16 {self.in_shape}, "
                              f"got {x.dtype} {tuple(x.shape)}")
-        y = torch.empty(self.out_shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
-        if self._strided:
-            return self.into(x, y, 0)
         x = x.contiguous(memory_format=torch.channels_last)
         self._check(self._run(x.data_ptr(), y.data_ptr(), torch.get_num_threads()))
         return y
